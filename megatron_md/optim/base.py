@@ -1,0 +1,353 @@
+"""Shared optimizer machinery: validation, non-finite skipping, the logical-matrix loop.
+
+How to add an optimizer
+-----------------------
+1. Write the per-matrix math against :class:`Mat` (local tensors + its MatrixShard's
+   ``row_sum/col_sum/total_sums/rows/cols``); never call torch.distributed directly.
+2. Subclass :class:`MatrixOptimizer`; put elementwise state in ``mat.state`` (param-shaped,
+   read through ``mat.get``), per-matrix vectors in ``mat.vec``. If the method needs
+   Newton–Schulz, implement ``_pre_ns`` / ``_post_ns`` and let the base batch the NS call.
+3. Add a reference in ``reference.py``, a spec entry in docs/optimizer_spec.md, a config in
+   ``megatron_md.megatron.config`` and tests (unit vs reference, distributed vs reference).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..ops import resolve_coefficients
+from ..shard import Blocks, MatrixShard, Whole, comm
+from ..shard.blocks import BlockView
+from ..shard.orthogonalize import NS_MODES, orthogonalize
+
+
+# ----------------------------------------------------------------------------- validation
+def check_lr(name: str, v: float) -> float:
+    if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name}={v!r}: must be a finite number >= 0")
+    return float(v)
+
+
+def check_unit(name: str, v: float, *, closed_low: bool = True) -> float:
+    """A coefficient in [0, 1)."""
+    if not isinstance(v, (int, float)) or not (0.0 <= v < 1.0):
+        raise ValueError(f"{name}={v!r}: must be in [0, 1)")
+    return float(v)
+
+
+def check_betas(betas: Sequence[float], n: int = 2) -> tuple[float, ...]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != n:
+        raise ValueError(f"betas={betas!r}: expected a tuple of {n} values in [0, 1)")
+    for i, b in enumerate(betas):
+        if not isinstance(b, (int, float)) or not (0.0 <= b < 1.0):
+            raise ValueError(f"betas[{i}]={b!r}: must be in [0, 1) (betas={tuple(betas)!r})")
+    return tuple(float(b) for b in betas)
+
+
+def check_positive(name: str, v: float) -> float:
+    if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name}={v!r}: must be a finite number > 0")
+    return float(v)
+
+
+def check_nonneg_int(name: str, v: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{name}={v!r}: must be an integer >= 0")
+    return v
+
+
+def default_ns_dtype(t: torch.Tensor) -> torch.dtype:
+    """bf16 on CUDA (tensor cores), fp32 elsewhere (bf16 matmul is ~300× slower on CPU)."""
+    return torch.bfloat16 if t.is_cuda else torch.float32
+
+
+def check_ns(ns_coefficients, ns_steps, ns_dtype, ns_mode):
+    if ns_steps is not None and (not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or ns_steps < 1):
+        raise ValueError(f"ns_steps={ns_steps!r}: must be an integer >= 1 (or None)")
+    coeffs = resolve_coefficients(ns_coefficients, ns_steps)
+    if ns_dtype is not None and ns_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"ns_dtype={ns_dtype!r}: expected torch.float32, torch.bfloat16 (or None = auto)")
+    if ns_mode not in NS_MODES:
+        raise ValueError(f"ns_mode={ns_mode!r}: expected one of {NS_MODES}")
+    return coeffs
+
+
+# ------------------------------------------------------------------------------ logical matrix
+@dataclass
+class Mat:
+    """One logical matrix of one parameter, as seen by this rank."""
+
+    param: torch.Tensor
+    group: dict
+    shard: MatrixShard
+    view: Optional[BlockView]
+    state: dict            # the param's state (param-shaped tensors)
+    vec: dict              # this matrix's own vector/scalar state
+    scratch: dict = field(default_factory=dict)
+
+    def get(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.view is None else self.view.get(t)
+
+    def put(self, t: torch.Tensor, v: torch.Tensor) -> None:
+        if self.view is not None:
+            self.view.put(t, v)
+        elif v.data_ptr() != t.data_ptr():
+            t.copy_(v)
+
+    @property
+    def W(self):
+        return self.get(self.param)
+
+    @property
+    def G(self):
+        return self.get(self.param.grad)
+
+    @property
+    def d_out(self):
+        return self.shard.shape[0]
+
+    @property
+    def d_in(self):
+        return self.shard.shape[1]
+
+
+# ------------------------------------------------------------------------------ base classes
+class SkippingOptimizer(torch.optim.Optimizer):
+    """A torch Optimizer that skips the whole step when any gradient is non-finite.
+
+    ``nonfinite_group``: process group over which the decision is agreed (every rank skips
+    or none does); sharded optimizers default to the union of their shards' groups.
+    """
+
+    def __init__(self, params, defaults, *, nonfinite_group=None):
+        super().__init__(params, defaults)
+        self.skipped_steps = 0
+        self._nonfinite_group = nonfinite_group
+
+    def _decision_groups(self) -> list:
+        return [self._nonfinite_group] if self._nonfinite_group is not None else []
+
+    def _grads_finite(self) -> bool:
+        flags = [p.grad.isfinite().all() for g in self.param_groups for p in g["params"]
+                 if p.grad is not None and p.grad.numel()]
+        ok = torch.stack(flags).all() if flags else torch.tensor(True)
+        groups = self._decision_groups()
+        if groups:
+            bad = (~ok).to(torch.float32).reshape(1)
+            if any(g is not None for g in groups):
+                for g in groups:
+                    comm.all_reduce(bad, g, op=dist.ReduceOp.MAX)
+            return bool(bad.item() == 0)
+        return bool(ok)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._grads_finite():
+            self.skipped_steps += 1
+            return loss
+        self._step()
+        return loss
+
+    def _step(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.skipped_steps = int(state_dict.pop("skipped_steps", 0))
+        super().load_state_dict(state_dict)
+
+
+class MatrixOptimizer(SkippingOptimizer):
+    """Base of the matrix optimizers: every param is one or more logical matrices.
+
+    ``shards`` maps a param to its :class:`MatrixShard` or :class:`Blocks` (default:
+    ``Whole(param.shape)``, which requires a 2-D param). The optimizer step runs over the
+    logical matrices in param order, identically on every rank of a shard group.
+    """
+
+    #: whether the method runs Newton–Schulz (then ``_pre_ns``/``_post_ns`` are used)
+    uses_ns = False
+
+    def __init__(self, params, defaults, *, shards: Optional[dict] = None, ns_mode: str = "owner",
+                 nonfinite_group=None):
+        super().__init__(params, defaults, nonfinite_group=nonfinite_group)
+        self.ns_mode = ns_mode
+        self._layouts: dict[torch.Tensor, Any] = {}
+        shards = shards or {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                lay = shards.get(p)
+                if lay is None:
+                    if p.ndim != 2:
+                        raise ValueError(
+                            f"{type(self).__name__}: a {p.ndim}-D tensor of shape {tuple(p.shape)} was given to a "
+                            f"matrix optimizer; route vectors/embeddings to the Adam partner (see "
+                            f"megatron_md.optim.param_groups) or pass a Blocks/MatrixShard layout in shards="
+                        )
+                    lay = Whole(p.shape)
+                if not isinstance(lay, (MatrixShard, Blocks)):
+                    raise ValueError(f"shards[{tuple(p.shape)}]={lay!r}: expected a MatrixShard or Blocks")
+                lay.check_local(p, f"{type(self).__name__}: parameter")
+                self._layouts[p] = lay
+        self._validate_layouts()
+        # All state exists from construction on (a checkpoint taken before the first step is
+        # complete, and methods with construction-time work — AdamH's radius, MD's sphere
+        # projection — do it here, in param order, identically on every rank).
+        with torch.no_grad(), comm.metered(type(self).__name__):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    self.mats_of(p, g)
+
+    def _validate_layouts(self):
+        for lay in self._layouts.values():
+            for s in (v.shard for v in lay.views) if isinstance(lay, Blocks) else (lay,):
+                s.validate()
+
+    def _decision_groups(self):
+        if self._nonfinite_group is not None:
+            return [self._nonfinite_group]
+        seen, out = set(), []
+        for lay in self._layouts.values():
+            for s in (v.shard for v in lay.views) if isinstance(lay, Blocks) else (lay,):
+                for grp in s.groups():
+                    if id(grp) not in seen and comm.group_size(grp) > 1:
+                        seen.add(id(grp))
+                        out.append(grp)
+        return out
+
+    def layout(self, p: torch.Tensor):
+        return self._layouts[p]
+
+    def mats_of(self, p: torch.Tensor, group: Optional[dict] = None) -> list[Mat]:
+        """The logical matrices of ``p`` (creating their state on first use)."""
+        if group is None:
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        lay = self._layouts[p]
+        state = self.state[p]
+        views = lay.views if isinstance(lay, Blocks) else [None]
+        if "mats" not in state:
+            state["mats"] = [dict() for _ in views]
+            self._init_param_state(p, group, state)
+        out = []
+        for view, vec in zip(views, state["mats"]):
+            shard = lay if view is None else view.shard
+            m = Mat(p, group, shard, view, state, vec)
+            if not vec:
+                self._init_mat_state(m)
+            out.append(m)
+        return out
+
+    def _init_param_state(self, p, group, state):
+        """Create param-shaped state (override)."""
+
+    def _init_mat_state(self, m: Mat):
+        """Create per-matrix vector/scalar state (override); must create at least one key."""
+        m.vec["step"] = 0
+
+    def _active_mats(self) -> list[Mat]:
+        mats = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    if any(comm.group_size(grp) > 1 for grp in self._shard_groups(p)):
+                        raise RuntimeError(
+                            f"{type(self).__name__}: a sharded parameter {tuple(p.shape)} has no .grad; every rank "
+                            f"of a shard group must step every sharded matrix (give it a zero grad)"
+                        )
+                    continue
+                mats.extend(self.mats_of(p, g))
+        return mats
+
+    def _shard_groups(self, p):
+        lay = self._layouts[p]
+        out = []
+        for s in (v.shard for v in lay.views) if isinstance(lay, Blocks) else (lay,):
+            out.extend(s.groups())
+        return out
+
+    def _step(self):
+        mats = self._active_mats()
+        for m in mats:
+            m.vec["step"] = m.vec.get("step", 0) + 1
+        with comm.metered(type(self).__name__):
+            if self.uses_ns:
+                inputs = [(m.shard, self._pre_ns(m)) for m in mats]
+                outs = self._orthogonalize(mats, inputs)
+                for m, o in zip(mats, outs):
+                    self._post_ns(m, o)
+            else:
+                for m in mats:
+                    self._update(m)
+
+    def _orthogonalize(self, mats, inputs):
+        # group the NS calls by their settings (param groups may differ)
+        outs: list = [None] * len(mats)
+        keyed: dict = {}
+        for i, m in enumerate(mats):
+            g = m.group
+            dtype = g["ns_dtype"] or default_ns_dtype(m.param)
+            key = (resolve_coefficients(g["ns_coefficients"], g["ns_steps"]), dtype)
+            keyed.setdefault(key, []).append(i)
+        for (coeffs, dtype), idx in keyed.items():
+            res = orthogonalize([inputs[i] for i in idx], coefficients=coeffs, dtype=dtype, mode=self.ns_mode)
+            for i, r in zip(idx, res):
+                outs[i] = r
+        return outs
+
+    def _update(self, m: Mat):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _pre_ns(self, m: Mat) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _post_ns(self, m: Mat, o: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def ns_defaults(ns_coefficients, ns_steps, ns_dtype, ns_mode) -> dict:
+    check_ns(ns_coefficients, ns_steps, ns_dtype, ns_mode)
+    return dict(ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_dtype=ns_dtype)
+
+
+def adam_direction(m: Mat, grad: torch.Tensor, betas, eps: float, t: int,
+                   keys=("exp_avg", "exp_avg_sq")) -> torch.Tensor:
+    """Bias-corrected Adam direction ``m̂ / (sqrt(v̂) + ε)`` with moments stored in the param's
+    state under ``keys`` (read through the matrix view)."""
+    b1, b2 = betas
+    M, V = m.get(m.state[keys[0]]), m.get(m.state[keys[1]])
+    M.lerp_(grad, 1 - b1)
+    V.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    m.put(m.state[keys[0]], M)
+    m.put(m.state[keys[1]], V)
+    return (M / (1 - b1 ** t)) / ((V / (1 - b2 ** t)).sqrt_().add_(eps))
+
+
+def vector_adam(vec: dict, name: str, grad: torch.Tensor, lr: float, betas, eps: float, t: int) -> None:
+    """Adam step (no weight decay) on the vector ``vec[name]`` with moments beside it."""
+    b1, b2 = betas
+    p, M, V = vec[name], vec[name + "_exp_avg"], vec[name + "_exp_avg_sq"]
+    M.lerp_(grad, 1 - b1)
+    V.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    p.sub_((M / (1 - b1 ** t)) / ((V / (1 - b2 ** t)).sqrt() + eps), alpha=lr)
+
+
+def momentum_direction(m: Mat, grad: torch.Tensor, key: str, mu: float, nesterov: bool) -> torch.Tensor:
+    """EMA momentum ``M ← μ M + (1−μ) G`` stored under ``key``; returns the Nesterov
+    direction ``(1−μ) G + μ M`` (or ``M``)."""
+    M = m.get(m.state[key])
+    M.lerp_(grad, 1 - mu)
+    m.put(m.state[key], M)
+    return grad.lerp(M, mu) if nesterov else M.clone()

@@ -1,0 +1,141 @@
+"""MD decoupling: magnitude (row/column gains) and direction (a Frobenius sphere), arXiv 2606.25971.
+
+Each hidden matrix is seen by the model as one fused weight
+``W = diag(softplus(g_r)) · D · diag(softplus(g_c))`` with ``‖D‖_F = R = sqrt(max(m, n))``
+(× ``radius_scale``, a param-group key; e.g. ``sqrt(1/(2L))`` for residual outputs). The gains
+are optimizer state (initialized to softplus⁻¹(1): gains = 1); D is recovered from W.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import UNIT_GAIN, check_scale, scale_factor
+from .base import (Mat, MatrixOptimizer, adam_direction, check_betas, check_lr, check_positive,
+                   check_unit, momentum_direction, ns_defaults, vector_adam)
+
+
+class _MD(MatrixOptimizer):
+    r"""Shared MD machinery. Per step, with the old gains ``s_r = softplus(g_r)``, ``s_c``::
+
+        D = W / (s_r s_cᵀ);  P = D ⊙ G
+        ∇g_r = sigmoid(g_r) ⊙ (P s_c);   ∇g_c = sigmoid(g_c) ⊙ (Pᵀ s_r)
+        G_D = G ⊙ (s_r s_cᵀ);   U = base(G_D)
+        D ← D − η U;   D ← R · D / ‖D‖_F          (retraction; no tangent projection)
+        g_r, g_c ← Adam(∇g, lr = gains_lr), no weight decay
+        W ← softplus(g_r) D softplus(g_c)ᵀ
+
+    ``gains_lr`` keeps its ratio to ``lr``, so an LR schedule applied to ``lr`` scales both.
+    """
+
+    def _md_defaults(self, lr, gains_lr, betas, eps, weight_decay, radius_scale):
+        if weight_decay:
+            raise ValueError(f"weight_decay={weight_decay!r}: MD decoupling uses no weight decay (the sphere fixes ‖D‖_F)")
+        lr = check_lr("lr", lr)
+        gains_lr = lr if gains_lr is None else check_lr("gains_lr", gains_lr)
+        if lr == 0 and gains_lr != 0:
+            raise ValueError("gains_lr: must be 0 (or None) when lr=0 (it is kept as a ratio of lr)")
+        return dict(lr=lr, gains_lr_ratio=(gains_lr / lr) if lr else 1.0, betas=check_betas(betas),
+                    eps=check_positive("eps", eps), radius_scale=check_positive("radius_scale", radius_scale))
+
+    def radius(self, m: Mat) -> float:
+        return math.sqrt(max(m.d_out, m.d_in)) * m.group["radius_scale"]
+
+    def _init_mat_state(self, m: Mat) -> None:
+        r0, r1 = m.shard.row_range
+        c0, c1 = m.shard.col_range
+        dev = m.param.device
+        v = m.vec
+        v["step"] = 0
+        for name, n in (("g_r", r1 - r0), ("g_c", c1 - c0)):
+            v[name] = torch.full((n,), UNIT_GAIN, dtype=torch.float32, device=dev)
+            v[name + "_exp_avg"] = torch.zeros(n, dtype=torch.float32, device=dev)
+            v[name + "_exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=dev)
+        # project onto the sphere (gains are 1, so W = D)
+        W = m.W
+        W.mul_(self.radius(m) / m.shard.total_sum(W * W).sqrt())
+        m.put(m.param, W)
+
+    # -- the MD step, split around the base update ----------------------------------------
+    def _gains_and_base_input(self, m: Mat) -> torch.Tensor:
+        sh, v = m.shard, m.vec
+        s_r, s_c = F.softplus(v["g_r"]), F.softplus(v["g_c"])
+        S = sh.rows(s_r) * sh.cols(s_c)
+        G = m.G
+        P = (m.W / S).mul_(G)
+        m.scratch["grad_g_r"] = torch.sigmoid(v["g_r"]) * sh.row_sum(P * sh.cols(s_c))
+        m.scratch["grad_g_c"] = torch.sigmoid(v["g_c"]) * sh.col_sum(P * sh.rows(s_r))
+        return G * S
+
+    def _apply(self, m: Mat, U: torch.Tensor) -> None:
+        g, sh, v = m.group, m.shard, m.vec
+        S = sh.rows(F.softplus(v["g_r"])) * sh.cols(F.softplus(v["g_c"]))
+        W = m.W
+        D = W / S
+        D.sub_(U, alpha=g["lr"])
+        D.mul_(self.radius(m) / sh.total_sum(D * D).sqrt())
+        t, gains_lr = v["step"], g["lr"] * g["gains_lr_ratio"]
+        vector_adam(v, "g_r", m.scratch.pop("grad_g_r"), gains_lr, g["betas"], g["eps"], t)
+        vector_adam(v, "g_c", m.scratch.pop("grad_g_c"), gains_lr, g["betas"], g["eps"], t)
+        W.copy_(D.mul_(sh.rows(F.softplus(v["g_r"])) * sh.cols(F.softplus(v["g_c"]))))
+        m.put(m.param, W)
+
+    # -- introspection -------------------------------------------------------------------
+    def gains(self, param: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(softplus(g_r), softplus(g_c))`` of ``param`` (its ``block``-th logical matrix),
+        for this rank's local rows/columns."""
+        v = self.mats_of(param)[block].vec
+        return F.softplus(v["g_r"]), F.softplus(v["g_c"])
+
+    def direction(self, param: torch.Tensor, block: int = 0) -> torch.Tensor:
+        """``D = W / (s_r s_cᵀ)`` (local piece)."""
+        m = self.mats_of(param)[block]
+        s_r, s_c = self.gains(param, block)
+        return m.W / (m.shard.rows(s_r) * m.shard.cols(s_c))
+
+
+class AdamMD(_MD):
+    r"""AdamMD: MD decoupling over an Adam base (``U`` = bias-corrected Adam direction of G_D,
+    betas (0.9, 0.99), ε 1e-8); the gains use Adam with the same betas. See :class:`_MD`."""
+
+    def __init__(self, params, *, lr: float = 3e-3, gains_lr=None, betas=(0.9, 0.99), eps: float = 1e-8,
+                 weight_decay: float = 0.0, radius_scale: float = 1.0, shards=None, nonfinite_group=None):
+        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale)
+        super().__init__(params, defaults, shards=shards, nonfinite_group=nonfinite_group)
+
+    def _init_param_state(self, p, group, state):
+        state["exp_avg"] = torch.zeros_like(p)
+        state["exp_avg_sq"] = torch.zeros_like(p)
+
+    def _update(self, m: Mat) -> None:
+        G_D = self._gains_and_base_input(m)
+        self._apply(m, adam_direction(m, G_D, m.group["betas"], m.group["eps"], m.vec["step"]))
+
+
+class MuonMD(_MD):
+    r"""MuonMD: MD decoupling over a Muon base (``U = scale · NS(Nesterov momentum of G_D)``,
+    ``scale="shape_up"`` by default, μ 0.95); gains on Adam (betas (0.9, 0.99), ε 1e-8).
+    See :class:`_MD`. Best matrix LR ≈ 1.1e-2 at 181M in the paper; no warmup."""
+
+    uses_ns = True
+
+    def __init__(self, params, *, lr: float = 0.01, gains_lr=None, momentum: float = 0.95, nesterov: bool = True,
+                 betas=(0.9, 0.99), eps: float = 1e-8, weight_decay: float = 0.0, radius_scale: float = 1.0,
+                 ns_coefficients="jordan", ns_steps=None, ns_dtype=None, scale: str = "shape_up",
+                 ns_mode: str = "owner", shards=None, nonfinite_group=None):
+        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale)
+        defaults.update(momentum=check_unit("momentum", momentum), nesterov=bool(nesterov), scale=check_scale(scale),
+                        **ns_defaults(ns_coefficients, ns_steps, ns_dtype, ns_mode))
+        super().__init__(params, defaults, shards=shards, ns_mode=ns_mode, nonfinite_group=nonfinite_group)
+
+    def _init_param_state(self, p, group, state):
+        state["momentum_buffer"] = torch.zeros_like(p)
+
+    def _pre_ns(self, m: Mat) -> torch.Tensor:
+        G_D = self._gains_and_base_input(m)
+        return momentum_direction(m, G_D, "momentum_buffer", m.group["momentum"], m.group["nesterov"])
+
+    def _post_ns(self, m: Mat, o: torch.Tensor) -> None:
+        self._apply(m, o.mul_(scale_factor(m.group["scale"], m.d_out, m.d_in)))

@@ -1,0 +1,113 @@
+"""Muon and NorMuon (Newton–Schulz baselines), written once against MatrixShard."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ops import check_scale, scale_factor
+from .base import (Mat, MatrixOptimizer, check_betas, check_lr, check_positive, check_unit,
+                   momentum_direction, ns_defaults)
+
+
+def muon_defaults(*, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, ns_dtype, scale,
+                  ns_mode) -> dict:
+    """Validated defaults shared by every momentum + Newton–Schulz optimizer."""
+    return dict(lr=check_lr("lr", lr), momentum=check_unit("momentum", momentum), nesterov=bool(nesterov),
+                weight_decay=check_lr("weight_decay", weight_decay), scale=check_scale(scale),
+                **ns_defaults(ns_coefficients, ns_steps, ns_dtype, ns_mode))
+
+
+class Muon(MatrixOptimizer):
+    r"""Muon: momentum, then Newton–Schulz orthogonalization (Jordan et al., 2024).
+
+    Update, per logical matrix ``W ∈ R^{m×n}``::
+
+        M ← μ M + (1−μ) G;   U = (1−μ) G + μ M  (Nesterov)  or  U = M
+        W ← (1 − ηλ) W − η · scale(m, n) · NS(U)
+
+    ``scale`` is one of ``shape_scaling`` (default, ``max(1, sqrt(m/n))``), ``unit_rms``,
+    ``shape_up``, ``rms_match``, ``none`` (see :mod:`megatron_md.ops.scaling`), always on the
+    logical (unsharded) shape. With ``ns_coefficients="jordan"``, ``scale="shape_scaling"`` and
+    ``ns_dtype=torch.bfloat16`` this is ``torch.optim.Muon``.
+
+    Warning: for hidden 2-D matrices only; embeddings, output head and 1-D params belong
+    to an Adam-family optimizer (:func:`megatron_md.optim.param_groups`).
+    """
+
+    uses_ns = True
+
+    def __init__(self, params, *, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_coefficients="jordan", ns_steps=None, ns_dtype=None,
+                 scale: str = "shape_scaling", ns_mode: str = "owner", shards=None, nonfinite_group=None):
+        defaults = muon_defaults(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                 ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_dtype=ns_dtype,
+                                 scale=scale, ns_mode=ns_mode)
+        super().__init__(params, defaults, shards=shards, ns_mode=ns_mode, nonfinite_group=nonfinite_group)
+
+    def _init_param_state(self, p, group, state):
+        state["momentum_buffer"] = torch.zeros_like(p)
+
+    def _pre_ns(self, m: Mat) -> torch.Tensor:
+        g = m.group
+        return momentum_direction(m, m.G, "momentum_buffer", g["momentum"], g["nesterov"])
+
+    def _post_ns(self, m: Mat, o: torch.Tensor) -> None:
+        g = m.group
+        W = m.W
+        if g["weight_decay"]:
+            W.mul_(1 - g["lr"] * g["weight_decay"])
+        W.add_(o, alpha=-g["lr"] * scale_factor(g["scale"], m.d_out, m.d_in))
+        m.put(m.param, W)
+
+
+class NorMuon(Muon):
+    r"""NorMuon: Muon with a per-row second moment of the orthogonalized update.
+
+    ::
+
+        O = NS(U);  v ← β2 v + (1−β2) · mean_over_d_in(O ⊙ O)      (v ∈ R^{d_out})
+        Ô = O / (sqrt(v)[:, None] + ε)
+        step_form="rescale" (default, official code): Ô ← Ô · ‖O‖_F/‖Ô‖_F;
+                                                    W ← (1−ηλ)W − η·scale·Ô
+        step_form="rms_match" (paper):             W ← (1−ηλ)W − η̂ Ô, η̂ = 0.2 η sqrt(mn)/‖Ô‖_F
+
+    ``betas=(β2,)``. Row sums and norms are complete over the logical matrix on any layout
+    (O(d_out) numbers communicated); only NS needs the whole matrix.
+    """
+
+    def __init__(self, params, *, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 betas=(0.95,), eps: float = 1e-8, weight_decay: float = 0.0, step_form: str = "rescale",
+                 ns_coefficients="jordan", ns_steps=None, ns_dtype=None, scale: str = "shape_scaling",
+                 ns_mode: str = "owner", shards=None, nonfinite_group=None):
+        if step_form not in ("rescale", "rms_match"):
+            raise ValueError(f"step_form={step_form!r}: expected 'rescale' or 'rms_match'")
+        (beta2,) = check_betas(betas, 1)
+        defaults = muon_defaults(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                 ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_dtype=ns_dtype,
+                                 scale=scale, ns_mode=ns_mode)
+        defaults.update(beta2=beta2, eps=check_positive("eps", eps), step_form=step_form)
+        MatrixOptimizer.__init__(self, params, defaults, shards=shards, ns_mode=ns_mode,
+                                 nonfinite_group=nonfinite_group)
+
+    def _init_mat_state(self, m: Mat):
+        r0, r1 = m.shard.row_range
+        m.vec["step"] = 0
+        m.vec["row_moment"] = torch.zeros(r1 - r0, dtype=torch.float32, device=m.param.device)
+
+    def _post_ns(self, m: Mat, o: torch.Tensor) -> None:
+        g = m.group
+        sh = m.shard
+        v = m.vec["row_moment"]
+        v.mul_(g["beta2"]).add_(sh.row_sum(o * o), alpha=(1 - g["beta2"]) / m.d_in)
+        o_hat = o / (sh.rows(v.sqrt()) + g["eps"])
+        sq_o, sq_hat = sh.total_sums([o * o, o_hat * o_hat])
+        W = m.W
+        if g["weight_decay"]:
+            W.mul_(1 - g["lr"] * g["weight_decay"])
+        if g["step_form"] == "rescale":
+            step = g["lr"] * scale_factor(g["scale"], m.d_out, m.d_in) * (sq_o.sqrt() / sq_hat.sqrt())
+        else:
+            step = 0.2 * g["lr"] * math.sqrt(m.d_out * m.d_in) / sq_hat.sqrt()
+        W.sub_(o_hat * step)
+        m.put(m.param, W)

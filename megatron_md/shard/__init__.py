@@ -1,0 +1,17 @@
+"""How local tensors relate to logical matrices, and the few collectives the math needs.
+
+The only package that calls torch.distributed for optimizer math; it also counts the bytes
+it moves (:data:`megatron_md.shard.comm.METER`).
+"""
+from . import comm
+from .blocks import (BlockView, Blocks, concatenated_experts, fused_qkv, grouped_mlp_experts,
+                     stacked_experts)
+from .comm import METER, metered
+from .layouts import FlatRange, MatrixShard, TensorParallel, Whole
+from .orthogonalize import NS_MODES, assign_owners, orthogonalize
+
+__all__ = [
+    "comm", "METER", "metered", "MatrixShard", "Whole", "TensorParallel", "FlatRange",
+    "BlockView", "Blocks", "fused_qkv", "stacked_experts", "concatenated_experts",
+    "grouped_mlp_experts", "orthogonalize", "NS_MODES", "assign_owners",
+]

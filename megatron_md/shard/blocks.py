@@ -1,0 +1,136 @@
+"""Blocks: one parameter tensor that holds several logical matrices.
+
+Each :class:`BlockView` says how to read one logical ``d_out × d_in`` matrix out of the local
+parameter tensor (and write it back) and carries that matrix's own :class:`MatrixShard`.
+Factories cover Megatron's layouts:
+
+* :func:`fused_qkv` – ``linear_qkv.weight`` interleaves rows per query group as
+  ``[q_0 … q_{h-1}, k, v]`` (GQA: ``h = heads / groups``); Q, K and V are separate matrices.
+* :func:`stacked_experts` – a 3-D ``[experts, out, in]`` weight.
+* :func:`concatenated_experts` – experts concatenated along one dimension of a 2-D weight.
+* :func:`grouped_mlp_experts` – legacy ``GroupedMLP`` weights, stored ``[in, E·out]`` /
+  ``[E·in, out]`` and viewed as ``[E, in, out]``: each expert is the transpose of a chunk.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .layouts import MatrixShard, TensorParallel, Whole
+
+
+class BlockView:
+    """How to read/write one logical matrix of a parameter tensor.
+
+    ``get(t)`` returns the logical ``[d_out_local, d_in_local]`` matrix (a view when the layout
+    allows it, so in-place updates land in ``t``), ``put(t, v)`` writes ``v`` back (a no-op when
+    ``v`` already is that view).
+    """
+
+    def __init__(self, shard: MatrixShard, *, index=None, rows: Optional[torch.Tensor] = None,
+                 view_shape: Optional[Sequence[int]] = None, transpose: bool = False):
+        self.shard = shard
+        self.index = index
+        self.rows = rows
+        self.view_shape = tuple(view_shape) if view_shape is not None else None
+        self.transpose = transpose
+
+    def get(self, t: torch.Tensor) -> torch.Tensor:
+        v = t.view(self.view_shape) if self.view_shape is not None else t
+        if self.rows is not None:
+            v = v.index_select(0, self.rows.to(v.device))
+        elif self.index is not None:
+            v = v[self.index]
+        return v.mT if self.transpose else v
+
+    def put(self, t: torch.Tensor, v: torch.Tensor) -> None:
+        if self.rows is not None:
+            tv = t.view(self.view_shape) if self.view_shape is not None else t
+            tv.index_copy_(0, self.rows.to(t.device), v.mT if self.transpose else v)
+            return
+        target = self.get(t)
+        if target.data_ptr() == v.data_ptr() and target.stride() == v.stride() and target.shape == v.shape:
+            return
+        target.copy_(v)
+
+    @property
+    def is_view(self) -> bool:
+        return self.rows is None
+
+
+class Blocks:
+    """A parameter made of several logical matrices; ``views`` in a fixed order."""
+
+    def __init__(self, views: Sequence[BlockView], local_shape: Sequence[int]):
+        if not views:
+            raise ValueError("Blocks: at least one block is required")
+        self.views = list(views)
+        self.local_shape = tuple(local_shape)
+
+    def __repr__(self):
+        return f"Blocks({len(self.views)} × {[v.shard for v in self.views][:3]}…, local={self.local_shape})"
+
+    def check_local(self, x: torch.Tensor, what: str = "tensor") -> None:
+        if tuple(x.shape) != self.local_shape:
+            raise ValueError(f"{what} of shape {tuple(x.shape)} does not match {self!r}")
+
+
+def _sub(shape, group, dim):
+    return Whole(shape) if group is None else TensorParallel(shape, dim=dim, group=group)
+
+
+def fused_qkv(*, num_query_groups: int, heads_per_group: int, head_dim: int, d_in: int,
+              tp_group=None, tp_size: int = 1) -> Blocks:
+    """Q, K, V blocks of a (column-parallel) fused QKV weight.
+
+    ``num_query_groups`` is the *global* count; with ``tp_group`` the local tensor holds
+    ``num_query_groups / tp_size`` whole groups (Megatron splits QKV per query group).
+    """
+    if num_query_groups % tp_size:
+        raise ValueError(f"fused_qkv: num_query_groups={num_query_groups} is not divisible by tp_size={tp_size}")
+    g_loc = num_query_groups // tp_size
+    per = (heads_per_group + 2) * head_dim
+    rows_q, rows_k, rows_v = [], [], []
+    for g in range(g_loc):
+        base = g * per
+        rows_q.append(torch.arange(base, base + heads_per_group * head_dim))
+        rows_k.append(torch.arange(base + heads_per_group * head_dim, base + (heads_per_group + 1) * head_dim))
+        rows_v.append(torch.arange(base + (heads_per_group + 1) * head_dim, base + per))
+    out = []
+    for rows, n_glob in ((rows_q, num_query_groups * heads_per_group * head_dim),
+                         (rows_k, num_query_groups * head_dim), (rows_v, num_query_groups * head_dim)):
+        out.append(BlockView(_sub((n_glob, d_in), tp_group, 0), rows=torch.cat(rows)))
+    return Blocks(out, (g_loc * per, d_in))
+
+
+def stacked_experts(num_experts: int, d_out: int, d_in: int, *, tp_group=None, tp_dim: int = 0) -> Blocks:
+    """A 3-D ``[experts, out, in]`` weight (local experts; with expert-TP, local shards)."""
+    shard = lambda: _sub((d_out, d_in), tp_group, tp_dim)  # noqa: E731
+    probe = shard()
+    views = [BlockView(shard(), index=e) for e in range(num_experts)]
+    return Blocks(views, (num_experts, *probe.local_shape))
+
+
+def concatenated_experts(num_experts: int, d_out: int, d_in: int, dim: int, *, tp_group=None,
+                         tp_dim: int = 0) -> Blocks:
+    """Experts concatenated along ``dim`` of a 2-D weight (``[E·out, in]`` or ``[out, E·in]``)."""
+    probe = _sub((d_out, d_in), tp_group, tp_dim)
+    lo, li = probe.local_shape
+    views = []
+    for e in range(num_experts):
+        idx = (slice(e * lo, (e + 1) * lo), slice(None)) if dim == 0 else (slice(None), slice(e * li, (e + 1) * li))
+        views.append(BlockView(_sub((d_out, d_in), tp_group, tp_dim), index=idx))
+    shape = (num_experts * lo, li) if dim == 0 else (lo, num_experts * li)
+    return Blocks(views, shape)
+
+
+def grouped_mlp_experts(num_experts: int, d_out: int, d_in: int, *, stored_shape: Sequence[int],
+                        tp_group=None, tp_dim: int = 0) -> Blocks:
+    """Legacy GroupedMLP weight: memory viewed as ``[E, d_in_local, d_out_local]``; expert ``e``'s
+    logical ``d_out × d_in`` matrix is the transpose of chunk ``e``."""
+    probe = _sub((d_out, d_in), tp_group, tp_dim)
+    lo, li = probe.local_shape
+    views = [BlockView(_sub((d_out, d_in), tp_group, tp_dim), index=e, view_shape=(num_experts, li, lo),
+                       transpose=True) for e in range(num_experts)]
+    return Blocks(views, stored_shape)

@@ -1,0 +1,143 @@
+"""The only place where optimizer math talks to torch.distributed, and its byte meter.
+
+Every collective used by ``megatron_md.shard`` goes through the wrappers below, which count
+the bytes each rank sends and receives, per collective kind and per *tag* (the optimizer
+name, set with :func:`metered`). Counting model (exact for the sizes involved, under the
+textbook algorithm of each collective, which is what NCCL/gloo use for large messages):
+
+* ``all_reduce`` of N bytes over w ranks (ring: reduce-scatter + all-gather):
+  sent = received = 2·(w−1)/w·N per rank.
+* ``all_gather`` of a local piece of N bytes (ring): sent = received = (w−1)·N per rank.
+* ``gather`` to one destination of N bytes per rank: every other rank sends N, the
+  destination receives (w−1)·N.  ``scatter`` is the mirror image.
+
+Nothing is counted for a group of size 1 (no collective is issued).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ByteMeter:
+    """Bytes sent/received by this rank, keyed by (tag, kind)."""
+
+    sent: dict = field(default_factory=lambda: defaultdict(int))
+    received: dict = field(default_factory=lambda: defaultdict(int))
+    calls: dict = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, tag: str, kind: str, sent: float, received: float) -> None:
+        key = (tag, kind)
+        self.sent[key] += int(round(sent))
+        self.received[key] += int(round(received))
+        self.calls[key] += 1
+
+    def reset(self) -> None:
+        self.sent.clear()
+        self.received.clear()
+        self.calls.clear()
+
+    def total(self, tag: str | None = None) -> tuple[int, int]:
+        """(sent, received) over all kinds, for one tag or all."""
+        s = sum(v for (t, _), v in self.sent.items() if tag is None or t == tag)
+        r = sum(v for (t, _), v in self.received.items() if tag is None or t == tag)
+        return s, r
+
+    def table(self) -> list[tuple[str, str, int, int, int]]:
+        return sorted((t, k, self.calls[(t, k)], self.sent[(t, k)], self.received[(t, k)])
+                      for (t, k) in self.calls)
+
+
+METER = ByteMeter()
+_TAG = ["untagged"]
+
+
+@contextlib.contextmanager
+def metered(tag: str):
+    """Attribute the collectives issued inside the block to ``tag``."""
+    _TAG.append(tag)
+    try:
+        yield METER
+    finally:
+        _TAG.pop()
+
+
+def group_size(group) -> int:
+    if group is None or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    if group is None or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+def check_member(group, what: str) -> None:
+    """Raise unless this process belongs to ``group``."""
+    if group is None:
+        return
+    if not dist.is_initialized():
+        raise ValueError(f"{what}: a process group was given but torch.distributed is not initialized")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{what}: this rank ({dist.get_rank()}) is not a member of the given process group")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def all_reduce(t: torch.Tensor, group, op=None) -> torch.Tensor:
+    """In-place all-reduce (sum by default); a no-op for a trivial group."""
+    w = group_size(group)
+    if w == 1:
+        return t
+    n = _nbytes(t)
+    METER.add(_TAG[-1], "all_reduce", 2 * (w - 1) / w * n, 2 * (w - 1) / w * n)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
+    """All-gather equally sized tensors; returns the list of every rank's tensor."""
+    w = group_size(group)
+    if w == 1:
+        return [t]
+    out = [torch.empty_like(t) for _ in range(w)]
+    n = _nbytes(t)
+    METER.add(_TAG[-1], "all_gather", (w - 1) * n, (w - 1) * n)
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def gather_to(t: torch.Tensor, dst: int, group) -> list[torch.Tensor] | None:
+    """Gather equally sized tensors to group rank ``dst``; the list there, None elsewhere."""
+    w = group_size(group)
+    if w == 1:
+        return [t]
+    me = group_rank(group)
+    n = _nbytes(t)
+    out = [torch.empty_like(t) for _ in range(w)] if me == dst else None
+    METER.add(_TAG[-1], "gather", 0 if me == dst else n, (w - 1) * n if me == dst else 0)
+    dist.gather(t.contiguous(), out, dst=dist.get_global_rank(group, dst), group=group)
+    return out
+
+
+def scatter_from(pieces: list[torch.Tensor] | None, like: torch.Tensor, src: int, group) -> torch.Tensor:
+    """Scatter equally sized ``pieces`` from group rank ``src``; returns this rank's piece."""
+    w = group_size(group)
+    if w == 1:
+        return pieces[0]
+    me = group_rank(group)
+    out = torch.empty_like(like)
+    n = _nbytes(like)
+    METER.add(_TAG[-1], "scatter", (w - 1) * n if me == src else 0, 0 if me == src else n)
+    dist.scatter(out, [p.contiguous() for p in pieces] if me == src else None,
+                 src=dist.get_global_rank(group, src), group=group)
+    return out
