@@ -77,20 +77,24 @@ def newton_schulz(
     """
     if x.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix (ndim >= 2), got shape {tuple(x.shape)}")
-    out_dtype = x.dtype
+    out_dtype, shape = x.dtype, x.shape
     X = x.to(dtype)
+    if X.ndim > 3:
+        X = X.reshape(-1, *shape[-2:])
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     X = X / (norm + eps)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
+    # addmm/baddbmm fuse the scaled sums (the same op sequence as torch.optim.Muon)
+    mm = torch.addmm if X.ndim == 2 else torch.baddbmm
     for a, b, c in coefficients:
         A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if A.ndim == 3 else b * A + c * (A @ A)
-        X = torch.baddbmm(X, B, X, beta=a) if X.ndim == 3 else a * X + B @ X
+        B = mm(A, A, A, beta=b, alpha=c)
+        X = mm(X, B, X, beta=a)
     if transposed:
         X = X.mT
-    return X.to(out_dtype)
+    return X.reshape(shape).to(out_dtype)
 
 
 def ns_flops(d_out: int, d_in: int, steps: int) -> int:

@@ -6,5 +6,9 @@ from .muon import Muon, NorMuon
 from .rmnp import RMNP
 from .schedule_free import SFAdamW, SFNorMuon
 
-__all__ = ["MatrixOptimizer", "SkippingOptimizer", "Muon", "NorMuon", "RMNP", "AdamH", "MuonH",
+from .builder import MATRIX_OPTIMIZERS, OPTIMIZER_NAMES, OptimizerSet, build_optimizer  # noqa: E402
+from .routing import DEFAULT_RULES, Rule, classify  # noqa: E402
+
+__all__ = ["build_optimizer", "OptimizerSet", "OPTIMIZER_NAMES", "MATRIX_OPTIMIZERS", "classify", "Rule",
+           "DEFAULT_RULES", "MatrixOptimizer", "SkippingOptimizer", "Muon", "NorMuon", "RMNP", "AdamH", "MuonH",
            "AdamMD", "MuonMD", "SFAdamW", "SFNorMuon"]
