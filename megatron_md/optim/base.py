@@ -127,6 +127,8 @@ class SkippingOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.skipped_steps = 0
         self._nonfinite_group = nonfinite_group
+        #: set False when a host (the Megatron wrapper) already agrees on skipping globally
+        self.check_finite = True
 
     def _decision_groups(self) -> list:
         return [self._nonfinite_group] if self._nonfinite_group is not None else []
@@ -150,7 +152,7 @@ class SkippingOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._grads_finite():
+        if self.check_finite and not self._grads_finite():
             self.skipped_steps += 1
             return loss
         self._step()
@@ -187,6 +189,7 @@ class MatrixOptimizer(SkippingOptimizer):
         self.ns_mode = ns_mode
         self._layouts: dict[torch.Tensor, Any] = {}
         shards = shards or {}
+        local_errors: list[ValueError] = []
         for g in self.param_groups:
             for p in g["params"]:
                 lay = shards.get(p)
@@ -200,8 +203,12 @@ class MatrixOptimizer(SkippingOptimizer):
                     lay = Whole(p.shape)
                 if not isinstance(lay, (MatrixShard, Blocks)):
                     raise ValueError(f"shards[{tuple(p.shape)}]={lay!r}: expected a MatrixShard or Blocks")
-                lay.check_local(p, f"{type(self).__name__}: parameter")
+                try:
+                    lay.check_local(p, f"{type(self).__name__}: parameter")
+                except ValueError as e:
+                    local_errors.append(e)
                 self._layouts[p] = lay
+        self._agree_on_local_errors(local_errors)
         self._validate_layouts()
         # All state exists from construction on (a checkpoint taken before the first step is
         # complete, and methods with construction-time work — AdamH's radius, MD's sphere
@@ -210,6 +217,20 @@ class MatrixOptimizer(SkippingOptimizer):
             for g in self.param_groups:
                 for p in g["params"]:
                     self.mats_of(p, g)
+
+    def _agree_on_local_errors(self, errors: list) -> None:
+        """Raise on every rank of the shard groups when any of them found a local-shape error
+        (a rank raising alone would leave its peers blocked in :meth:`_validate_layouts`)."""
+        groups = [g for g in self._decision_groups() if comm.group_size(g) > 1]
+        dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        bad = torch.tensor([1.0 if errors else 0.0], device=dev)  # on the params' device (NCCL)
+        for grp in groups:
+            comm.all_reduce(bad, grp, op=dist.ReduceOp.MAX)
+        if errors:
+            raise errors[0]
+        if bad.item():
+            raise ValueError(f"{type(self).__name__}: another rank of a shard group declared a parameter whose "
+                             f"local shape does not match its layout (see that rank's error)")
 
     def _validate_layouts(self):
         for lay in self._layouts.values():

@@ -111,6 +111,9 @@ class SFAdamW(ScheduleFreeMixin, SkippingOptimizer):
                 if y.grad is None:
                     continue
                 st = self.state[y]
+                if "z" not in st:  # params swapped in after construction (Megatron main params)
+                    st["z"] = y.detach().clone()
+                    st["exp_avg_sq"] = torch.zeros_like(y)
                 z, v, grad = st["z"], st["exp_avg_sq"], y.grad
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 u = grad / (v / bias2).sqrt_().add_(g["eps"])

@@ -141,3 +141,16 @@ def scatter_from(pieces: list[torch.Tensor] | None, like: torch.Tensor, src: int
     dist.scatter(out, [p.contiguous() for p in pieces] if me == src else None,
                  src=dist.get_global_rank(group, src), group=group)
     return out
+
+
+def broadcast(t: torch.Tensor, src: int, group) -> torch.Tensor:
+    """In-place broadcast from group rank ``src`` (tree/ring: the source sends N to each of
+    the w−1 others in the counting model's worst case, every other rank receives N)."""
+    w = group_size(group)
+    if w == 1:
+        return t
+    n = _nbytes(t)
+    me = group_rank(group)
+    METER.add(_TAG[-1], "broadcast", (w - 1) * n if me == src else 0, 0 if me == src else n)
+    dist.broadcast(t, src=dist.get_global_rank(group, src), group=group)
+    return t

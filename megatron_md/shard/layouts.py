@@ -239,6 +239,9 @@ class FlatRange(MatrixShard):
         first_full = min(-(-self.start // n_) * n_, self.end)
         last_full = max(first_full, (self.end // n_) * n_)
         self._head = first_full - self.start
+        # column where the head starts: n − head only when the range reaches the row's end; a
+        # range inside one row ([23, 24) of rows of 10) starts at column start % n
+        self._head_col = self.start % n_
         self._mid_rows = (last_full - first_full) // n_
         self._tail = self.end - last_full
         self._local_r0 = r0
@@ -299,10 +302,9 @@ class FlatRange(MatrixShard):
 
     def col_sum(self, x):
         head, mid, tail = self._parts(x)
-        n = self._n
         full = mid.sum(dim=0)
         if self._head:
-            full[n - self._head:] += head
+            full[self._head_col:self._head_col + self._head] += head
         if self._tail:
             full[: self._tail] += tail
         return self.inner.reduce_cols(comm.all_reduce(full, self.level_group))
@@ -321,10 +323,9 @@ class FlatRange(MatrixShard):
         return torch.repeat_interleave(v, torch.tensor(counts, device=v.device))
 
     def cols(self, v):
-        n = self._n
         parts = []
         if self._head:
-            parts.append(v[n - self._head:])
+            parts.append(v[self._head_col:self._head_col + self._head])
         if self._mid_rows:
             parts.append(v.repeat(self._mid_rows))
         if self._tail:

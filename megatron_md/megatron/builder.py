@@ -1,0 +1,305 @@
+"""``get_megatron_optimizer``: our optimizers inside megatron-core's optimizer stack.
+
+Returns a Megatron ``MegatronOptimizer``: the matrix method chained with its Adam-family
+partner inside Megatron's own wrappers — ``FP32Optimizer`` (fp32), ``Float16OptimizerWith
+Float16Params`` (bf16 params, fp32 main params) or ``DistributedOptimizer`` (ZeRO-1: the
+matrix math runs on flat shards through :class:`~megatron_md.shard.FlatRange`, gathering only
+for Newton–Schulz) — with Megatron's grad clipping before the step. ``dp_mode="layer-wise"``
+instead distributes whole matrices over the data-parallel group. Dense and expert parameters
+get separate optimizers (expert ones use the expert-TP and expert-DP groups), chained.
+
+A non-finite gradient anywhere (any rank) makes every rank skip the step: the wrappers'
+``prepare_grads`` report it like an fp16 overflow, so ``step()`` returns
+``(False, None, None)`` and Megatron's loop counts a skipped iteration.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..optim.builder import MATRIX_OPTIMIZERS
+from ..shard import Blocks, FlatRange
+from .hybrid import HybridOptimizer, MatrixItem
+from .routing import (ModelLayoutContext, RoutingOptions, matrix_layout, named_params, residual_output,
+                      residual_radius_scale, role_of)
+
+logger = logging.getLogger(__name__)
+
+#: methods whose math treats Q, K, V (and experts) as separate matrices
+_PER_BLOCK = {"muon", "normuon", "adamh", "muonh", "adam-md", "muon-md", "sf-normuon"}
+
+
+# ----------------------------------------------------------------------- non-finite skipping
+class _SkipNonFinite:
+    """Mixin for Megatron optimizer wrappers: a non-finite main grad on any rank is reported
+    by ``prepare_grads`` as found-inf, so the whole step is skipped everywhere."""
+
+    md_skipped_steps = 0
+
+    def prepare_grads(self) -> bool:
+        found = super().prepare_grads()
+        if getattr(self, "is_stub_optimizer", False):
+            return found
+        flags = [p.grad.isfinite().all() for g in self.optimizer.param_groups for p in g["params"]
+                 if p.grad is not None and p.grad.numel()]
+        bad = torch.zeros(1) if not flags else (~torch.stack(flags).all()).float().reshape(1)
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            self.md_skipped_steps += 1
+            logger.warning("megatron_md: non-finite gradient — skipping this step on every rank "
+                           "(%d skipped so far)", self.md_skipped_steps)
+            return True
+        return found
+
+
+_WRAPPED: dict = {}
+
+
+def _skipping(cls):
+    if cls not in _WRAPPED:
+        _WRAPPED[cls] = type(f"MD{cls.__name__}", (_SkipNonFinite, cls), {})
+    return _WRAPPED[cls]
+
+
+def skipped_steps(optimizer) -> int:
+    """Steps skipped for non-finite gradients (a chained optimizer counts once per step)."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return max((getattr(o, "md_skipped_steps", 0) for o in subs), default=0)
+
+
+def hybrid_optimizers(optimizer) -> list[HybridOptimizer]:
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o.optimizer for o in subs if isinstance(getattr(o, "optimizer", None), HybridOptimizer)]
+
+
+# ----------------------------------------------------------------------------- the builder
+def _process_groups(model_chunks, use_gloo: bool) -> dict:
+    from megatron.core import parallel_state as ps
+    try:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+        return ProcessGroupCollection.setup_process_groups_for_optimizer(None, model_chunks, use_gloo)
+    except (ImportError, AttributeError):  # older/newer layouts: fall back to parallel_state
+        return dict(intra_dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+                    intra_dp_cp_group_gloo=ps.get_data_parallel_group_gloo(with_context_parallel=True) if use_gloo else None,
+                    intra_expt_dp_group=ps.get_expert_data_parallel_group(),
+                    intra_expt_dp_group_gloo=ps.get_expert_data_parallel_group_gloo() if use_gloo else None,
+                    mp_group=ps.get_model_parallel_group(),
+                    expt_tp_pp_group=ps.get_expert_tensor_model_pipeline_parallel_group(),
+                    intra_dist_opt_group=ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def _layout_context(model_chunks, split_qkv: bool) -> ModelLayoutContext:
+    from megatron.core import parallel_state as ps
+    cfg = model_chunks[0].config
+    heads = cfg.num_attention_heads
+    groups = cfg.num_query_groups or heads
+    num_experts = getattr(cfg, "num_moe_experts", None) or 0
+    ep = ps.get_expert_model_parallel_world_size() if num_experts else 1
+    return ModelLayoutContext(
+        tp_group=ps.get_tensor_model_parallel_group(),
+        expert_tp_group=ps.get_expert_tensor_parallel_group() if num_experts else None,
+        num_attention_heads=heads, num_query_groups=groups,
+        kv_channels=cfg.kv_channels or cfg.hidden_size // heads, hidden_size=cfg.hidden_size,
+        num_local_experts=num_experts // ep if num_experts else 0, split_qkv=split_qkv)
+
+
+def _param_groups(model_chunks, config, names, roles, md, expert: bool) -> list[dict]:
+    """Megatron-style groups (wd_mult / lr_mult / max_lr / min_lr keys), split by role. The
+    group structure is the same on every rank (empty groups are kept)."""
+    partner_lr = md.partner_lr if getattr(md, "partner_lr", None) is not None else config.lr
+    ratio = partner_lr / config.lr if config.lr else 1.0
+    buckets: dict = {}
+    for name, p in names:
+        if (not getattr(p, "allreduce", True)) != expert:
+            continue
+        no_wd = p.ndim < 2 or name.endswith(".bias")
+        role = roles[name]
+        buckets.setdefault((role, no_wd), []).append(p)
+    groups = []
+    for role in ("matrix", "adam"):
+        for no_wd in (False, True):
+            params = buckets.get((role, no_wd), [])
+            is_adam = role == "adam"
+            groups.append({
+                "params": params, "md_role": role, "wd_mult": 0.0 if no_wd else 1.0, "lr_mult": 1.0,
+                "is_expert_parallel": expert, "is_decoupled_lr": False,
+                "max_lr": config.lr * (ratio if is_adam else 1.0),
+                "min_lr": (config.min_lr or 0.0) * (ratio if is_adam else 1.0),
+                "default_config": role == "matrix" and not no_wd,
+                "lr": config.lr * (ratio if is_adam else 1.0),
+                "weight_decay": 0.0 if no_wd else config.weight_decay,
+            })
+    return groups
+
+
+def _wrap(inner, config, model_chunks, buffers, dp_group, dp_group_gloo, dp_idx, mp_group, instance_id,
+          stats_group=None):
+    from megatron.core.optimizer import optimizer as mopt
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler
+
+    scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else None
+    if config.use_distributed_optimizer:
+        w = _skipping(DistributedOptimizer)(inner, config, scaler, None, model_chunks=model_chunks,
+                                            per_model_buffers=buffers, data_parallel_group=dp_group,
+                                            data_parallel_group_gloo=dp_group_gloo,
+                                            data_parallel_group_idx=dp_idx,
+                                            distributed_optimizer_instance_id=instance_id)
+        w.grad_stats_parallel_group = stats_group
+    elif config.bf16 or config.fp16:
+        w = _skipping(mopt.Float16OptimizerWithFloat16Params)(inner, config, scaler, None)
+        w.grad_stats_parallel_group = mp_group
+    else:
+        w = _skipping(mopt.FP32Optimizer)(inner, config, None)
+        w.grad_stats_parallel_group = mp_group
+    from megatron.core import parallel_state as ps
+    w.tp_group = ps.get_tensor_model_parallel_group()
+    return w
+
+
+def _main_params(wrapper) -> dict[int, torch.Tensor]:
+    """id(model param) → its (fp32 main / ZeRO shard) parameter in the wrapped optimizer."""
+    pairs = []
+    for a, b in (("model_float16_groups", "shard_fp32_from_float16_groups"), ("model_fp32_groups", "shard_fp32_groups"),
+                 ("float16_groups", "fp32_from_float16_groups"), ("fp32_from_fp32_groups", "fp32_from_fp32_groups")):
+        if hasattr(wrapper, a) and hasattr(wrapper, b):
+            for ga, gb in zip(getattr(wrapper, a), getattr(wrapper, b)):
+                pairs.extend(zip(ga, gb))
+    if not pairs:  # FP32Optimizer: the model params are the main params
+        return {id(p): p for g in wrapper.optimizer.param_groups for p in g["params"]}
+    return {id(a): b for a, b in pairs}
+
+
+def _flat_range(model_param, buffers, dp_group, inner) -> FlatRange:
+    """This rank's ZeRO-1 range of ``model_param``, from the grad buffer's geometry (the same
+    arithmetic as Megatron's DistributedOptimizer, for every param, local or not)."""
+    from ..shard import comm
+    for bufs in buffers.values():
+        for buf in bufs:
+            if model_param in buf.param_index_map:
+                start, end, b = buf.param_index_map[model_param]
+                bucket = buf.buckets[b]
+                size = bucket.grad_data.numel()
+                w, r = comm.group_size(dp_group), comm.group_rank(dp_group)
+                chunk = size // w
+                ws, we = bucket.offset + r * chunk, bucket.offset + min(size, (r + 1) * chunk)
+                n = end - start
+                s = min(max(ws - start, 0), n)
+                e = max(min(we - start, n), s)
+                return FlatRange(s, e, dp_group, inner)
+    raise ValueError("distributed optimizer: parameter not found in any grad buffer")
+
+
+def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_groups: bool = True):
+    """Build the Megatron optimizer for ``md.optimizer`` (see module docstring).
+
+    ``config``: megatron-core ``OptimizerConfig`` (lr, min_lr, weight_decay, adam betas/eps,
+    clip_grad, bf16, use_distributed_optimizer). ``md``: :class:`megatron_md.megatron.config.MDConfig`.
+    """
+    from .config import MDConfig, validate
+    md = md or MDConfig()
+    validate(md, config)
+    name = md.optimizer
+    matrix_cls = MATRIX_OPTIMIZERS.get(name)
+    ctx = _layout_context(model_chunks, split_qkv=md.split_qkv and name in _PER_BLOCK)
+    names = named_params(model_chunks)
+    opts = RoutingOptions(router_on_matrix=md.router_on_matrix)
+    roles = {n: (role_of(n, p, opts) if matrix_cls is not None else "adam") for n, p in names}
+    layouts = {n: matrix_layout(n, p, ctx) for n, p in names if roles[n] == "matrix"}
+    if config.use_distributed_optimizer and md.dp_mode != "layer-wise":
+        bad = [n for n, lay in layouts.items() if isinstance(lay, Blocks)]
+        if bad:
+            raise ValueError(
+                f"--optimizer {name} with --use-distributed-optimizer: ZeRO-1 flat shards of parameters that hold "
+                f"several logical matrices ({bad[0]}, …) are not supported; use --no-split-qkv, the SequentialMLP/"
+                f"TE grouped experts, or --dp-mode layer-wise")
+    num_layers = model_chunks[0].config.num_layers
+    radius = {n: (residual_radius_scale(num_layers) if md.md_residual_scaling and residual_output(n) else 1.0)
+              for n in layouts}
+    kwargs = md.matrix_kwargs() if matrix_cls is not None else {}
+    if matrix_cls is not None and name in ("adam-md", "muon-md"):
+        _project_model_matrices(matrix_cls, kwargs, names, layouts, radius)
+
+    pgs = _process_groups(model_chunks, use_gloo_process_groups)
+    partner = "sf-adamw" if name in ("sf-adamw", "sf-normuon") else "adamw"
+    partner_kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    if partner == "sf-adamw":
+        partner_kwargs.update(md.partner_kwargs() if hasattr(md, "partner_kwargs") else {})
+    wrappers = []
+    for expert in (False, True):
+        groups = _param_groups(model_chunks, config, names, roles, md, expert)
+        if expert and not any(g["params"] for g in groups):
+            continue
+        inner = HybridOptimizer(groups, matrix_cls=matrix_cls, matrix_kwargs=kwargs, partner=partner,
+                                partner_kwargs=partner_kwargs, ns_mode=md.ns_mode)
+        model_groups = [list(g["params"]) for g in inner.param_groups]
+        dp_group = pgs["intra_expt_dp_group"] if expert else pgs["intra_dp_cp_group"]
+        dp_gloo = pgs.get("intra_expt_dp_group_gloo" if expert else "intra_dp_cp_group_gloo")
+        mp_group = pgs["expt_tp_pp_group"] if expert else pgs["mp_group"]
+        buffers = {i: getattr(c, "expert_parallel_buffers" if expert else "buffers", [])
+                   for i, c in enumerate(model_chunks)}
+        from megatron.core.utils import get_pg_rank
+        w = _wrap(inner, config, model_chunks, buffers, dp_group, dp_gloo, get_pg_rank(mp_group), mp_group, 0,
+                  stats_group=pgs.get("intra_dist_opt_group"))
+        mains = _main_params(w)
+        by_id = {id(p): n for n, p in names}
+        items = []
+        flat = config.use_distributed_optimizer and md.dp_mode != "layer-wise"
+        for gi, params in enumerate(model_groups):
+            if inner.param_groups[gi]["md_role"] != "matrix":
+                continue
+            for mp in params:
+                n = by_id[id(mp)]
+                main = mains.get(id(mp))
+                lay = _flat_range(mp, buffers, dp_group, layouts[n]) if flat else layouts[n]
+                if flat and main is not None and main.numel() != lay.end - lay.start:
+                    raise RuntimeError(f"{n}: DistributedOptimizer shard of {main.numel()} elements does not match "
+                                       f"the computed range {lay!r}")
+                items.append(MatrixItem(gi, n, main, lay, radius[n]))
+        inner.bind(items, layerwise_group=dp_group if md.dp_mode == "layer-wise" else None)
+        wrappers.append(w)
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+    return wrappers[0] if len(wrappers) == 1 else ChainedOptimizer(wrappers)
+
+
+def _project_model_matrices(matrix_cls, kwargs, names, layouts, radius):
+    """MD: put every hidden model matrix on its sphere before the wrappers copy it into main
+    params (the optimizer's construction does the projection, with TP-complete norms)."""
+    by_r: dict = {}
+    for n, p in names:
+        if n in layouts:
+            by_r.setdefault(radius[n], []).append(p)
+    shards = {p: layouts[n] for n, p in names if n in layouts}
+    groups = [{"params": ps, "radius_scale": r} for r, ps in by_r.items()]
+    with torch.no_grad():
+        matrix_cls(groups, shards=shards, **kwargs)
+
+
+def swap_to_eval(optimizer, model_chunks) -> None:
+    """Schedule-free: parameters ← x (for evaluation and checkpoint export)."""
+    _swap(optimizer, model_chunks, "eval")
+
+
+def swap_to_train(optimizer, model_chunks) -> None:
+    """Schedule-free: parameters ← y (exactly as before :func:`swap_to_eval`)."""
+    _swap(optimizer, model_chunks, "train")
+
+
+def _swap(optimizer, model_chunks, mode):
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    touched = False
+    for w in subs:
+        inner = getattr(w, "optimizer", None)
+        if isinstance(inner, HybridOptimizer) and inner._sf_parts():
+            getattr(inner, mode)()
+            if hasattr(w, "_copy_main_params_to_model_params"):
+                w._copy_main_params_to_model_params()
+            touched = True
+    if touched:
+        for c in model_chunks:
+            if hasattr(c, "start_param_sync") and getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False):
+                c.start_param_sync(force_sync=True)

@@ -1,0 +1,208 @@
+"""The inner optimizer that Megatron's wrappers hold: a matrix method plus its Adam partner.
+
+Megatron's FP32Optimizer / Float16OptimizerWithFloat16Params / DistributedOptimizer replace
+the parameters of the optimizer they wrap (fp32 main copies, ZeRO-1 flat shards) *after* it
+is constructed. So this optimizer binds late: it is built over Megatron-style param groups
+tagged ``md_role`` (``"matrix"`` or ``"adam"``), the wrapper is built around it, and then
+:meth:`HybridOptimizer.bind` receives, for every logical matrix in a global order shared by
+all ranks, the local main parameter (or ``None`` where this rank holds no piece) and its
+MatrixShard layout; the matrix optimizer is created then, over the final parameters.
+
+Megatron's LR scheduler writes ``lr``/``weight_decay`` into this optimizer's groups; they are
+forwarded to the matrix optimizer's groups at every step. Optimizer state of local main
+params lives in ``self.state`` (so Megatron sees it); ranks with an empty piece of a matrix
+keep a zero-size placeholder parameter, which only takes part in the collectives.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..ops import ns_flops
+from ..optim import SFAdamW
+from ..shard import FlatRange, comm
+from ..shard.orthogonalize import assign_owners
+
+
+@dataclass
+class MatrixItem:
+    """One matrix parameter of the model, as this rank's optimizer sees it."""
+
+    group_index: int
+    name: str
+    main: Optional[torch.Tensor]     # local fp32 main param (or ZeRO shard); None: no local piece
+    layout: Any                      # MatrixShard | Blocks for ``main`` (or the placeholder)
+    radius_scale: float = 1.0
+
+
+class HybridOptimizer(torch.optim.AdamW):
+    """Matrix optimizer on ``md_role="matrix"`` groups, AdamW/SF-AdamW on ``md_role="adam"``.
+
+    Subclasses ``torch.optim.AdamW`` only because Megatron's DistributedOptimizer accepts
+    nothing else (an ``isinstance`` check); every method that does work is overridden here,
+    and AdamW's own constructor is not run.
+    """
+
+    def __init__(self, param_groups: Sequence[dict], *, matrix_cls=None, matrix_kwargs: Optional[dict] = None,
+                 partner: str = "adamw", partner_kwargs: Optional[dict] = None, ns_mode: str = "owner"):
+        if partner not in ("adamw", "sf-adamw"):
+            raise ValueError(f"partner={partner!r}: expected 'adamw' or 'sf-adamw'")
+        groups = [dict(g) for g in param_groups]
+        for g in groups:
+            if g.get("md_role") not in ("matrix", "adam"):
+                raise ValueError("every param group needs md_role='matrix' or 'adam'")
+            g.setdefault("lr", 0.0)
+            g.setdefault("weight_decay", 0.0)
+        torch.optim.Optimizer.__init__(self, groups, dict(lr=0.0, weight_decay=0.0))
+        self.matrix_cls, self.matrix_kwargs = matrix_cls, dict(matrix_kwargs or {})
+        self.ns_mode = ns_mode
+        if any(g["md_role"] == "matrix" and g["params"] for g in self.param_groups) and matrix_cls is None:
+            raise ValueError("matrix_cls is required when there are matrix parameters")
+        pk = dict(partner_kwargs or {})
+        dummy = [torch.zeros(1, requires_grad=True)]
+        self._partner = (SFAdamW(dummy, **pk) if partner == "sf-adamw" else torch.optim.AdamW(dummy, **pk))
+        for g in self.param_groups:
+            if g["md_role"] == "adam":
+                for k, v in self._partner.defaults.items():
+                    g.setdefault(k, v)
+        self._matrix = None
+        self._placeholders: list[torch.Tensor] = []
+        self._links: list[tuple[dict, int]] = []
+        self._local_mains: list[tuple[torch.Tensor, torch.Tensor]] = []  # (wrapper's param, ours)
+        self._layerwise = None  # (dp_group, [(main, owner)])
+
+    # ----------------------------------------------------------------------------- binding
+    def bind(self, items: Sequence[MatrixItem], *, layerwise_group=None) -> None:
+        """Create the matrix optimizer over ``items`` (same order on every rank of a group).
+
+        ``layerwise_group``: distribute whole matrices over this data-parallel group instead
+        of sharding them: each matrix is updated by one owner (balanced by cost) and
+        broadcast afterwards; optimizer state exists only on the owner.
+        """
+        if self.matrix_cls is None:
+            if items:
+                raise ValueError("bind(): matrix items given but no matrix_cls")
+            return
+        owners = None
+        if layerwise_group is not None and comm.group_size(layerwise_group) > 1:
+            costs = [_cost(it) for it in items]
+            owners = assign_owners(costs, comm.group_size(layerwise_group))
+            me = comm.group_rank(layerwise_group)
+            self._layerwise = (layerwise_group, [(it.main, o) for it, o in zip(items, owners)])
+        sub_groups: dict = {}
+        shards = {}
+        for k, it in enumerate(items):
+            if owners is not None and owners[k] != me:
+                continue
+            p = it.main
+            if p is None:
+                p = torch.empty(0, dtype=torch.float32)
+                if not isinstance(it.layout, FlatRange):
+                    raise ValueError(f"{it.name}: only a FlatRange layout may have an empty local piece")
+                self._placeholders.append(p)
+            elif not p.is_leaf:
+                # ZeRO-1 shards of fp32 params are views into the model param (non-leaf); the
+                # matrix optimizer gets a detached alias of the same storage (grads mirrored)
+                p = p.detach()
+                self._local_mains.append((it.main, p))
+            else:
+                self._local_mains.append((p, p))
+            shards[p] = it.layout
+            key = (it.group_index, it.radius_scale)
+            if key not in sub_groups:
+                hg = self.param_groups[it.group_index]
+                g = {"params": [], "lr": hg["lr"]}
+                if it.radius_scale != 1.0:
+                    g["radius_scale"] = it.radius_scale
+                sub_groups[key] = g
+            sub_groups[key]["params"].append(p)
+        groups = list(sub_groups.values())
+        if not groups:
+            return
+        self._matrix = self.matrix_cls(groups, shards=shards, **self._ns_kw(), **self.matrix_kwargs)
+        self._matrix.check_finite = False
+        for (gi, _), g in zip(sub_groups.keys(), self._matrix.param_groups):
+            self._links.append((g, gi))
+        self._sync_hparams()
+        self._share_state()
+
+    def _ns_kw(self):
+        import inspect
+        return {"ns_mode": self.ns_mode} if "ns_mode" in inspect.signature(self.matrix_cls).parameters else {}
+
+    def _sync_hparams(self):
+        for g, gi in self._links:
+            hg = self.param_groups[gi]
+            g["lr"] = hg["lr"]
+            if "weight_decay" in g:  # methods without weight decay have no such key
+                g["weight_decay"] = hg["weight_decay"]
+
+    def _share_state(self):
+        """Local main params' matrix state *is* this optimizer's state (Megatron sees it)."""
+        for p, q in self._local_mains:
+            if self.state.get(p):
+                self._matrix.state[q] = self.state[p]
+            else:
+                self.state[p] = self._matrix.state[q]
+
+    # ------------------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        if self._matrix is not None:
+            self._sync_hparams()
+            self._share_state()
+            for p in self._placeholders:
+                p.grad = torch.empty(0, dtype=torch.float32)
+            for p, q in self._local_mains:
+                if q is not p:
+                    q.grad = p.grad
+            self._matrix.step()
+        if self._layerwise is not None:
+            group, pairs = self._layerwise
+            with comm.metered("layer-wise"):
+                for p, owner in pairs:
+                    comm.broadcast(p.data, owner, group)
+        adam_groups = [g for g in self.param_groups if g["md_role"] == "adam"]
+        if adam_groups:
+            self._partner.param_groups = adam_groups
+            self._partner.state = self.state
+            if isinstance(self._partner, SFAdamW):
+                self._partner._step()
+            else:
+                self._partner.step()
+        return loss
+
+    # -------------------------------------------------------------------- schedule-free swaps
+    def eval(self):
+        for o in self._sf_parts():
+            o.eval()
+
+    def train(self):
+        for o in self._sf_parts():
+            o.train()
+
+    def _sf_parts(self):
+        out = []
+        if self._matrix is not None and hasattr(self._matrix, "eval"):
+            self._share_state()
+            out.append(self._matrix)
+        if isinstance(self._partner, SFAdamW):
+            self._partner.param_groups = [g for g in self.param_groups if g["md_role"] == "adam"]
+            self._partner.state = self.state
+            out.append(self._partner)
+        return out
+
+    @property
+    def matrix_optimizer(self):
+        return self._matrix
+
+
+def _cost(it: MatrixItem) -> int:
+    shape = getattr(it.layout, "shape", None)
+    if shape is not None:
+        return ns_flops(shape[0], shape[1], 5)
+    return sum(ns_flops(*v.shard.shape, 5) for v in it.layout.views)

@@ -1,0 +1,244 @@
+"""Our optimizers inside megatron-core's optimizer stack, on real GPTModel / MoE models (CPU, gloo).
+
+One spawned group of 2 ranks runs, for every optimizer, a tiny GQA GPT for 5 steps at
+  * reference: TP=1 with the full batch on both DP ranks (the DP mean of identical gradients is
+    that gradient: exactly the single-process trajectory),
+  * TP=2 (fused QKV split per query group across TP),
+  * DP=2 + Megatron's DistributedOptimizer (ZeRO-1 flat shards; each rank half the batch),
+  * DP=2 + layer-wise distribution (each rank half the batch),
+and a tiny MoE GPT (4 experts, top-2, alltoall) at EP=2 against EP=1; then the bf16 path.
+Each sharded run must give the reference's losses and final (gathered) parameters.
+The ZeRO-1 runs compare with a reference built with ``split_qkv=False`` (flat shards of a
+fused QKV are served as one matrix; see builder).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from megatron_md.testing.spawn import group_fixture
+
+pytestmark = [pytest.mark.megatron, pytest.mark.skipif(importlib.util.find_spec("megatron.core") is None,
+                                                       reason="megatron-core is not installed")]
+
+VOCAB, SEQ, HIDDEN, HEADS, GROUPS, LAYERS, BATCH, STEPS = 96, 16, 32, 4, 2, 2, 4, 5
+LRS = {"adam": 3e-3, "muon": 0.02, "normuon": 0.02, "rmnp": 3e-3, "adamh": 0.01, "muonh": 0.01,
+       "adam-md": 3e-3, "muon-md": 0.01, "sf-adamw": 3e-3, "sf-normuon": 0.01}
+OPTIMIZERS = list(LRS)
+MODES = ["tp2", "zero1", "layerwise"]
+RTOL_LOSS, RTOL_PARAM = 1e-5, 1e-4
+
+
+# ----------------------------------------------------------------------------- rank side
+def _config(tp=1, ep=1, moe=False, bf16=False):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    extra = dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+                 expert_model_parallel_size=ep, moe_aux_loss_coeff=0.0) if moe else {}
+    return TransformerConfig(num_layers=LAYERS, hidden_size=HIDDEN, ffn_hidden_size=2 * HIDDEN,
+                             num_attention_heads=HEADS, num_query_groups=GROUPS, use_cpu_initialization=True,
+                             hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False,
+                             tensor_model_parallel_size=tp, bf16=bf16,
+                             params_dtype=torch.bfloat16 if bf16 else torch.float32, **extra)
+
+
+def _build(name, tp=1, ep=1, moe=False, dist_opt=False, md_kw=None, bf16=False):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_md.megatron.builder import get_megatron_optimizer
+    from megatron_md.megatron.config import MDConfig
+
+    cfg = _config(tp, ep, moe, bf16)
+    torch.manual_seed(1234)  # CPU init draws the full weights: identical at any TP/EP
+    spec = get_gpt_layer_local_spec(num_experts=4 if moe else None)
+    gpt = GPTModel(cfg, spec, vocab_size=VOCAB, max_sequence_length=SEQ, share_embeddings_and_output_weights=False)
+    _reinit_by_global_name(gpt, ep)
+    if bf16:
+        gpt = gpt.bfloat16()
+    model = DistributedDataParallel(config=cfg, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt), module=gpt)
+    ocfg = OptimizerConfig(optimizer="adam", lr=LRS[name], min_lr=0.0, weight_decay=0.0, clip_grad=1.0,
+                           use_distributed_optimizer=dist_opt, bf16=bf16, params_dtype=cfg.params_dtype)
+    md = MDConfig(optimizer=name, **(md_kw or {}))
+    return model, get_megatron_optimizer(ocfg, [model], md)
+
+
+def _reinit_by_global_name(gpt, ep):
+    """Every ≥2-D weight drawn from a generator keyed by its *global* name (expert index
+    included), so EP=1 and EP=2 (whose RNG streams differ) start from the same model."""
+    import re
+    import zlib
+
+    from megatron.core import parallel_state as ps
+
+    rank = ps.get_expert_model_parallel_rank() if ep > 1 else 0
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if p.ndim < 2:
+                continue
+            m = re.search(r"local_experts\.(\d+)\.", name)
+            if m:
+                glob = rank * (4 // ep) + int(m.group(1))
+                name = name.replace(f"local_experts.{m.group(1)}.", f"local_experts.{glob}.")
+            full = list(p.shape)
+            dim = p.partition_dim if tp > 1 and getattr(p, "tensor_model_parallel", False) else None
+            if dim is not None:
+                full[dim] *= tp
+            w = torch.randn(full, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))) * 0.05
+            if dim is not None:
+                w = w.chunk(tp, dim=dim)[tp_rank]
+            p.copy_(w)
+
+
+def _batch(step, dp_rank=0, dp_size=1):
+    """This DP rank's slice of global batch ``step``; two batches alternate, so that 5 steps
+    of a tiny model visibly lower the loss (random tokens have nothing else to learn)."""
+    g = torch.Generator().manual_seed(1000 + step % 2)
+    tok = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+    n = BATCH // dp_size
+    tok = tok[dp_rank * n:(dp_rank + 1) * n]
+    return tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
+
+
+def _train(model, opt, split_data: bool, steps=STEPS):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    losses = []
+    for s in range(steps):
+        tokens, labels = _batch(s, r, dp) if split_data else _batch(s)
+        model.zero_grad_buffer()
+        opt.zero_grad()
+        pos = torch.arange(SEQ).unsqueeze(0).expand(tokens.shape[0], -1)
+        loss = model(tokens, pos, None, labels=labels).float().mean()
+        loss.backward()
+        finalize_model_grads([model])
+        ok, _, _ = opt.step()
+        assert ok
+        mean = loss.detach().clone()
+        dist.all_reduce(mean, group=ps.get_data_parallel_group())
+        losses.append(mean.item() / dp)
+    return losses
+
+
+def _full_params(model, num_experts=0):
+    """name -> full fp32 parameter: TP shards gathered; experts renamed by global index."""
+    import re
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp_group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+    ep = ps.get_expert_model_parallel_world_size() if num_experts else 1
+    out = {}
+    for name, p in model.module.named_parameters():
+        t = p.detach().float()
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(parts, t.contiguous(), group=tp_group)
+            t = torch.cat(parts, dim=p.partition_dim)
+        m = re.search(r"local_experts\.(\d+)\.", name)
+        if m and ep > 1:
+            parts = [torch.empty_like(t) for _ in range(ep)]
+            dist.all_gather(parts, t.contiguous(), group=ps.get_expert_model_parallel_group())
+            loc = num_experts // ep
+            for r, part in enumerate(parts):
+                out[name.replace(f"local_experts.{m.group(1)}.", f"local_experts.{r * loc + int(m.group(1))}.")] = part
+            continue
+        out[name] = t.clone()
+    return out
+
+
+def _compare(ref, got):
+    (l0, p0), (l1, p1) = ref, got
+    for a, b in zip(l1, l0):
+        assert abs(a - b) <= RTOL_LOSS * abs(b) + 1e-6, f"losses {l1} vs reference {l0}"
+    assert p0.keys() == p1.keys(), sorted(set(p0) ^ set(p1))
+    worst = max(((p1[k] - p0[k]).norm() / p0[k].norm()).item() for k in p0)
+    assert worst <= RTOL_PARAM, f"max relative parameter difference {worst:.2e}"
+    return worst
+
+
+def _checks(ctx):
+    for name in OPTIMIZERS:
+        refs = {}
+        for split in (True, False):
+            with ctx.check(f"{name}/reference{'' if split else '-nosplit'}"):
+                ctx.init_model_parallel(tp=1)
+                model, opt = _build(name, md_kw=dict(split_qkv=split))
+                losses = _train(model, opt, split_data=False)
+                assert losses[-1] < losses[0], losses
+                refs[split] = (losses, _full_params(model))
+        for mode in MODES:
+            with ctx.check(f"{name}/{mode}"):
+                ref = refs.get(mode != "zero1")
+                assert ref is not None, "reference failed"
+                if mode == "tp2":
+                    ctx.init_model_parallel(tp=2)
+                    model, opt = _build(name, tp=2)
+                    losses = _train(model, opt, split_data=False)
+                elif mode == "zero1":
+                    ctx.init_model_parallel(tp=1)
+                    model, opt = _build(name, dist_opt=True, md_kw=dict(split_qkv=False))
+                    losses = _train(model, opt, split_data=True)
+                else:
+                    ctx.init_model_parallel(tp=1)
+                    model, opt = _build(name, md_kw=dict(dp_mode="layer-wise"))
+                    losses = _train(model, opt, split_data=True)
+                ctx.record(f"{name}/{mode}", _compare(ref, (losses, _full_params(model))))
+        moe_ref = None
+        with ctx.check(f"{name}/moe-ep1"):
+            ctx.init_model_parallel(tp=1, ep=1)
+            model, opt = _build(name, moe=True)
+            moe_ref = (_train(model, opt, split_data=False), _full_params(model, 4))
+        with ctx.check(f"{name}/moe-ep2"):
+            assert moe_ref is not None, "EP=1 reference failed"
+            ctx.init_model_parallel(tp=1, ep=2)
+            model, opt = _build(name, ep=2, moe=True)
+            ctx.record(f"{name}/moe-ep2", _compare(moe_ref, (_train(model, opt, split_data=True), _full_params(model, 4))))
+    for name in ("muon-md", "rmnp"):
+        with ctx.check(f"{name}/bf16"):
+            ctx.init_model_parallel(tp=2)
+            model, opt = _build(name, tp=2, bf16=True)
+            losses = _train(model, opt, split_data=False, steps=8)
+            assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.05, losses
+    with ctx.check("nonfinite-skips-on-every-rank"):
+        from megatron_md.megatron.builder import skipped_steps
+        ctx.init_model_parallel(tp=2)
+        model, opt = _build("muon-md", tp=2)
+        _train(model, opt, split_data=False, steps=1)
+        before = {k: v.clone() for k, v in _full_params(model).items()}
+        tokens, labels = _batch(0)
+        model.zero_grad_buffer()
+        opt.zero_grad()
+        pos = torch.arange(SEQ).unsqueeze(0).expand(tokens.shape[0], -1)
+        model(tokens, pos, None, labels=labels).float().mean().backward()
+        if ctx.rank == 1:  # poison one gradient element on one rank only
+            p = next(p for n, p in model.module.named_parameters() if "linear_fc1" in n)
+            p.main_grad.view(-1)[0] = float("nan")
+        from megatron.core.distributed import finalize_model_grads
+        finalize_model_grads([model])
+        ok, _, _ = opt.step()
+        assert ok is False and skipped_steps(opt) == 1
+        after = _full_params(model)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+group = group_fixture(2, _checks, megatron=True, timeout=900)
+
+CHECKS = [f"{n}/{s}" for n in OPTIMIZERS for s in ["reference", "reference-nosplit", *MODES, "moe-ep1", "moe-ep2"]] + \
+    ["muon-md/bf16", "rmnp/bf16", "nonfinite-skips-on-every-rank"]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_megatron(group, check):
+    group.assert_ok(check)
