@@ -1,0 +1,43 @@
+# Fresh machine: `make demo` (main job) and `make test`. Both create .venv with the system
+# python3 if missing, install the CPU torch wheel first (so pip never pulls a CUDA torch),
+# then `pip install -e '.[test]'` (re-run only when pyproject.toml/setup.py change).
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.megatron_md-installed
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv corpus clean-venv
+
+venv: $(STAMP)
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml setup.py | $(VPY)
+	@if $(VPY) -c "import torch" >/dev/null 2>&1; then \
+		echo "torch already installed: $$($(VPY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		$(VPY) -m pip install '$(TORCH)'; \
+	fi
+	$(VPY) -m pip install -e '.[test]'
+	touch $@
+
+# Main job: corpus + tokenizer (cached in data/), then MuonMD vs AdamW on a small GPT.
+demo: $(STAMP)
+	$(VPY) examples/demo_cpu.py $(ARGS)
+
+corpus: $(STAMP)
+	$(VPY) tools/get_corpus.py
+
+# Fails on any pytest failure, on exit 5 (nothing collected) and when every test skipped.
+test: $(STAMP)
+	@report=$$(mktemp "$${TMPDIR:-/tmp}/megatron_md-pytest-XXXXXX.xml"); \
+	$(VPY) -m pytest -p no:cacheprovider --junitxml="$$report" $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 0 ]; then $(VPY) tools/check_tests_ran.py "$$report" || rc=1; fi; \
+	rm -f "$$report"; exit $$rc
+
+clean-venv:
+	rm -rf $(VENV)
