@@ -489,8 +489,9 @@ def run_group(
     start_method: str = "forkserver",
     preload: Sequence[str] = (),
     fn_kwargs: Mapping[str, Any] | None = None,
+    **kwargs: Any,
 ) -> GroupResult:
-    """Spawn ``world_size`` gloo ranks on 127.0.0.1 and run ``fn(ctx, *args, **fn_kwargs)`` on each.
+    """Spawn ``world_size`` gloo ranks on 127.0.0.1 and run ``fn(ctx, *args, **kwargs)`` on each.
 
     Args:
         world_size: number of ranks.
@@ -521,7 +522,8 @@ def run_group(
             process, so later groups start in milliseconds instead of seconds; or
             ``"spawn"``: fresh interpreters.
         preload: extra modules for the fork server to import (forkserver only).
-        fn_kwargs: keyword arguments of ``fn``.
+        fn_kwargs: keyword arguments of ``fn`` whose names collide with this function's.
+        **kwargs: keyword arguments of ``fn``.
     """
     import torch.distributed as dist
 
@@ -536,7 +538,8 @@ def run_group(
                           wait_for_workers=False)
     tmpdir = tempfile.mkdtemp(prefix="megatron_md_group_")
     spec = dict(
-        fn=_fn_ref(fn), args=args, kwargs=dict(fn_kwargs or {}), world_size=world_size, port=store.port,
+        fn=_fn_ref(fn), args=args, kwargs={**(fn_kwargs or {}), **kwargs},
+        world_size=world_size, port=store.port,
         tmpdir=tmpdir, megatron=megatron,
         cpu_compat=dict(cpu_compat) if isinstance(cpu_compat, Mapping) else cpu_compat,
         parallel=None if parallel is None else dict(parallel), timeout=timeout,
@@ -741,7 +744,7 @@ def group_fixture(world_size: int, fn: Callable | str, *args: Any, scope: str = 
         def test_something(dist_group):
             dist_group.assert_ok("something")
 
-    ``options`` are :func:`run_group` keyword arguments.
+    ``options`` are :func:`run_group` keyword arguments (including ``fn``'s own).
     The group runs once, when the first test of the scope requests the fixture; every test
     then reports its own check, so one failure does not hide the others.
     """
