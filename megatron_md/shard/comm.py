@@ -154,3 +154,51 @@ def broadcast(t: torch.Tensor, src: int, group) -> torch.Tensor:
     METER.add(_TAG[-1], "broadcast", (w - 1) * n if me == src else 0, 0 if me == src else n)
     dist.broadcast(t, src=dist.get_global_rank(group, src), group=group)
     return t
+
+
+def gather_pieces(piece: torch.Tensor, numels: list[int], dst: int, group) -> list[torch.Tensor] | None:
+    """Gather pieces of *different* sizes (``numels[r]`` elements from group rank r) to ``dst``
+    with point-to-point messages of exactly those sizes (empty pieces send nothing).
+    Returns the flat pieces in rank order on ``dst``, None elsewhere."""
+    w = group_size(group)
+    flat = piece.reshape(-1)
+    if w == 1:
+        return [flat]
+    me = group_rank(group)
+    es = flat.element_size()
+    if me != dst:
+        if numels[me]:
+            METER.add(_TAG[-1], "gather", numels[me] * es, 0)
+            dist.send(flat.contiguous(), dst=dist.get_global_rank(group, dst), group=group)
+        else:
+            METER.add(_TAG[-1], "gather", 0, 0)
+        return None
+    out = [flat if r == me else flat.new_empty(numels[r]) for r in range(w)]
+    reqs = [dist.irecv(out[r], src=dist.get_global_rank(group, r), group=group)
+            for r in range(w) if r != me and numels[r]]
+    for q in reqs:
+        q.wait()
+    METER.add(_TAG[-1], "gather", 0, sum(numels[r] for r in range(w) if r != me) * es)
+    return out
+
+
+def scatter_pieces(pieces: list[torch.Tensor] | None, numels: list[int], like: torch.Tensor, src: int,
+                   group) -> torch.Tensor:
+    """The mirror of :func:`gather_pieces`: returns this rank's flat piece (``numels[me]``)."""
+    w = group_size(group)
+    if w == 1:
+        return pieces[0].reshape(-1)
+    me = group_rank(group)
+    es = like.element_size()
+    if me == src:
+        reqs = [dist.isend(pieces[r].reshape(-1).contiguous(), dst=dist.get_global_rank(group, r), group=group)
+                for r in range(w) if r != me and numels[r]]
+        for q in reqs:
+            q.wait()
+        METER.add(_TAG[-1], "scatter", sum(numels[r] for r in range(w) if r != me) * es, 0)
+        return pieces[me].reshape(-1)
+    out = like.new_empty(numels[me])
+    if numels[me]:
+        dist.recv(out, src=dist.get_global_rank(group, src), group=group)
+    METER.add(_TAG[-1], "scatter", 0, numels[me] * es)
+    return out

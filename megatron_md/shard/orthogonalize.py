@@ -5,8 +5,10 @@ local pieces of ``NS(full matrix)``. Modes for sharded matrices:
 
 * ``"owner"`` (default): each matrix's pieces are gathered to one owner rank per level of
   sharding (owners balanced by NS cost, largest first, over the level's group), the owner
-  runs NS (batched over same-shape matrices it owns) and scatters the pieces back.
-  Bytes per matrix across the group ≈ 2 × the matrix, independent of the group size.
+  runs NS (batched over same-shape matrices it owns) and scatters the pieces back. Pieces
+  travel point-to-point at their exact sizes (empty pieces send nothing), and a rank holding
+  most of a matrix owns it. Bytes per matrix across the group ≤ 2 × the matrix, independent
+  of the group size (0 when one rank holds it all).
 * ``"gather"``: every rank all-gathers every matrix and runs NS itself (the baseline:
   (w−1) × the matrix received per rank, and w-fold redundant compute).
 
@@ -61,11 +63,27 @@ def _ns_batched(mats: list[torch.Tensor], coefficients, dtype, eps) -> list[torc
     return out
 
 
-def assign_owners(costs: Sequence[int], world: int) -> list[int]:
-    """Longest-processing-time assignment: deterministic, the same on every rank."""
+def assign_owners(costs: Sequence[int], world: int,
+                  holders: Sequence[Sequence[int] | None] | None = None) -> list[int]:
+    """Owner rank of each matrix: deterministic, the same on every rank.
+
+    A rank that holds more than half of a matrix (``holders[i][r]`` = its piece size) owns it,
+    so the fewest bytes move; the others are spread by longest-processing-time over ``costs``.
+    """
     load = [0] * world
-    owners = [0] * len(costs)
+    owners = [-1] * len(costs)
+    if holders is not None:
+        for i, sizes in enumerate(holders):
+            if sizes is None:
+                continue
+            total = sum(sizes)
+            r = max(range(world), key=lambda r: (sizes[r], -r))
+            if total and 2 * sizes[r] > total:
+                owners[i] = r
+                load[r] += costs[i]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        if owners[i] >= 0:
+            continue
         r = min(range(world), key=lambda r: (load[r], r))
         owners[i] = r
         load[r] += costs[i]
@@ -100,7 +118,10 @@ def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coeffici
         for key, lst in by_group.items():
             w = comm.group_size(lst[0][1].level_group)
             costs = [ns_flops(*items[i][0].shape, steps) for i, _ in lst]
-            for (i, _), o in zip(lst, assign_owners(costs, w)):
+            # the majority-holder rule only where nothing above depends on the choice: an inner
+            # level's owner index must be the same on every rank of the next level's group
+            holders = [lv.piece_numels() if key[0] == len(levels[i]) - 1 else None for i, lv in lst]
+            for (i, _), o in zip(lst, assign_owners(costs, w, holders)):
                 owner[(i, key[0])] = o
         # up: pieces travel to the owners, level by level
         reached = {}
@@ -111,7 +132,7 @@ def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coeffici
             for d, lv in enumerate(levels[i]):
                 o = owner[(i, d)]
                 numels = lv.piece_numels()
-                got = comm.gather_to(_pad(cur, max(numels)), o, lv.level_group)
+                got = comm.gather_pieces(cur, numels, o, lv.level_group)
                 if got is None:
                     break
                 cur = lv.assemble(got)
@@ -132,12 +153,9 @@ def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coeffici
             for d in range(min(depth, len(levels[i]) - 1), -1, -1):
                 lv = levels[i][d]
                 numels = lv.piece_numels()
-                n = max(numels)
                 o = owner[(i, d)]
-                pieces = [_pad(p, n) for p in lv.split(cur)] if d < depth else None
-                mine = comm.scatter_from(pieces, x.new_empty(n), o, lv.level_group)
-                me = comm.group_rank(lv.level_group)
-                cur = mine[: numels[me]].view(lv.local_shape)
+                pieces = lv.split(cur) if d < depth else None
+                cur = comm.scatter_pieces(pieces, numels, x, o, lv.level_group).view(lv.local_shape)
             results[i] = cur.reshape(x.shape)
     if local:
         mats = [items[i][1] for i in local]
