@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv corpus clean-venv
+.PHONY: demo demo-torch test venv corpus clean-venv
 
 venv: $(STAMP)
 
@@ -25,8 +25,13 @@ $(STAMP): pyproject.toml setup.py | $(VPY)
 	$(VPY) -m pip install -e '.[test]'
 	touch $@
 
-# Main job: corpus + tokenizer (cached in data/), then MuonMD vs AdamW on a small GPT.
+# Main job: corpus + tokenizer + indexed dataset (cached in data/), then examples/pretrain_gpt.py
+# on megatron-core (2 gloo ranks, TP=2) with MuonMD and with AdamW, and a loss table.
 demo: $(STAMP)
+	$(VPY) examples/demo_megatron.py $(ARGS)
+
+# The same comparison on a plain-PyTorch GPT (megatron_md.optim.build_optimizer).
+demo-torch: $(STAMP)
 	$(VPY) examples/demo_cpu.py $(ARGS)
 
 corpus: $(STAMP)

@@ -1,0 +1,380 @@
+"""Command line of the Megatron-Core training driver: Megatron-LM-style flags plus megatron_md's.
+
+:func:`parse_args` parses and :func:`validate_args` checks everything that can be checked
+without building a model (parallel sizes against the world size, batch arithmetic, precision,
+Transformer Engine / FP8 availability, the optimizer combination via
+:func:`megatron_md.megatron.config.validate`). Every error is an :class:`ArgumentError`
+(a ``ValueError``) whose message names the flags; the command-line entry point turns it into a
+usage error (exit code 2) before any model, dataset or process group is created.
+
+Flag names and meanings follow Megatron-LM; defaults that differ are noted in the help
+(dropout 0, ``--transformer-impl`` auto-selected, ``--weight-decay`` and ``--lr-decay-style``
+defaulting per optimizer). Only ``--pipeline-model-parallel-size 1`` is supported.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Optional, Sequence
+
+from ..megatron.config import NO_WEIGHT_DECAY, SCHEDULE_FREE, add_md_args, md_config_from_args, validate
+
+__all__ = ["ArgumentError", "build_parser", "parse_args", "validate_args", "te_available",
+           "optimizer_config", "md_config", "world_size_from_env"]
+
+
+class ArgumentError(ValueError):
+    """Invalid command line (the message names the flags)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises :class:`ArgumentError` instead of exiting, so callers (and tests) decide."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        raise ArgumentError(message)
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= 1")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= 0")
+    return v
+
+
+def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The full parser; ``defaults`` overrides defaults (e.g. the MoE entry point's)."""
+    p = _Parser(prog=prog, description="Megatron-Core GPT pretraining with megatron_md optimizers",
+                allow_abbrev=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=_positive_int, default=None, help="transformer layers (required)")
+    g.add_argument("--hidden-size", type=_positive_int, default=None, help="model width (required)")
+    g.add_argument("--num-attention-heads", type=_positive_int, default=None, help="(required)")
+    g.add_argument("--group-query-attention", action="store_true", help="accepted for Megatron-LM "
+                   "compatibility; --num-query-groups alone enables GQA")
+    g.add_argument("--num-query-groups", type=_positive_int, default=None, help="KV groups (default: heads)")
+    g.add_argument("--ffn-hidden-size", type=_positive_int, default=None, help="default 4*hidden")
+    g.add_argument("--kv-channels", type=_positive_int, default=None, help="default hidden/heads")
+    g.add_argument("--seq-length", type=_positive_int, default=None, help="(required)")
+    g.add_argument("--max-position-embeddings", type=_positive_int, default=None,
+                   help="default --seq-length")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (gated, SiLU)")
+    g.add_argument("--disable-bias-linear", action="store_true", help="no biases in linear layers")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.0, help="(Megatron-LM default: 0.1)")
+    g.add_argument("--attention-dropout", type=float, default=0.0, help="(Megatron-LM default: 0.1)")
+    g.add_argument("--make-vocab-size-divisible-by", type=_positive_int, default=128,
+                   help="pad the vocabulary to a multiple of this times the TP size")
+
+    g = p.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=_positive_int, default=None, help="experts per MoE layer (off: dense)")
+    g.add_argument("--moe-router-topk", type=_positive_int, default=2)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="load-balancing aux loss weight")
+    g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"],
+                   default="aux_loss")
+    g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall", "flex"], default="allgather")
+    g.add_argument("--moe-ffn-hidden-size", type=_positive_int, default=None, help="default --ffn-hidden-size")
+    g.add_argument("--moe-router-pre-softmax", action="store_true", help="softmax before top-k (needed for top-1)")
+    g.add_argument("--moe-grouped-gemm", action="store_true")
+    g.add_argument("--expert-tensor-parallel-size", type=_positive_int, default=None,
+                   help="TP size of the experts (default: --tensor-model-parallel-size)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1, help="only 1 is supported")
+    g.add_argument("--expert-model-parallel-size", type=_positive_int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true", help="needs --tensor-model-parallel-size > 1")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="ZeRO-1 over data parallel")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
+                   help="default: nccl with CUDA, else gloo")
+    g.add_argument("--distributed-timeout-minutes", type=_positive_int, default=10)
+
+    g = p.add_argument_group("precision and kernels")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true", help="only with --optimizer adam")
+    g.add_argument("--loss-scale", type=float, default=None, help="static loss scale (fp16)")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
+                   help="default: transformer_engine when it is importable with CUDA, else local")
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
+                   help="FP8 training (needs --transformer-impl transformer_engine, CUDA, --bf16)")
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed")
+    g.add_argument("--fp8-margin", type=int, default=0)
+    g.add_argument("--fp8-amax-history-len", type=_positive_int, default=1)
+    g.add_argument("--fp8-amax-compute-algo", choices=["most_recent", "max"], default="most_recent")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--lr", type=float, default=None, help="(required) peak LR of the matrix optimizer "
+                   "(of AdamW for --optimizer adam); the partner uses --partner-lr or this")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default=None,
+                   help="default: constant for schedule-free optimizers, else linear")
+    g.add_argument("--lr-decay-iters", type=_positive_int, default=None, help="default --train-iters")
+    g.add_argument("--lr-warmup-iters", type=_nonneg_int, default=0)
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="default: 0 for adamh/muonh/adam-md/muon-md (they take none), else 0.01")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip (0: off)")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=_positive_int, default=None, help="(required)")
+    g.add_argument("--global-batch-size", type=_positive_int, default=None,
+                   help="default micro-batch-size * data-parallel size")
+    g.add_argument("--train-iters", type=_positive_int, default=None, help="(required)")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--eval-interval", type=_positive_int, default=1000)
+    g.add_argument("--eval-iters", type=_nonneg_int, default=100,
+                   help="validation batches (the same fixed batches at every evaluation)")
+    g.add_argument("--log-interval", type=_positive_int, default=100)
+    g.add_argument("--tensorboard-dir", default=None, help="TensorBoard scalars (needs tensorboard)")
+    g.add_argument("--exit-interval", type=_positive_int, default=None,
+                   help="stop after this iteration (the LR schedule still follows --train-iters)")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument("--save-interval", type=_positive_int, default=None,
+                   help="iterations between checkpoints (a final one is always written with --save)")
+    g.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
+    g.add_argument("--ckpt-step", type=_nonneg_int, default=None, help="load this iteration instead of the latest")
+    g.add_argument("--no-load-optim", action="store_true", help="load only the model weights")
+    g.add_argument("--no-load-rng", action="store_true")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None,
+                   help="prefix written by tools/preprocess_data.py (<prefix>_train/_valid, <prefix>.json)")
+    g.add_argument("--mock-data", action="store_true", help="megatron-core's synthetic GPT data")
+    g.add_argument("--vocab-size", type=_positive_int, default=None,
+                   help="tokenizer vocabulary (default: from <data-path>.json; 4096 with --mock-data)")
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on predicting EOD")
+    g.add_argument("--dataloader-cache", default=None, help="GPTDataset index cache dir "
+                   "(default <data dir>/cache)")
+
+    add_md_args(p)
+    if defaults:
+        p.set_defaults(**defaults)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None,
+               world_size: Optional[int] = None) -> argparse.Namespace:
+    """Parse and validate; raises :class:`ArgumentError` (naming the flags) on any problem."""
+    args = build_parser(defaults).parse_args(argv)
+    return validate_args(args, world_size=world_size)
+
+
+def world_size_from_env() -> int:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def te_available() -> tuple[bool, str]:
+    """(True, "") if Transformer Engine and CUDA are usable, else (False, why)."""
+    import torch
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means "unavailable"
+        return False, (f"Transformer Engine is not importable ({type(exc).__name__}: {exc}); "
+                       "install the extra: pip install 'megatron_md[te]'")
+    if not torch.cuda.is_available():
+        return False, "Transformer Engine needs CUDA, which is not available"
+    return True, ""
+
+
+def _need(args, *names):
+    missing = ["--" + n.replace("_", "-") for n in names if getattr(args, n) is None]
+    if missing:
+        raise ArgumentError(f"missing required argument(s): {' '.join(missing)}")
+
+
+def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Check the flags and fill derived defaults (in place; returns ``args``)."""
+    _need(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+          "train_iters", "lr")
+    # ---------------------------------------------------------------- schedule / optimizer
+    name = args.optimizer
+    if args.lr_decay_style is None:
+        args.lr_decay_style = "constant" if name in SCHEDULE_FREE else "linear"
+    if args.weight_decay is None:
+        args.weight_decay = 0.0 if name in NO_WEIGHT_DECAY else 0.01
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ArgumentError(f"--lr {args.lr}: must be a finite number > 0")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr}: must be in [0, --lr {args.lr}]")
+    if args.weight_decay < 0 or args.clip_grad < 0:
+        raise ArgumentError("--weight-decay and --clip-grad must be >= 0")
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} must be < --lr-decay-iters "
+                            f"{args.lr_decay_iters} (default --train-iters)")
+    try:
+        args.md = validate(md_config_from_args(args), args)
+    except ValueError as exc:
+        raise ArgumentError(str(exc)) from None
+    if args.use_distributed_optimizer and args.md.dp_mode != "layer-wise" and args.md.split_qkv:
+        from ..megatron.builder import _PER_BLOCK  # methods that treat Q, K, V as separate matrices
+        if name in _PER_BLOCK:
+            raise ArgumentError(
+                f"--optimizer {name} with --use-distributed-optimizer: ZeRO-1 flat shards of the fused QKV weight "
+                f"cannot be split into Q, K and V; pass --no-split-qkv (or --dp-mode layer-wise without "
+                f"--use-distributed-optimizer)")
+
+    ws = world_size if world_size is not None else world_size_from_env()
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    if pp != 1:
+        raise ArgumentError(f"--pipeline-model-parallel-size {pp}: pipeline parallelism is not supported by this "
+                            "driver (use --pipeline-model-parallel-size 1 and tensor/data/expert parallelism)")
+    if ws % (tp * pp):
+        raise ArgumentError(f"world size {ws} is not divisible by --tensor-model-parallel-size {tp} x "
+                            f"--pipeline-model-parallel-size {pp}")
+    args.world_size = ws
+    args.data_parallel_size = dp = ws // (tp * pp)
+    h, heads = args.hidden_size, args.num_attention_heads
+    if args.kv_channels is None and h % heads:
+        raise ArgumentError(f"--hidden-size {h} is not divisible by --num-attention-heads {heads} "
+                            "(or pass --kv-channels)")
+    if heads % tp:
+        raise ArgumentError(f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp}")
+    groups = args.num_query_groups or heads
+    if heads % groups:
+        raise ArgumentError(f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}")
+    if groups % tp:
+        raise ArgumentError(f"--num-query-groups {groups} is not divisible by --tensor-model-parallel-size {tp}")
+    args.ffn_hidden_size = args.ffn_hidden_size or 4 * h
+    if args.swiglu and args.ffn_hidden_size % tp:
+        raise ArgumentError(f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by "
+                            f"--tensor-model-parallel-size {tp}")
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        raise ArgumentError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                            f"{args.max_position_embeddings}")
+    if args.sequence_parallel and tp == 1:
+        raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ArgumentError(f"--sequence-parallel: --seq-length {args.seq_length} is not divisible by "
+                            f"--tensor-model-parallel-size {tp}")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be in [0, 1)")
+
+    # ---------------------------------------------------------------- MoE
+    etp = args.expert_tensor_parallel_size or tp
+    args.expert_tensor_parallel_size = etp
+    if args.num_experts is None:
+        if ep > 1:
+            raise ArgumentError(f"--expert-model-parallel-size {ep} needs --num-experts")
+    else:
+        ne = args.num_experts
+        if ne % ep:
+            raise ArgumentError(f"--num-experts {ne} is not divisible by --expert-model-parallel-size {ep}")
+        if args.moe_router_topk > ne:
+            raise ArgumentError(f"--moe-router-topk {args.moe_router_topk} exceeds --num-experts {ne}")
+        if args.moe_router_topk == 1 and not args.moe_router_pre_softmax:
+            raise ArgumentError("--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core's top-1 router)")
+        if (ws // pp) % (ep * etp):
+            raise ArgumentError(f"world size {ws} / --pipeline-model-parallel-size {pp} is not divisible by "
+                                f"--expert-model-parallel-size {ep} x expert tensor parallel size {etp}")
+        if args.moe_token_dispatcher_type == "flex":
+            raise ArgumentError("--moe-token-dispatcher-type flex needs DeepEP/HybridEP, which this driver does "
+                                "not set up; use alltoall or allgather")
+        if args.moe_aux_loss_coeff < 0:
+            raise ArgumentError("--moe-aux-loss-coeff must be >= 0")
+        args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
+        if args.moe_grouped_gemm and not args.bf16:
+            raise ArgumentError("--moe-grouped-gemm needs --bf16")
+
+    # ---------------------------------------------------------------- batches
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ArgumentError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+                            f"{args.micro_batch_size} x data-parallel size {dp}")
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+
+    # ---------------------------------------------------------------- precision / TE / FP8
+    import torch
+    if args.fp16 and args.bf16:
+        raise ArgumentError("--fp16 and --bf16 are mutually exclusive")
+    if args.fp16 and args.loss_scale is None:
+        raise ArgumentError("--fp16 needs a static --loss-scale in this driver (no dynamic loss scaling)")
+    if args.transformer_impl is None:
+        ok, _ = te_available()
+        args.transformer_impl = "transformer_engine" if ok else "local"
+    elif args.transformer_impl == "transformer_engine":
+        ok, why = te_available()
+        if not ok:
+            raise ArgumentError(f"--transformer-impl transformer_engine: {why}. Use --transformer-impl local")
+    if args.fp8_format is not None:
+        if args.transformer_impl != "transformer_engine":
+            raise ArgumentError(f"--fp8-format {args.fp8_format} needs --transformer-impl transformer_engine "
+                                f"(got {args.transformer_impl}); FP8 GEMMs exist only in Transformer Engine")
+        if not torch.cuda.is_available():
+            raise ArgumentError(f"--fp8-format {args.fp8_format} needs CUDA (an FP8-capable GPU)")
+        if not args.bf16:
+            raise ArgumentError(f"--fp8-format {args.fp8_format} needs --bf16")
+    if args.distributed_backend is None:
+        args.distributed_backend = "nccl" if torch.cuda.is_available() else "gloo"
+    elif args.distributed_backend == "nccl" and not torch.cuda.is_available():
+        raise ArgumentError("--distributed-backend nccl needs CUDA; use gloo on CPU")
+
+    # ---------------------------------------------------------------- data / checkpoints
+    if args.data_path is None and not args.mock_data:
+        raise ArgumentError("--data-path is required (run tools/preprocess_data.py), or pass --mock-data")
+    if args.data_path is not None and args.mock_data:
+        raise ArgumentError("--data-path and --mock-data are mutually exclusive")
+    if args.data_path is not None:
+        import json
+        meta = f"{args.data_path}.json"
+        if not os.path.exists(meta):
+            raise ArgumentError(f"--data-path {args.data_path}: {meta} not found; create it with "
+                                f"tools/preprocess_data.py --output-prefix {args.data_path}")
+        with open(meta) as fh:
+            args.data_meta = json.load(fh)
+        for split in ("train", "valid"):
+            for ext in ("bin", "idx"):
+                f = f"{args.data_path}_{split}.{ext}"
+                if not os.path.exists(f):
+                    raise ArgumentError(f"--data-path {args.data_path}: {f} not found")
+        args.vocab_size = args.vocab_size or args.data_meta["vocab_size"]
+        args.eod_id = args.data_meta["eod_id"]
+    else:
+        args.data_meta = None
+        args.vocab_size = args.vocab_size or 4096
+        args.eod_id = 0
+    mult = args.make_vocab_size_divisible_by * tp
+    args.padded_vocab_size = int(math.ceil(args.vocab_size / mult) * mult)
+    if args.save_interval is not None and args.save is None:
+        raise ArgumentError("--save-interval needs --save")
+    if args.ckpt_step is not None and args.load is None:
+        raise ArgumentError("--ckpt-step needs --load")
+    return args
+
+
+def optimizer_config(args):
+    """megatron-core ``OptimizerConfig`` from the parsed flags."""
+    import torch
+    from megatron.core.optimizer import OptimizerConfig
+    return OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, loss_scale=args.loss_scale,
+        params_dtype=torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32),
+        use_distributed_optimizer=args.use_distributed_optimizer)
+
+
+def md_config(args):
+    """The validated :class:`~megatron_md.megatron.config.MDConfig` (built by :func:`validate_args`)."""
+    return args.md

@@ -1,0 +1,151 @@
+"""Process groups, seeds and the model: GPTModel (dense or MoE) wrapped in Megatron's DDP.
+
+On a machine without CUDA, :func:`initialize` applies :mod:`megatron_md.megatron.cpu_compat`
+(megatron-core then runs on CPU tensors over gloo) and forces fp32-friendly settings:
+``use_cpu_initialization`` (every rank draws the full weights from the same seed, so a
+TP=2 model starts from the same weights as TP=1) and no fused kernels.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["initialize", "set_seed", "transformer_config", "layer_spec", "build_model", "unwrap"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(args) -> bool:
+    """Process group (env:// as set by torchrun; a 1-rank group otherwise), CPU compatibility
+    patches, megatron's model-parallel groups and seeds. Returns True if this call created
+    the default process group (the caller then destroys it at the end)."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        from ..megatron import cpu_compat
+        cpu_compat.apply()
+    created = False
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:  # plain `python pretrain_gpt.py`: one rank
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(args.distributed_backend,
+                                timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
+        created = True
+    if dist.get_world_size() != args.world_size:
+        raise RuntimeError(f"arguments were validated for world size {args.world_size}, the process group "
+                           f"has {dist.get_world_size()}")
+    from megatron.core import parallel_state as ps
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        create_gloo_process_groups=True)
+    set_seed(args.seed)
+    return created
+
+
+def set_seed(seed: int) -> None:
+    """Python, numpy, torch and megatron's TP/EP RNG tracker (as Megatron-LM does at PP=1)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def transformer_config(args):
+    """The ``TransformerConfig`` (or ``MLATransformerConfig``-free plain config) for ``args``."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
+    kw: dict[str, Any] = dict(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size,
+        kv_channels=args.kv_channels, init_method_std=args.init_method_std,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        normalization=args.normalization, add_bias_linear=not args.disable_bias_linear,
+        gated_linear_unit=args.swiglu, activation_func=F.silu if args.swiglu else F.gelu,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16, fp16=args.fp16, params_dtype=dtype, pipeline_dtype=dtype,
+        use_cpu_initialization=not cuda, perform_initialization=True,
+        # fused kernels: only the TE path on CUDA gets them (they need CUDA extensions)
+        bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        calculate_per_token_loss=False, transformer_impl=args.transformer_impl,
+    )
+    if args.num_experts:
+        kw.update(num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+                  moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+                  moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+                  moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+                  moe_ffn_hidden_size=args.moe_ffn_hidden_size, moe_grouped_gemm=args.moe_grouped_gemm,
+                  moe_router_pre_softmax=args.moe_router_pre_softmax)
+    if args.fp8_format is not None:  # validated: TE + CUDA + bf16
+        kw.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe, fp8_margin=args.fp8_margin,
+                  fp8_amax_history_len=args.fp8_amax_history_len,
+                  fp8_amax_compute_algo=args.fp8_amax_compute_algo)
+    return TransformerConfig(**kw)
+
+
+def layer_spec(args, config):
+    """Local (megatron-core only) spec, or the Transformer Engine spec."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    if args.transformer_impl == "transformer_engine":
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm)
+    return specs.get_gpt_layer_local_spec(
+        num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
+        normalization=args.normalization)
+
+
+def build_model(args, config) -> list:
+    """``[DistributedDataParallel(GPTModel)]`` (a list of model chunks, as Megatron uses)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    model = GPTModel(
+        config=config, transformer_layer_spec=layer_spec(args, config), vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings, pre_process=True, post_process=True,
+        parallel_output=True, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if args.bf16 or args.fp16:
+        from megatron.core.transformer.module import Float16Module
+        model = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=False, overlap_param_gather=False, check_for_nan_in_grad=False)
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    ddp.broadcast_params()  # DP replicas start identical (they already are with CPU init)
+    return [ddp]
+
+
+def unwrap(chunk):
+    """The GPTModel inside DDP / Float16Module."""
+    m = chunk
+    while hasattr(m, "module"):
+        m = m.module
+    return m

@@ -1,0 +1,320 @@
+"""The training loop of the Megatron-Core driver (``examples/pretrain_gpt.py``, ``pretrain_moe.py``).
+
+``main(argv)`` parses and validates the flags (usage errors exit with code 2 before anything
+is built), then :func:`pretrain` initialises the process groups, builds GPTModel + DDP, our
+optimizer (:func:`megatron_md.megatron.builder.get_megatron_optimizer`) and Megatron's
+``OptimizerParamScheduler`` (stepped once per successful iteration; warmup and decay in
+iterations), the GPTDataset data, and runs Megatron's ``get_forward_backward_func()`` schedule
+with ``finalize_model_grads`` as the config's grad-finalisation hook.
+
+Every ``--log-interval`` iterations rank 0 prints iteration, loss (mean over the interval),
+LR, tokens/s, grad norm and skipped steps (and the MoE load-balancing loss), and writes them to
+TensorBoard with ``--tensorboard-dir`` when ``tensorboard`` is installed. Every
+``--eval-interval`` iterations and at the end it evaluates ``--eval-iters`` fixed validation
+batches (schedule-free optimizers are swapped to their averaged iterate ``x`` for evaluation
+and back afterwards). Checkpoints: :mod:`megatron_md.training.checkpointing`.
+
+The last line printed by rank 0 is a JSON object ``{"event": "summary", ...}`` with the final
+train loss (mean of the last logging interval), the final validation loss, the iteration
+count, skipped steps and the loss histories, for wrappers that build tables.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from functools import partial
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .arguments import ArgumentError, build_parser, optimizer_config, validate_args
+
+__all__ = ["main", "pretrain", "SUMMARY_EVENT"]
+
+SUMMARY_EVENT = "summary"
+
+
+def _print0(*a, **kw) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **kw, flush=True)
+
+
+# ------------------------------------------------------------------------------- forward step
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of per-token losses over unmasked tokens; Megatron divides by the token count."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    report = torch.stack([loss.clone().detach(), num_tokens.float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _reduce_losses(losses_reduced) -> float:
+    """Token-weighted mean over micro-batches and data-parallel ranks."""
+    from megatron.core import parallel_state as ps
+    total = torch.zeros(2, dtype=torch.float64)
+    for d in losses_reduced:
+        total += d["lm loss"].detach().to("cpu", torch.float64)
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    total = total.to(dev)
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _moe_aux_loss(args) -> Optional[float]:
+    """Mean load-balancing loss per MoE layer over this iteration (DP-averaged); clears the tracker."""
+    if not args.num_experts:
+        return None
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe import moe_utils
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    out = None
+    for name, entry in tracker.items():
+        if "load_balancing" not in name:
+            continue
+        v = entry["values"].detach().clone().float()
+        dist.all_reduce(v, group=ps.get_data_parallel_group())
+        out = (v.sum() / (args.num_layers * ps.get_data_parallel_world_size() * args.num_microbatches)).item()
+    moe_utils.clear_aux_losses_tracker()
+    return out
+
+
+def _canonical_lr(optimizer) -> float:
+    groups = optimizer.param_groups
+    for g in groups:
+        if g.get("default_config"):
+            return g["lr"]
+    return groups[0]["lr"] if groups else 0.0
+
+
+# ------------------------------------------------------------------------------- evaluation
+def evaluate(args, model, optimizer, valid_ds, fwd_bwd) -> float:
+    from megatron.core.transformer.moe import moe_utils
+
+    from ..megatron.builder import swap_to_eval, swap_to_train
+    from .data import batch_iterator
+    for c in model:
+        c.eval()
+    swap_to_eval(optimizer, model)
+    reports = []
+    try:
+        it = batch_iterator(valid_ds, args, 0, args.eval_iters)
+        with torch.no_grad():
+            for _ in range(args.eval_iters):
+                reports += fwd_bwd(forward_step_func=_forward_step, data_iterator=it, model=model,
+                                   num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+                                   micro_batch_size=args.micro_batch_size, forward_only=True)
+    finally:
+        swap_to_train(optimizer, model)
+        for c in model:
+            c.train()
+        if args.num_experts:
+            moe_utils.clear_aux_losses_tracker()
+    return _reduce_losses(reports)
+
+
+def _tensorboard(args):
+    if args.tensorboard_dir is None or dist.get_rank() != 0:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as exc:  # noqa: BLE001 - optional dependency
+        _print0(f"[info] --tensorboard-dir given but tensorboard is not importable ({exc}); "
+                "not writing TensorBoard logs (pip install 'megatron_md[tensorboard]')")
+        return None
+    return SummaryWriter(log_dir=args.tensorboard_dir, max_queue=100)
+
+
+# ------------------------------------------------------------------------------- the run
+def pretrain(args) -> dict:
+    """Train as configured by validated ``args``; returns the summary dict (printed by rank 0)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from ..megatron.builder import get_megatron_optimizer, skipped_steps
+    from . import checkpointing
+    from .data import batch_iterator, build_datasets
+    from .model import build_model, initialize, transformer_config
+
+    t_start = time.perf_counter()
+    created = initialize(args)
+    writer = None
+    try:
+        _print0(f"> world {args.world_size}: TP {args.tensor_model_parallel_size}, PP 1, "
+                f"EP {args.expert_model_parallel_size}, DP {args.data_parallel_size}; backend "
+                f"{args.distributed_backend}; transformer-impl {args.transformer_impl}; "
+                f"{'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}"
+                + (f"; fp8 {args.fp8_format}" if args.fp8_format else "")
+                + f"; optimizer {args.optimizer}")
+        config = transformer_config(args)
+        model = build_model(args, config)
+        n_local = sum(p.numel() for c in model for p in c.parameters())
+        _print0(f"> GPTModel{' (MoE, %d experts, top-%d, %s dispatcher)' % (args.num_experts, args.moe_router_topk, args.moe_token_dispatcher_type) if args.num_experts else ''}: "
+                f"{args.num_layers} layers, hidden {args.hidden_size}, heads {args.num_attention_heads}, "
+                f"seq {args.seq_length}, vocab {args.vocab_size} (padded {args.padded_vocab_size}); "
+                f"{n_local:,} parameters on rank 0")
+        optimizer = get_megatron_optimizer(optimizer_config(args), model, args.md)
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
+            lr_decay_steps=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
+            start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
+            wd_incr_style="constant")
+        config.no_sync_func = model[0].no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.scale_loss
+
+        iteration, extra = 0, {}
+        if args.load is not None:
+            t0 = time.perf_counter()
+            got = checkpointing.load_checkpoint(args.load, model, optimizer, scheduler, args,
+                                                iteration=args.ckpt_step, load_optim=not args.no_load_optim,
+                                                load_rng=not args.no_load_rng)
+            if got is None:
+                _print0(f"> --load {args.load}: no checkpoint there; starting from scratch")
+            else:
+                iteration, extra = got["iteration"], got["extra"]
+                _print0(f"> loaded checkpoint of iteration {iteration} from {args.load} "
+                        f"in {time.perf_counter() - t0:.1f}s")
+        history = {"train": dict(extra.get("train", {})), "valid": dict(extra.get("valid", {}))}
+        skipped = int(extra.get("skipped", 0))
+
+        t0 = time.perf_counter()
+        train_ds, valid_ds = build_datasets(args)
+        _print0(f"> data: {'mock' if args.mock_data else args.data_path}: {len(train_ds):,} train samples"
+                + (f", {len(valid_ds):,} validation samples" if valid_ds is not None else "")
+                + f" of {args.seq_length} tokens (built in {time.perf_counter() - t0:.1f}s)")
+        writer = _tensorboard(args)
+        fwd_bwd = get_forward_backward_func()
+        last_it = min(args.train_iters, args.exit_interval or args.train_iters)
+        train_iter = batch_iterator(train_ds, args, start_iteration=iteration)
+        tokens_per_iter = args.global_batch_size * args.seq_length
+        acc_loss = acc_n = 0.0
+        acc_gn, acc_gn_n, acc_aux, acc_aux_n = 0.0, 0, 0.0, 0
+        t_interval, it_interval = time.perf_counter(), 0
+        t_train = time.perf_counter()
+        it_done = 0
+        last_saved = last_eval = None
+        val_loss = None
+        _print0(f"> training iterations {iteration + 1}..{last_it} (global batch {args.global_batch_size} = "
+                f"{args.num_microbatches} x {args.micro_batch_size} x DP {args.data_parallel_size}; "
+                f"{tokens_per_iter} tokens/iteration) — setup {time.perf_counter() - t_start:.1f}s")
+
+        while iteration < last_it:
+            for c in model:
+                c.zero_grad_buffer()
+            optimizer.zero_grad()
+            reports = fwd_bwd(forward_step_func=_forward_step, data_iterator=train_iter, model=model,
+                              num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+                              micro_batch_size=args.micro_batch_size, forward_only=False)
+            ok, grad_norm, _ = optimizer.step()
+            if ok:
+                scheduler.step(increment=1)
+            else:
+                skipped += 1
+            iteration += 1
+            it_done += 1
+            loss = _reduce_losses(reports)
+            aux = _moe_aux_loss(args)
+            acc_loss += loss
+            acc_n += 1
+            if grad_norm is not None and math.isfinite(grad_norm):
+                acc_gn += grad_norm
+                acc_gn_n += 1
+            if aux is not None:
+                acc_aux += aux
+                acc_aux_n += 1
+            it_interval += 1
+
+            if iteration % args.log_interval == 0 or iteration == last_it:
+                dt = time.perf_counter() - t_interval
+                mean_loss = acc_loss / acc_n
+                lr = _canonical_lr(optimizer)
+                gn = acc_gn / acc_gn_n if acc_gn_n else float("nan")
+                tps = it_interval * tokens_per_iter / dt
+                history["train"][iteration] = mean_loss
+                line = (f" iteration {iteration:>7}/{args.train_iters} | ms/iter {1000 * dt / it_interval:8.1f} | "
+                        f"tokens/s {tps:8.0f} | lr {lr:.4e} | loss {mean_loss:.4f} | grad norm {gn:.3f} | "
+                        f"skipped {skipped}")
+                if acc_aux_n:
+                    line += f" | moe aux loss {acc_aux / acc_aux_n:.4f}"
+                _print0(line)
+                if writer is not None:
+                    for k, v in (("lm loss", mean_loss), ("learning-rate", lr), ("grad-norm", gn),
+                                 ("tokens-per-second", tps), ("skipped-iterations", skipped)):
+                        writer.add_scalar(k, v, iteration)
+                    if acc_aux_n:
+                        writer.add_scalar("moe aux loss", acc_aux / acc_aux_n, iteration)
+                acc_loss = acc_n = 0.0
+                acc_gn, acc_gn_n, acc_aux, acc_aux_n = 0.0, 0, 0.0, 0
+                t_interval, it_interval = time.perf_counter(), 0
+
+            if valid_ds is not None and (iteration % args.eval_interval == 0 or iteration == last_it):
+                t0 = time.perf_counter()
+                val_loss = evaluate(args, model, optimizer, valid_ds, fwd_bwd)
+                history["valid"][iteration] = val_loss
+                last_eval = iteration
+                _print0(f" validation at iteration {iteration}: lm loss {val_loss:.4f} | ppl "
+                        f"{math.exp(min(val_loss, 50)):.2f} ({time.perf_counter() - t0:.1f}s)")
+                if writer is not None:
+                    writer.add_scalar("lm loss validation", val_loss, iteration)
+                t_interval += time.perf_counter() - t0  # evaluation is not training throughput
+
+            if args.save and ((args.save_interval and iteration % args.save_interval == 0) or iteration == last_it):
+                t0 = time.perf_counter()
+                checkpointing.save_checkpoint(args.save, iteration, model, optimizer, scheduler, args,
+                                              extra={"train": history["train"], "valid": history["valid"],
+                                                     "skipped": skipped})
+                last_saved = iteration
+                _print0(f" saved checkpoint of iteration {iteration} to {args.save} ({time.perf_counter() - t0:.1f}s)")
+                t_interval += time.perf_counter() - t0
+
+        train_s = time.perf_counter() - t_train
+        train_hist = history["train"]
+        summary = {
+            "event": SUMMARY_EVENT, "optimizer": args.optimizer, "iterations": iteration,
+            "final_train_loss": train_hist[max(train_hist)] if train_hist else None,
+            "final_val_loss": history["valid"][max(history["valid"])] if history["valid"] else None,
+            "skipped_steps": skipped, "md_skipped_nonfinite": skipped_steps(optimizer),
+            "train_loss_history": {str(k): v for k, v in sorted(train_hist.items())},
+            "val_loss_history": {str(k): v for k, v in sorted(history["valid"].items())},
+            "tokens_per_s": it_done * tokens_per_iter / train_s if it_done else None,
+            "train_s": round(train_s, 2), "wall_s": round(time.perf_counter() - t_start, 2),
+            "world_size": args.world_size, "tp": args.tensor_model_parallel_size,
+            "ep": args.expert_model_parallel_size, "dp": args.data_parallel_size,
+            "last_checkpoint": last_saved, "last_eval": last_eval,
+        }
+        _print0(json.dumps(summary))
+        return summary
+    finally:
+        if writer is not None:
+            writer.close()
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None, prog: Optional[str] = None) -> int:
+    """Command-line entry: usage errors exit 2 before anything is built."""
+    parser = build_parser(defaults, prog=prog)
+    try:
+        args = validate_args(parser.parse_args(argv))
+    except ArgumentError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{parser.prog}: error: {exc}\n(all flags: {parser.prog} --help)", file=sys.stderr, flush=True)
+        return 2
+    pretrain(args)
+    return 0
