@@ -15,8 +15,6 @@ A non-finite gradient anywhere (any rank) makes every rank skip the step: the wr
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
-
 import torch
 import torch.distributed as dist
 

@@ -15,7 +15,6 @@ keep a zero-size placeholder parameter, which only takes part in the collectives
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..shard import Blocks, MatrixShard, TensorParallel, Whole, fused_qkv, grouped_mlp_experts
+from ..shard import TensorParallel, Whole, fused_qkv, grouped_mlp_experts
 
 Matcher = Callable[[str, torch.nn.Parameter, "RoutingOptions"], bool]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -372,3 +372,17 @@ def momentum_direction(m: Mat, grad: torch.Tensor, key: str, mu: float, nesterov
     M.lerp_(grad, 1 - mu)
     m.put(m.state[key], M)
     return grad.lerp(M, mu) if nesterov else M.clone()
+
+
+class MomentumNS:
+    """Mixin for momentum + Newton–Schulz methods: an EMA momentum buffer per param, and the
+    (Nesterov) momentum direction of the gradient as the NS input."""
+
+    uses_ns = True
+
+    def _init_param_state(self, p, group, state):
+        state["momentum_buffer"] = torch.zeros_like(p)
+
+    def _pre_ns(self, m: Mat) -> torch.Tensor:
+        g = m.group
+        return momentum_direction(m, m.G, "momentum_buffer", g["momentum"], g["nesterov"])

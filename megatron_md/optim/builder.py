@@ -7,7 +7,7 @@ builder lives in ``megatron_md.megatron``.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

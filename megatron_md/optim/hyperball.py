@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import (Mat, MatrixOptimizer, adam_direction, check_betas, check_lr, check_positive,
-                   check_unit, momentum_direction, ns_defaults)
+from .base import (Mat, MatrixOptimizer, MomentumNS, adam_direction, check_betas, check_lr, check_positive,
+                   check_unit, ns_defaults)
 
 
 def _reject_weight_decay(weight_decay):
@@ -58,7 +58,7 @@ class AdamH(_Hyperball):
         self._retract(m, u)
 
 
-class MuonH(_Hyperball):
+class MuonH(MomentumNS, _Hyperball):
     r"""MuonH: Muon direction (momentum + Newton–Schulz), fixed-norm retraction.
 
     ::
@@ -67,8 +67,6 @@ class MuonH(_Hyperball):
         W' = W − η ρ u / ‖u‖_F;   W ← ρ W' / ‖W'‖_F,   ρ = ‖W₀‖_F
     """
 
-    uses_ns = True
-
     def __init__(self, params, *, lr: float = 0.01, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_coefficients="jordan", ns_steps=None, ns_dtype=None,
                  ns_mode: str = "owner", shards=None, nonfinite_group=None):
@@ -76,13 +74,6 @@ class MuonH(_Hyperball):
         defaults = dict(lr=check_lr("lr", lr), momentum=check_unit("momentum", momentum), nesterov=bool(nesterov),
                         **ns_defaults(ns_coefficients, ns_steps, ns_dtype, ns_mode))
         super().__init__(params, defaults, shards=shards, ns_mode=ns_mode, nonfinite_group=nonfinite_group)
-
-    def _init_param_state(self, p, group, state):
-        state["momentum_buffer"] = torch.zeros_like(p)
-
-    def _pre_ns(self, m: Mat) -> torch.Tensor:
-        g = m.group
-        return momentum_direction(m, m.G, "momentum_buffer", g["momentum"], g["nesterov"])
 
     def _post_ns(self, m: Mat, o: torch.Tensor) -> None:
         self._retract(m, o)

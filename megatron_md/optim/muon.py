@@ -6,8 +6,8 @@ import math
 import torch
 
 from ..ops import check_scale, scale_factor
-from .base import (Mat, MatrixOptimizer, check_betas, check_lr, check_positive, check_unit,
-                   momentum_direction, ns_defaults)
+from .base import (Mat, MatrixOptimizer, MomentumNS, check_betas, check_lr, check_positive, check_unit,
+                   ns_defaults)
 
 
 def muon_defaults(*, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, ns_dtype, scale,
@@ -18,7 +18,7 @@ def muon_defaults(*, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_s
                 **ns_defaults(ns_coefficients, ns_steps, ns_dtype, ns_mode))
 
 
-class Muon(MatrixOptimizer):
+class Muon(MomentumNS, MatrixOptimizer):
     r"""Muon: momentum, then Newton–Schulz orthogonalization (Jordan et al., 2024).
 
     Update, per logical matrix ``W ∈ R^{m×n}``::
@@ -35,8 +35,6 @@ class Muon(MatrixOptimizer):
     to an Adam-family optimizer (:func:`megatron_md.optim.param_groups`).
     """
 
-    uses_ns = True
-
     def __init__(self, params, *, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_coefficients="jordan", ns_steps=None, ns_dtype=None,
                  scale: str = "shape_scaling", ns_mode: str = "owner", shards=None, nonfinite_group=None):
@@ -44,13 +42,6 @@ class Muon(MatrixOptimizer):
                                  ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_dtype=ns_dtype,
                                  scale=scale, ns_mode=ns_mode)
         super().__init__(params, defaults, shards=shards, ns_mode=ns_mode, nonfinite_group=nonfinite_group)
-
-    def _init_param_state(self, p, group, state):
-        state["momentum_buffer"] = torch.zeros_like(p)
-
-    def _pre_ns(self, m: Mat) -> torch.Tensor:
-        g = m.group
-        return momentum_direction(m, m.G, "momentum_buffer", g["momentum"], g["nesterov"])
 
     def _post_ns(self, m: Mat, o: torch.Tensor) -> None:
         g = m.group

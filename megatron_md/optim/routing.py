@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import torch
 from torch import nn
 
 #: leaf module names that denote an output head in common GPT code bases

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from .base import (Mat, MatrixOptimizer, SkippingOptimizer, check_betas, check_lr, check_nonneg_int,
-                   check_positive, check_unit, momentum_direction, ns_defaults)
+from .base import (Mat, MatrixOptimizer, MomentumNS, SkippingOptimizer, check_betas, check_lr, check_nonneg_int,
+                   check_positive, check_unit, ns_defaults)
 
 
 def sf_defaults(*, lr, betas, n_betas, weight_decay, warmup_steps, r, weight_lr_power, eps) -> dict:
@@ -124,7 +124,7 @@ class SFAdamW(ScheduleFreeMixin, SkippingOptimizer):
                 z.sub_(u, alpha=lr)
 
 
-class SFNorMuon(ScheduleFreeMixin, MatrixOptimizer):
+class SFNorMuon(ScheduleFreeMixin, MomentumNS, MatrixOptimizer):
     r"""Schedule-free NorMuon: NorMuon's direction, weight decay on the fast iterate z.
 
     ``betas = (β, β2)`` (interpolation, row moment); momentum μ; schedule and averaging
@@ -166,10 +166,6 @@ class SFNorMuon(ScheduleFreeMixin, MatrixOptimizer):
         for g in self.param_groups:
             self._advance_schedule(g)
         super()._step()
-
-    def _pre_ns(self, m: Mat) -> torch.Tensor:
-        g = m.group
-        return momentum_direction(m, m.G, "momentum_buffer", g["momentum"], g["nesterov"])
 
     def _post_ns(self, m: Mat, P: torch.Tensor) -> None:
         g, sh = m.group, m.shard

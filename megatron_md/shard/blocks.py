@@ -13,7 +13,7 @@ Factories cover Megatron's layouts:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 

@@ -21,11 +21,9 @@ hands out; may start/end mid-row, be empty or hold one element).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from . import comm
 

@@ -23,7 +23,7 @@ import torch
 
 from ..ops import newton_schulz, ns_flops
 from . import comm
-from .layouts import MatrixShard, Whole
+from .layouts import MatrixShard
 
 NSMode = Literal["owner", "gather"]
 NS_MODES = ("owner", "gather")
