@@ -54,6 +54,30 @@ class _SkipNonFinite:
         return found
 
 
+    @staticmethod
+    def _filter_and_reorder_param_groups(current_groups, state_dict_groups):
+        """Megatron matches saved groups to current ones by (wd_mult, lr_mult,
+        is_expert_parallel, is_decoupled_lr); our matrix and Adam groups share those, so
+        ``md_role`` is part of the key here. Otherwise the same semantics: parameter lists keep
+        the saved order, hyperparameters come from the matching saved group."""
+        from megatron.core.optimizer.optimizer import param_group_identifier_keys as keys
+
+        def ident(g):
+            return (g.get("md_role"),) + tuple(g[k] if k in g else g[f"pre_{k}"] for k in keys)
+
+        loaded = {ident(g): g for g in state_dict_groups}
+        if len(loaded) != len(state_dict_groups):
+            raise ValueError("checkpoint has parameter groups that cannot be told apart")
+        out = []
+        for g, params in zip(current_groups, [g["params"] for g in state_dict_groups]):
+            if ident(g) not in loaded:
+                raise ValueError(f"no parameter group {ident(g)} in the checkpoint; it has {sorted(map(str, loaded))}")
+            group = loaded[ident(g)]
+            group["params"] = params
+            out.append(group)
+        return out
+
+
 _WRAPPED: dict = {}
 
 

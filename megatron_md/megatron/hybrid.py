@@ -175,6 +175,37 @@ class HybridOptimizer(torch.optim.AdamW):
                 self._partner.step()
         return loss
 
+    # ------------------------------------------------------------------------ checkpointing
+    def __setstate__(self, state):
+        # AdamW's __setstate__ expects an Adam 'step' in every state entry; ours hold the
+        # matrix state too. The partner groups already carry every AdamW default key.
+        torch.optim.Optimizer.__setstate__(self, state)
+
+    def state_dict(self):
+        """torch's state dict of this optimizer plus, under ``"md_matrix"``, the matrix
+        optimizer's own (its param groups carry e.g. schedule-free counters; placeholders of
+        ZeRO ranges without a local piece have state only there)."""
+        sd = super().state_dict()
+        if self._matrix is not None:
+            sd["md_matrix"] = self._matrix.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        matrix_sd = state_dict.pop("md_matrix", None)
+        super().load_state_dict(state_dict)
+        if self._matrix is None:
+            return
+        if matrix_sd is None:
+            raise RuntimeError("HybridOptimizer.load_state_dict: the checkpoint has no matrix-optimizer state "
+                               "(saved by a different optimizer?)")
+        self._matrix.load_state_dict(matrix_sd)
+        # torch rebuilt the matrix optimizer's group dicts: re-link them, and let the loaded
+        # matrix state be the state Megatron sees
+        self._links = [(g, gi) for g, (_, gi) in zip(self._matrix.param_groups, self._links)]
+        for p, q in self._local_mains:
+            self.state[p] = self._matrix.state[q]
+
     # -------------------------------------------------------------------- schedule-free swaps
     def eval(self):
         for o in self._sf_parts():

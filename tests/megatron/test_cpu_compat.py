@@ -11,8 +11,8 @@ seconds per process); each pytest test below asserts one named check of that gro
 * the RNG tracker, gloo's uneven all-gather and the parameter attributes megatron sets
   (``tensor_model_parallel``, ``partition_dim``, ``allreduce``, ...).
 
-The rank-side helpers below run in the children; ``-s`` with ``MEGATRON_MD_PRINT_PARAMS=1``
-prints the parameter tables the group recorded.
+The rank-side helpers below run in the children; the parameter tables the group records
+(``gpt_tp2_params``, ``moe_ep2_params``) are in ``megatron_group.values``.
 """
 
 from __future__ import annotations
@@ -365,23 +365,6 @@ megatron_group = group_fixture(2, _megatron_checks, megatron=True, timeout=300)
 ])
 def test_megatron_on_cpu(megatron_group, check):
     megatron_group.assert_ok(check)
-
-
-def test_print_param_tables(megatron_group):
-    """Not an assertion: with MEGATRON_MD_PRINT_PARAMS=1 and -s, print what the group saw."""
-    if not os.environ.get("MEGATRON_MD_PRINT_PARAMS"):
-        pytest.skip("set MEGATRON_MD_PRINT_PARAMS=1 to print the parameter tables")
-    print("\n" + megatron_group.summary())
-    for key in ("gpt_tp2_params", "moe_ep2_params"):
-        for rank, values in enumerate(megatron_group.values):
-            print(f"\n{key} (rank {rank}):")
-            for name, shape, attrs in values.get(key, []):
-                print(f"  {name:60s} {str(shape):14s} {attrs}")
-    for key in ("gpt_tp1_losses", "gpt_tp2_matches_tp1_losses", "gpt_tp2_sp_matches_tp1_losses",
-                "gpt_tp2_matches_tp1_worst_rel_param_diff",
-                "gpt_tp2_sp_matches_tp1_worst_rel_param_diff",
-                "moe_losses", "cpu_compat", "cpu_compat_skipped"):
-        print(key, [v.get(key) for v in megatron_group.values])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="cpu_compat is a no-op with CUDA")

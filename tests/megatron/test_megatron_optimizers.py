@@ -236,6 +236,21 @@ def _checks(ctx):
         after = _full_params(model)
         assert all(torch.equal(before[k], after[k]) for k in before)
 
+    for name in ("sf-normuon", "muon-md"):
+        with ctx.check(f"{name}/state-dict-resume"):
+            # Megatron's optimizer.state_dict() carries everything (incl. the matrix optimizer's
+            # groups: schedule-free counters): a fresh optimizer resumes bit-exactly
+            import copy
+            model, opt = _build(name, tp=2)
+            _train(model, opt, split_data=False, steps=2)
+            model_sd, opt_sd = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+            cont = _train(model, opt, split_data=False, steps=3)
+            model2, opt2 = _build(name, tp=2)
+            model2.load_state_dict(model_sd)
+            opt2.load_state_dict(opt_sd)
+            resumed = _train(model2, opt2, split_data=False, steps=3)
+            assert resumed == cont, (resumed, cont)
+
     ctx.init_model_parallel(tp=1, ep=2)
     for name in OPTIMIZERS:
         with ctx.check(f"{name}/moe-ep2"):
@@ -249,7 +264,8 @@ group = group_fixture(2, _checks, megatron=True, timeout=1800)
 
 CHECKS = [f"{n}/{s}" for n in OPTIMIZERS
           for s in ["reference", *(["reference-nosplit"] if n in PER_BLOCK else []), *MODES, "moe-ep1", "moe-ep2"]] + \
-    ["muon-md/bf16", "rmnp/bf16", "nonfinite-skips-on-every-rank"]
+    ["muon-md/bf16", "rmnp/bf16", "nonfinite-skips-on-every-rank", "sf-normuon/state-dict-resume",
+     "muon-md/state-dict-resume"]
 
 
 @pytest.mark.parametrize("check", CHECKS)
