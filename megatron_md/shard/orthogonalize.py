@@ -7,7 +7,7 @@ local pieces of ``NS(full matrix)``. Modes for sharded matrices:
   sharding (owners balanced by NS cost, largest first, over the level's group), the owner
   runs NS (batched over same-shape matrices it owns) and scatters the pieces back. Pieces
   travel point-to-point at their exact sizes (empty pieces send nothing), and a rank holding
-  most of a matrix owns it. Bytes per matrix across the group ≤ 2 × the matrix, independent
+  at least 3/4 of a matrix owns it. Bytes per matrix across the group ≤ 2 × the matrix, independent
   of the group size (0 when one rank holds it all).
 * ``"gather"``: every rank all-gathers every matrix and runs NS itself (the baseline:
   (w−1) × the matrix received per rank, and w-fold redundant compute).
@@ -67,8 +67,10 @@ def assign_owners(costs: Sequence[int], world: int,
                   holders: Sequence[Sequence[int] | None] | None = None) -> list[int]:
     """Owner rank of each matrix: deterministic, the same on every rank.
 
-    A rank that holds more than half of a matrix (``holders[i][r]`` = its piece size) owns it,
-    so the fewest bytes move; the others are spread by longest-processing-time over ``costs``.
+    A rank that holds at least 3/4 of a matrix (``holders[i][r]`` = its piece size; typical of
+    Megatron's ZeRO buffers, where most params sit whole on one rank) owns it, so few bytes
+    move; the others are spread by longest-processing-time over ``costs`` (compute balance
+    wins when the pieces are comparable).
     """
     load = [0] * world
     owners = [-1] * len(costs)
@@ -78,7 +80,7 @@ def assign_owners(costs: Sequence[int], world: int,
                 continue
             total = sum(sizes)
             r = max(range(world), key=lambda r: (sizes[r], -r))
-            if total and 2 * sizes[r] > total:
+            if total and 4 * sizes[r] >= 3 * total:
                 owners[i] = r
                 load[r] += costs[i]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
