@@ -191,6 +191,10 @@ class RankContext:
                             **kwargs: Any) -> None:
         """(Re)initialise megatron's ``parallel_state`` and seed its RNG tracker.
 
+        Warning: ``destroy_model_parallel`` does not destroy the gloo groups it created, and each
+        keeps its threads; call this a few times per group (group checks by layout), not once
+        per check — dozens of re-initialisations leave thousands of threads behind.
+
         ``tp``/``pp``/``ep`` are the tensor/pipeline/expert model-parallel sizes; other keyword
         arguments go to ``initialize_model_parallel`` (e.g. ``expert_tensor_parallel_size``,
         ``virtual_pipeline_model_parallel_size``). With ``seed`` set, calls
