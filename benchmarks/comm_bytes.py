@@ -50,13 +50,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _common import cpu_name, git_rev  # noqa: E402
 
 OPTIMIZERS = ("Muon", "NorMuon", "RMNP", "AdamH", "MuonH", "AdamMD", "MuonMD", "SFNorMuon")
 NS_OPTIMIZERS = ("Muon", "NorMuon", "MuonH", "MuonMD", "SFNorMuon")
@@ -347,30 +348,6 @@ def summarize(args, values) -> tuple[list[str], list[tuple[str, bool]]]:
     return lines, targets
 
 
-def _git_rev() -> str:
-    import subprocess
-
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "megatron_md/shard",
-                                "megatron_md/optim", "megatron_md/ops"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return f"commit {rev}" + (", with uncommitted changes in megatron_md/{shard,optim,ops}" if dirty else "") if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def render(args, values, elapsed: float) -> str:
     import torch
 
@@ -378,9 +355,9 @@ def render(args, values, elapsed: float) -> str:
     cmd = "PYTHONPATH=. .venv/bin/python benchmarks/comm_bytes.py " + " ".join(sys.argv[1:])
     head = [
         "# Optimizer communication: bytes per step per rank", "",
-        f"Command: `{cmd.strip()}` (repository at {_git_rev()})  ",
+        f"Command: `{cmd.strip()}` (repository at {git_rev(ROOT)})  ",
         f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; "
-        f"machine: {os.cpu_count()} vCPU {_cpu_name()} (shared; load average {args.load:.1f} at start), "
+        f"machine: {os.cpu_count()} vCPU {cpu_name()} (shared; load average {args.load:.1f} at start), "
         f"1 thread per rank; gloo over 127.0.0.1; wall time {elapsed:.0f} s.  ",
         f"Layer: hidden {h}, GQA {HEADS} heads / {QUERY_GROUPS} groups (head dim {h // HEADS}); "
         "fp32. Matrices: " + ", ".join(f"{s['name']} {s['shape'][0]}×{s['shape'][1]}" for s in layer_specs(h)) + ".  ",

@@ -34,6 +34,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _common import git_rev  # noqa: E402
 
 OPTIMIZERS = ("Muon", "NorMuon", "RMNP", "AdamH", "MuonH", "AdamMD", "MuonMD", "SFNorMuon")
 NS_OPTIMIZERS = ("Muon", "NorMuon", "MuonH", "MuonMD", "SFNorMuon")
@@ -119,20 +121,6 @@ def time_pair(opt, base, warmup: int, repeats: int, sync=lambda: None) -> tuple[
         opt.step()
         t_opt.append(time.perf_counter() - t0)
     return t_opt, t_base
-
-
-def _git_rev() -> str:
-    import subprocess
-
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "megatron_md/shard",
-                                "megatron_md/optim", "megatron_md/ops"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return f"commit {rev}" + (", with uncommitted changes in megatron_md/{shard,optim,ops}" if dirty else "") if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def med(xs) -> float:
@@ -337,7 +325,7 @@ def main(argv=None) -> int:
     except (OSError, StopIteration):
         pass
     head = ["# Optimizer step time vs torch.optim.AdamW(foreach=True)", "",
-            f"Command: `{cmd.strip()}` (repository at {_git_rev()})  ",
+            f"Command: `{cmd.strip()}` (repository at {git_rev(ROOT)})  ",
             f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; "
             f"machine: {os.cpu_count()} vCPU {cpu}, shared with other jobs while measured (noisy; load "
             f"average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end); {args.threads} torch thread(s); "
