@@ -29,3 +29,12 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def csv_subset(parser, flag: str, value: str, allowed) -> list[str]:
+    """Split a comma-separated flag value; ``parser.error`` on any name not in ``allowed``."""
+    items = [v for v in value.split(",") if v]
+    for v in items:
+        if v not in allowed:
+            parser.error(f"{flag}: unknown {v!r}; expected some of {list(allowed)}")
+    return items

@@ -57,7 +57,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _common import cpu_name, git_rev  # noqa: E402
+from _common import cpu_name, csv_subset, git_rev  # noqa: E402
 
 OPTIMIZERS = ("Muon", "NorMuon", "RMNP", "AdamH", "MuonH", "AdamMD", "MuonMD", "SFNorMuon")
 NS_OPTIMIZERS = ("Muon", "NorMuon", "MuonH", "MuonMD", "SFNorMuon")
@@ -408,14 +408,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=3600.0, help="wall-clock limit per spawned group (s)")
     p.add_argument("--out", default=str(ROOT / "docs" / "comm_bytes.md"), help="markdown output ('-': none)")
     args = p.parse_args(argv)
-    args.layouts = [s for s in args.layouts.split(",") if s]
-    args.optimizers = [s for s in args.optimizers.split(",") if s]
-    for lay in args.layouts:
-        if lay not in LAYOUTS:
-            p.error(f"unknown layout {lay!r}; expected some of {list(LAYOUTS)}")
-    for o in args.optimizers:
-        if o not in OPTIMIZERS:
-            p.error(f"unknown optimizer {o!r}; expected some of {list(OPTIMIZERS)}")
+    args.layouts = csv_subset(p, "--layouts", args.layouts, LAYOUTS)
+    args.optimizers = csv_subset(p, "--optimizers", args.optimizers, OPTIMIZERS)
     layer_specs(args.hidden)
     return args
 

@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _common import git_rev  # noqa: E402
+from _common import csv_subset, git_rev  # noqa: E402
 
 OPTIMIZERS = ("Muon", "NorMuon", "RMNP", "AdamH", "MuonH", "AdamMD", "MuonMD", "SFNorMuon")
 NS_OPTIMIZERS = ("Muon", "NorMuon", "MuonH", "MuonMD", "SFNorMuon")
@@ -286,14 +286,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=1800.0, help="wall-clock limit of the TP=2 group (s)")
     p.add_argument("--out", default=str(ROOT / "docs" / "step_time.md"), help="markdown output ('-': none)")
     args = p.parse_args(argv)
-    args.optimizers = [s for s in args.optimizers.split(",") if s]
-    args.sections = [s for s in args.sections.split(",") if s]
-    for o in args.optimizers:
-        if o not in OPTIMIZERS:
-            p.error(f"unknown optimizer {o!r}; expected some of {list(OPTIMIZERS)}")
-    for s in args.sections:
-        if s not in SECTIONS:
-            p.error(f"unknown section {s!r}; expected some of {list(SECTIONS)}")
+    args.optimizers = csv_subset(p, "--optimizers", args.optimizers, OPTIMIZERS)
+    args.sections = csv_subset(p, "--sections", args.sections, SECTIONS)
     if args.repeats < 1 or args.warmup < 0 or args.layers < 1 or args.batch_layers < 1:
         p.error("--repeats >= 1, --warmup >= 0, --layers >= 1 and --batch-layers >= 1 are required")
     layer_specs(args.hidden)

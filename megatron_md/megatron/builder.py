@@ -18,6 +18,7 @@ import logging
 import torch
 import torch.distributed as dist
 
+from ..optim.base import nonfinite_flag
 from ..optim.builder import MATRIX_OPTIMIZERS
 from ..shard import Blocks, FlatRange
 from .hybrid import HybridOptimizer, MatrixItem
@@ -41,9 +42,9 @@ class _SkipNonFinite:
         found = super().prepare_grads()
         if getattr(self, "is_stub_optimizer", False):
             return found
-        flags = [p.grad.isfinite().all() for g in self.optimizer.param_groups for p in g["params"]
-                 if p.grad is not None and p.grad.numel()]
-        bad = torch.zeros(1) if not flags else (~torch.stack(flags).all()).float().reshape(1)
+        bad = nonfinite_flag(self.optimizer.param_groups)
+        if torch.cuda.is_available():  # NCCL reduces device tensors only
+            bad = bad.cuda()
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:

@@ -32,7 +32,7 @@ def check_lr(name: str, v: float) -> float:
     return float(v)
 
 
-def check_unit(name: str, v: float, *, closed_low: bool = True) -> float:
+def check_unit(name: str, v: float) -> float:
     """A coefficient in [0, 1)."""
     if not isinstance(v, (int, float)) or not (0.0 <= v < 1.0):
         raise ValueError(f"{name}={v!r}: must be in [0, 1)")
@@ -74,6 +74,17 @@ def check_ns(ns_coefficients, ns_steps, ns_dtype, ns_mode):
     if ns_mode not in NS_MODES:
         raise ValueError(f"ns_mode={ns_mode!r}: expected one of {NS_MODES}")
     return coeffs
+
+
+def nonfinite_flag(param_groups) -> torch.Tensor:
+    """``[1.0]`` if any gradient in ``param_groups`` has a NaN/Inf, else ``[0.0]`` — a float
+    tensor on the gradients' device, ready to be all-reduced with MAX."""
+    flags = [p.grad.isfinite().all() for g in param_groups for p in g["params"]
+             if p.grad is not None and p.grad.numel()]
+    if not flags:
+        dev = next((p.device for g in param_groups for p in g["params"]), torch.device("cpu"))
+        return torch.zeros(1, device=dev)
+    return (~torch.stack(flags).all()).to(torch.float32).reshape(1)
 
 
 # ------------------------------------------------------------------------------ logical matrix
@@ -134,17 +145,10 @@ class SkippingOptimizer(torch.optim.Optimizer):
         return [self._nonfinite_group] if self._nonfinite_group is not None else []
 
     def _grads_finite(self) -> bool:
-        flags = [p.grad.isfinite().all() for g in self.param_groups for p in g["params"]
-                 if p.grad is not None and p.grad.numel()]
-        ok = torch.stack(flags).all() if flags else torch.tensor(True)
-        groups = self._decision_groups()
-        if groups:
-            bad = (~ok).to(torch.float32).reshape(1)
-            if any(g is not None for g in groups):
-                for g in groups:
-                    comm.all_reduce(bad, g, op=dist.ReduceOp.MAX)
-            return bool(bad.item() == 0)
-        return bool(ok)
+        bad = nonfinite_flag(self.param_groups)
+        for g in self._decision_groups():
+            comm.all_reduce(bad, g, op=dist.ReduceOp.MAX)
+        return bool(bad.item() == 0)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from . import AdamH, AdamMD, Muon, MuonH, MuonMD, NorMuon, RMNP, SFAdamW, SFNorMuon
+from .base import nonfinite_flag
 from .routing import DEFAULT_RULES, classify
 
 MATRIX_OPTIMIZERS = {
@@ -36,13 +37,9 @@ class OptimizerSet:
     def param_groups(self) -> list[dict]:
         return [g for o in self.optimizers.values() for g in o.param_groups]
 
-    def _finite(self) -> bool:
-        flags = [p.grad.isfinite().all() for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return bool(torch.stack(flags).all()) if flags else True
-
     @torch.no_grad()
     def step(self) -> None:
-        if not self._finite():
+        if nonfinite_flag(self.param_groups).item() > 0:
             self.skipped_steps += 1
             return
         for o in self.optimizers.values():

@@ -113,6 +113,16 @@ def _train(model, opt, batches):
     return losses
 
 
+def _assert_same_continuation(model_a, opt_a, model_b, opt_b, batches):
+    """The uninterrupted run (a) and the resumed one (b) continue bit-identically."""
+    loss_a = _train(model_a, opt_a, batches)
+    loss_b = _train(model_b, opt_b, batches)
+    assert loss_a == loss_b, (loss_a, loss_b)
+    for (n, pa), (_, pb) in zip(model_a.module.named_parameters(),
+                                model_b.module.named_parameters()):
+        assert torch.equal(pa, pb), n
+
+
 def _full_params(model):
     """name -> full parameter, TP shards gathered along ``partition_dim``."""
     import torch.distributed as dist
@@ -296,12 +306,7 @@ def _distopt_resume(ctx):
     inner(opt_b).load_state_dict(saved)  # (c): one shared step tensor otherwise
     with torch.no_grad():  # fp32 main params are views of the (leaf) model params
         inner(opt_b).load_parameter_state_from_dp_zero(param_state)  # (b): KeyError 'step'
-    loss_a = _train(model_a, opt_a, batches[2:])
-    loss_b = _train(model_b, opt_b, batches[2:])
-    assert loss_a == loss_b, (loss_a, loss_b)
-    for (n, pa), (_, pb) in zip(model_a.module.named_parameters(),
-                                model_b.module.named_parameters()):
-        assert torch.equal(pa, pb), n
+    _assert_same_continuation(model_a, opt_a, model_b, opt_b, batches[2:])
     steps = [s["step"] for s in inner(opt_b).optimizer.state.values()]
     assert steps and all(float(s) == 3.0 for s in steps), [float(s) for s in steps]
     assert len({id(s) for s in steps}) == len(steps), "Adam step tensors are shared"
@@ -338,12 +343,7 @@ def _distopt_checkpoint_resume(ctx, sharding="dp_reshardable"):
     model_b.module.load_state_dict(loaded["model"])
     with torch.no_grad():  # fp32 main params are views of the (leaf) model params
         opt_b.load_state_dict(loaded["optimizer"])
-    loss_a = _train(model_a, opt_a, batches[2:])
-    loss_b = _train(model_b, opt_b, batches[2:])
-    assert loss_a == loss_b, (loss_a, loss_b)
-    for (n, pa), (_, pb) in zip(model_a.module.named_parameters(),
-                                model_b.module.named_parameters()):
-        assert torch.equal(pa, pb), n
+    _assert_same_continuation(model_a, opt_a, model_b, opt_b, batches[2:])
 
 
 # ================================================================ pytest side
