@@ -8,10 +8,10 @@ from .blocks import (BlockView, Blocks, concatenated_experts, fused_qkv, grouped
                      stacked_experts)
 from .comm import METER, metered
 from .layouts import FlatRange, MatrixShard, TensorParallel, Whole
-from .orthogonalize import NS_MODES, assign_owners, orthogonalize
+from .orthogonalize import NS_MODES, assign_owners, gather_full, orthogonalize
 
 __all__ = [
     "comm", "METER", "metered", "MatrixShard", "Whole", "TensorParallel", "FlatRange",
     "BlockView", "Blocks", "fused_qkv", "stacked_experts", "concatenated_experts",
-    "grouped_mlp_experts", "orthogonalize", "NS_MODES", "assign_owners",
+    "grouped_mlp_experts", "orthogonalize", "gather_full", "NS_MODES", "assign_owners",
 ]

@@ -168,6 +168,13 @@ def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coeffici
     return results
 
 
+def gather_full(shard: MatrixShard, x: torch.Tensor) -> torch.Tensor:
+    """The whole logical matrix ``shard.shape`` on every rank of the shard's groups, from this
+    rank's local piece ``x`` (all-gathers, level by level; no communication for a whole matrix).
+    For diagnostics that need the full matrix (e.g. a sampled Newton–Schulz), not the step."""
+    return _gather_all(_levels(shard), x).reshape(shard.shape)
+
+
 def _gather_all(levels: list[MatrixShard], x: torch.Tensor) -> torch.Tensor:
     cur = x
     for lv in levels:
