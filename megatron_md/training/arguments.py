@@ -9,7 +9,7 @@ usage error (exit code 2) before any model, dataset or process group is created.
 
 Flag names and meanings follow Megatron-LM; defaults that differ are noted in the help
 (dropout 0, ``--transformer-impl`` auto-selected, ``--weight-decay`` and ``--lr-decay-style``
-defaulting per optimizer). Only ``--pipeline-model-parallel-size 1`` is supported.
+defaulting per optimizer).
 """
 from __future__ import annotations
 
@@ -92,7 +92,10 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1, help="only 1 is supported")
+    g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1,
+                   help="pipeline stages (megatron-core's 1F1B schedule; --num-layers divisible by it)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive_int, default=None,
+                   help="layers per virtual stage: the interleaved 1F1B schedule (needs --pipeline-model-parallel-size > 1)")
     g.add_argument("--expert-model-parallel-size", type=_positive_int, default=1)
     g.add_argument("--sequence-parallel", action="store_true", help="needs --tensor-model-parallel-size > 1")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="ZeRO-1 over data parallel")
@@ -141,6 +144,16 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
     g.add_argument("--tensorboard-dir", default=None, help="TensorBoard scalars (needs tensorboard)")
     g.add_argument("--exit-interval", type=_positive_int, default=None,
                    help="stop after this iteration (the LR schedule still follows --train-iters)")
+    g.add_argument("--log-jsonl", default=None, help="append train/valid/optimizer-stats/summary events to this "
+                   "JSON-lines file (rank 0; read by tools/plot_run.py and tools/sweep.py)")
+
+    g = p.add_argument_group("optimizer telemetry")
+    g.add_argument("--log-optimizer-stats-interval", type=_nonneg_int, default=0,
+                   help="every K iterations log per-matrix effective LR ||w_hat' - w_hat||, ||w||, ||u||, cos(u,w), "
+                   "MD gain statistics and RMNP diagnostics (0: off)")
+    g.add_argument("--log-optimizer-stats-samples", type=_nonneg_int, default=2,
+                   help="RMNP: matrices per rank on which the Newton-Schulz comparison and V V^T diagonal "
+                   "dominance are computed (each costs one Newton-Schulz)")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint directory")
@@ -234,9 +247,20 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
     ws = world_size if world_size is not None else world_size_from_env()
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
-    if pp != 1:
-        raise ArgumentError(f"--pipeline-model-parallel-size {pp}: pipeline parallelism is not supported by this "
-                            "driver (use --pipeline-model-parallel-size 1 and tensor/data/expert parallelism)")
+    if args.num_layers % pp:
+        raise ArgumentError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    args.virtual_pipeline_model_parallel_size = None
+    lpv = args.num_layers_per_virtual_pipeline_stage
+    if lpv is not None:
+        if pp == 1:
+            raise ArgumentError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        if (args.num_layers // pp) % lpv:
+            raise ArgumentError(f"--num-layers-per-virtual-pipeline-stage {lpv} does not divide the "
+                                f"{args.num_layers // pp} layers per pipeline stage (--num-layers {args.num_layers} / "
+                                f"--pipeline-model-parallel-size {pp})")
+        args.virtual_pipeline_model_parallel_size = args.num_layers // pp // lpv
+        if args.virtual_pipeline_model_parallel_size == 1:
+            args.virtual_pipeline_model_parallel_size = None  # one chunk per stage: plain 1F1B
     if ws % (tp * pp):
         raise ArgumentError(f"world size {ws} is not divisible by --tensor-model-parallel-size {tp} x "
                             f"--pipeline-model-parallel-size {pp}")
@@ -303,6 +327,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
                             f"{args.micro_batch_size} x data-parallel size {dp}")
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.virtual_pipeline_model_parallel_size and args.num_microbatches % pp:
+        raise ArgumentError(f"--num-layers-per-virtual-pipeline-stage: the interleaved schedule needs the number of "
+                            f"micro-batches ({args.num_microbatches} = --global-batch-size / (--micro-batch-size x "
+                            f"data-parallel size)) to be a multiple of --pipeline-model-parallel-size {pp}")
 
     # ---------------------------------------------------------------- precision / TE / FP8
     import torch

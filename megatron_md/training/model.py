@@ -55,6 +55,7 @@ def initialize(args) -> bool:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         create_gloo_process_groups=True)
     set_seed(args.seed)
     return created
@@ -85,6 +86,7 @@ def transformer_config(args):
         gated_linear_unit=args.swiglu, activation_func=F.silu if args.swiglu else F.gelu,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         sequence_parallel=args.sequence_parallel,
@@ -120,27 +122,88 @@ def layer_spec(args, config):
         normalization=args.normalization)
 
 
-def build_model(args, config) -> list:
-    """``[DistributedDataParallel(GPTModel)]`` (a list of model chunks, as Megatron uses)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+def _gpt(args, config, pre_process: bool, post_process: bool, vp_stage=None):
     from megatron.core.models.gpt.gpt_model import GPTModel
-
-    model = GPTModel(
+    return GPTModel(
         config=config, transformer_layer_spec=layer_spec(args, config), vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings, pre_process=True, post_process=True,
+        max_sequence_length=args.max_position_embeddings, pre_process=pre_process, post_process=post_process,
         parallel_output=True, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    if args.bf16 or args.fp16:
-        from megatron.core.transformer.module import Float16Module
-        model = Float16Module(config, model)
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base, vp_stage=vp_stage)
+
+
+def _stage_models(args, config) -> list:
+    """This pipeline rank's GPTModel chunk(s): one per virtual stage; the embedding on the
+    first stage (``pre_process``), the final norm and output layer on the last (``post_process``)."""
+    from megatron.core import parallel_state as ps
+    vp = args.virtual_pipeline_model_parallel_size
+    chunks = []
+    for v in range(vp or 1):
+        vs = v if vp else None
+        chunks.append(_gpt(args, config, ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vs),
+                           ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vs), vs))
+    return chunks
+
+
+def _copy_from_unpipelined(args, config, chunks) -> None:
+    """Give pipeline stages the weights a ``--pipeline-model-parallel-size 1`` run starts from.
+
+    With CPU initialisation every rank draws full weights from one seed in module order, so
+    the draws depend on which modules a rank builds. Here every rank re-seeds, builds the whole
+    model (all layers, this rank's TP/EP shards; it is temporary) and copies its own layers by
+    global layer number, the embedding, final norm and output layer (the embedding, when tied).
+    The RNG ends where a PP=1 run's does after building the model.
+    """
+    import copy
+    flat = copy.copy(config)
+    flat.pipeline_model_parallel_size = 1
+    flat.virtual_pipeline_model_parallel_size = None
+    set_seed(args.seed)
+    full_model = _gpt(args, flat, True, True)
+    numbers = [layer.layer_number for layer in full_model.decoder.layers]
+    if numbers != list(range(1, args.num_layers + 1)):
+        raise RuntimeError(f"unpipelined reference model has layer numbers {numbers}")
+    full = dict(full_model.named_parameters())
+    tied = not args.untie_embeddings_and_output_weights
+    with torch.no_grad():
+        for chunk in chunks:
+            layer_of = {i: layer.layer_number - 1 for i, layer in enumerate(chunk.decoder.layers)}
+            for n, p in chunk.named_parameters():
+                src = n
+                if n.startswith("decoder.layers."):
+                    _, _, i, rest = n.split(".", 3)
+                    src = f"decoder.layers.{layer_of[int(i)]}.{rest}"
+                elif n == "output_layer.weight" and tied:
+                    src = "embedding.word_embeddings.weight"
+                q = full[src]
+                if q.shape != p.shape:
+                    raise RuntimeError(f"{n}: stage shape {tuple(p.shape)} != unpipelined {src} {tuple(q.shape)}")
+                p.copy_(q)
+
+
+def build_model(args, config) -> list:
+    """``[DistributedDataParallel(GPTModel), ...]``: this rank's model chunks (one, or one per
+    virtual pipeline stage), as Megatron's schedules and ``finalize_model_grads`` take them."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    chunks = _stage_models(args, config)
+    if args.pipeline_model_parallel_size > 1 and config.use_cpu_initialization:
+        _copy_from_unpipelined(args, config, chunks)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_grad_reduce=False, overlap_param_gather=False, check_for_nan_in_grad=False)
-    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-    ddp.broadcast_params()  # DP replicas start identical (they already are with CPU init)
-    return [ddp]
+    out = []
+    for i, model in enumerate(chunks):
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        if args.bf16 or args.fp16:
+            from megatron.core.transformer.module import Float16Module
+            model = Float16Module(config, model)
+        # as Megatron-LM: only the first chunk's buffers are bucketed
+        ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
+                                      disable_bucketing=i > 0)
+        ddp.broadcast_params()  # DP replicas start identical (they already are with CPU init)
+        out.append(ddp)
+    return out
 
 
 def unwrap(chunk):

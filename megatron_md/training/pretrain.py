@@ -61,7 +61,8 @@ def _forward_step(data_iterator, model):
 
 
 def _reduce_losses(losses_reduced) -> float:
-    """Token-weighted mean over micro-batches and data-parallel ranks."""
+    """Token-weighted mean over micro-batches and data-parallel ranks; with pipeline
+    parallelism the last stage computes it and every stage receives it."""
     from megatron.core import parallel_state as ps
     total = torch.zeros(2, dtype=torch.float64)
     for d in losses_reduced:
@@ -69,7 +70,19 @@ def _reduce_losses(losses_reduced) -> float:
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     total = total.to(dev)
     dist.all_reduce(total, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _data_iterators(model, dataset, args, start: int, count: Optional[int] = None):
+    """One iterator for a single model chunk; one per chunk (the same batches) for the
+    interleaved schedule, whose first/last virtual stages read tokens/labels."""
+    from .data import batch_iterator
+    if len(model) == 1:
+        return batch_iterator(dataset, args, start, count)
+    return [batch_iterator(dataset, args, start, count) for _ in model]
 
 
 def _moe_aux_loss(args) -> Optional[float]:
@@ -85,6 +98,8 @@ def _moe_aux_loss(args) -> Optional[float]:
             continue
         v = entry["values"].detach().clone().float()
         dist.all_reduce(v, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:  # each stage holds its own layers' values
+            dist.all_reduce(v, group=ps.get_pipeline_model_parallel_group())
         out = (v.sum() / (args.num_layers * ps.get_data_parallel_world_size() * args.num_microbatches)).item()
     moe_utils.clear_aux_losses_tracker()
     return out
@@ -103,13 +118,12 @@ def evaluate(args, model, optimizer, valid_ds, fwd_bwd) -> float:
     from megatron.core.transformer.moe import moe_utils
 
     from ..megatron.builder import swap_to_eval, swap_to_train
-    from .data import batch_iterator
     for c in model:
         c.eval()
     swap_to_eval(optimizer, model)
     reports = []
     try:
-        it = batch_iterator(valid_ds, args, 0, args.eval_iters)
+        it = _data_iterators(model, valid_ds, args, 0, args.eval_iters)
         with torch.no_grad():
             for _ in range(args.eval_iters):
                 reports += fwd_bwd(forward_step_func=_forward_step, data_iterator=it, model=model,
@@ -146,14 +160,17 @@ def pretrain(args) -> dict:
 
     from ..megatron.builder import get_megatron_optimizer, skipped_steps
     from . import checkpointing
-    from .data import batch_iterator, build_datasets
+    from .data import build_datasets
     from .model import build_model, initialize, transformer_config
+    from .telemetry import JsonlLog, OptimizerTelemetry
 
     t_start = time.perf_counter()
     created = initialize(args)
-    writer = None
+    writer = runlog = None
     try:
-        _print0(f"> world {args.world_size}: TP {args.tensor_model_parallel_size}, PP 1, "
+        _print0(f"> world {args.world_size}: TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}"
+                + (f" (x{args.virtual_pipeline_model_parallel_size} virtual)" if args.virtual_pipeline_model_parallel_size else "")
+                + f", "
                 f"EP {args.expert_model_parallel_size}, DP {args.data_parallel_size}; backend "
                 f"{args.distributed_backend}; transformer-impl {args.transformer_impl}; "
                 f"{'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}"
@@ -172,7 +189,7 @@ def pretrain(args) -> dict:
             lr_decay_steps=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
             start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
             wd_incr_style="constant")
-        config.no_sync_func = model[0].no_sync
+        config.no_sync_func = model[0].no_sync if len(model) == 1 else [c.no_sync for c in model]
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = optimizer.scale_loss
 
@@ -197,9 +214,11 @@ def pretrain(args) -> dict:
                 + (f", {len(valid_ds):,} validation samples" if valid_ds is not None else "")
                 + f" of {args.seq_length} tokens (built in {time.perf_counter() - t0:.1f}s)")
         writer = _tensorboard(args)
+        runlog = JsonlLog(args.log_jsonl)
+        stats = OptimizerTelemetry(args, model, optimizer) if args.log_optimizer_stats_interval else None
         fwd_bwd = get_forward_backward_func()
         last_it = min(args.train_iters, args.exit_interval or args.train_iters)
-        train_iter = batch_iterator(train_ds, args, start_iteration=iteration)
+        train_iter = _data_iterators(model, train_ds, args, iteration)
         tokens_per_iter = args.global_batch_size * args.seq_length
         acc_loss = acc_n = 0.0
         acc_gn, acc_gn_n, acc_aux, acc_aux_n = 0.0, 0, 0.0, 0
@@ -219,7 +238,19 @@ def pretrain(args) -> dict:
             reports = fwd_bwd(forward_step_func=_forward_step, data_iterator=train_iter, model=model,
                               num_microbatches=args.num_microbatches, seq_length=args.seq_length,
                               micro_batch_size=args.micro_batch_size, forward_only=False)
+            stats_due = stats is not None and stats.due(iteration + 1)
+            if stats_due:
+                t_stats, stats_lr = time.perf_counter(), _canonical_lr(optimizer)
+                stats.before_step()
             ok, grad_norm, _ = optimizer.step()
+            if stats_due:
+                rec = stats.after_step(iteration + 1, ok, stats_lr)
+                if rec is not None:
+                    _print0(stats.format_line(rec))
+                    runlog.write(rec)
+                    if writer is not None:
+                        stats.write_tensorboard(writer, rec)
+                t_interval += time.perf_counter() - t_stats  # telemetry is not training throughput
             if ok:
                 scheduler.step(increment=1)
             else:
@@ -251,6 +282,9 @@ def pretrain(args) -> dict:
                 if acc_aux_n:
                     line += f" | moe aux loss {acc_aux / acc_aux_n:.4f}"
                 _print0(line)
+                runlog.write({"event": "train", "iteration": iteration, "loss": mean_loss, "lr": lr, "grad_norm": gn,
+                              "tokens_per_s": tps, "skipped": skipped,
+                              **({"moe_aux_loss": acc_aux / acc_aux_n} if acc_aux_n else {})})
                 if writer is not None:
                     for k, v in (("lm loss", mean_loss), ("learning-rate", lr), ("grad-norm", gn),
                                  ("tokens-per-second", tps), ("skipped-iterations", skipped)):
@@ -268,6 +302,7 @@ def pretrain(args) -> dict:
                 last_eval = iteration
                 _print0(f" validation at iteration {iteration}: lm loss {val_loss:.4f} | ppl "
                         f"{math.exp(min(val_loss, 50)):.2f} ({time.perf_counter() - t0:.1f}s)")
+                runlog.write({"event": "valid", "iteration": iteration, "loss": val_loss})
                 if writer is not None:
                     writer.add_scalar("lm loss validation", val_loss, iteration)
                 t_interval += time.perf_counter() - t0  # evaluation is not training throughput
@@ -293,14 +328,18 @@ def pretrain(args) -> dict:
             "tokens_per_s": it_done * tokens_per_iter / train_s if it_done else None,
             "train_s": round(train_s, 2), "wall_s": round(time.perf_counter() - t_start, 2),
             "world_size": args.world_size, "tp": args.tensor_model_parallel_size,
+            "pp": args.pipeline_model_parallel_size,
             "ep": args.expert_model_parallel_size, "dp": args.data_parallel_size,
             "last_checkpoint": last_saved, "last_eval": last_eval,
         }
         _print0(json.dumps(summary))
+        runlog.write(summary)
         return summary
     finally:
         if writer is not None:
             writer.close()
+        if runlog is not None:
+            runlog.close()
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         if created and dist.is_initialized():

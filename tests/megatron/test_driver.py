@@ -33,7 +33,11 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
     (["--optimizer", "muon-md", "--fp16", "--loss-scale", "1024"], ["--optimizer muon-md", "--fp16"]),
     (["--optimizer", "sf-normuon", "--lr-decay-style", "cosine"], ["--optimizer sf-normuon", "--lr-decay-style"]),
     (["--optimizer", "sf-adamw", "--lr-warmup-iters", "2"], ["--optimizer sf-adamw", "--lr-warmup-iters"]),
-    (["--pipeline-model-parallel-size", "2"], ["--pipeline-model-parallel-size 2"]),
+    (["--pipeline-model-parallel-size", "3"], ["--num-layers 2", "--pipeline-model-parallel-size 3"]),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], ["--num-layers-per-virtual-pipeline-stage",
+                                                        "--pipeline-model-parallel-size > 1"]),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+     ["interleaved", "--pipeline-model-parallel-size 2"]),
     (["--optimizer", "no-such-optimizer"], ["--optimizer", "invalid choice"]),
     (["--optimizer", "muon-md", "--weight-decay", "0.1"], ["--optimizer muon-md", "--weight-decay"]),
     (["--dp-mode", "layer-wise", "--use-distributed-optimizer"], ["--dp-mode layer-wise", "--use-distributed-optimizer"]),
@@ -89,8 +93,8 @@ def test_defaults_follow_the_optimizer():
 
 def test_main_reports_usage_errors_with_exit_code_2(capsys):
     from megatron_md.training.pretrain import main
-    assert main(TINY + ["--pipeline-model-parallel-size", "2"]) == 2
-    assert "--pipeline-model-parallel-size 2" in capsys.readouterr().err
+    assert main(TINY + ["--pipeline-model-parallel-size", "3"]) == 2
+    assert "--pipeline-model-parallel-size 3" in capsys.readouterr().err
     assert "--optimizer" in build_parser().format_help()
 
 
