@@ -75,7 +75,8 @@ NsCoefficients = Literal["jordan", "quintic"]
 StepForm = Literal["rescale", "rms_match"]
 WeightDecayAt = Literal["y", "z"]
 
-#: ``--<method>-ns-dtype`` string → the optimizer's ``ns_dtype`` (None = bf16 on CUDA, fp32 on CPU).
+#: ``--<method>-ns-dtype`` string → the optimizer's ``ns_dtype`` (None = auto: bf16 on CUDA; on CPU bf16 only where
+#: the CPU has native bf16 and a probe measures it faster — megatron_md.ops.ns_dtype).
 NS_DTYPES: dict[str, Optional[torch.dtype]] = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 #: Constructor keywords the builder supplies (from Megatron's flags or its own sharding logic).
 BUILDER_SUPPLIED: tuple[str, ...] = ("lr", "weight_decay", "shards", "ns_mode", "nonfinite_group")
@@ -198,7 +199,8 @@ class _NewtonSchulz:
         "jordan", "Newton–Schulz coefficients: 'jordan' = (3.4445, −4.7750, 2.0315) repeated; "
                   "'quintic' = the 5-triple schedule (docs/optimizer_spec.md).")
     ns_steps: Optional[int] = _f(None, "Newton–Schulz iterations (None = 5).", "pos_int")
-    ns_dtype: NsDtype = _f("auto", "Newton–Schulz matmul dtype: auto = bf16 on CUDA, fp32 on CPU.")
+    ns_dtype: NsDtype = _f("auto", "Newton–Schulz matmul dtype: auto = bf16 on CUDA; on CPU bf16 only "
+                              "where native bf16 is measured faster than fp32 (logged).")
 
 
 _SCALE_HELP = ("Update scale from the logical (unsharded) shape m×n: shape_scaling = max(1, √(m/n)), "

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import resolve_coefficients
+from ..ops.ns_dtype import ns_dtype_decision
 from ..shard import Blocks, MatrixShard, Whole, comm
 from ..shard.blocks import BlockView
 from ..shard.orthogonalize import NS_MODES, orthogonalize
@@ -58,11 +59,6 @@ def check_nonneg_int(name: str, v: int) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise ValueError(f"{name}={v!r}: must be an integer >= 0")
     return v
-
-
-def default_ns_dtype(t: torch.Tensor) -> torch.dtype:
-    """bf16 on CUDA (tensor cores), fp32 elsewhere (bf16 matmul is ~300× slower on CPU)."""
-    return torch.bfloat16 if t.is_cuda else torch.float32
 
 
 def check_ns(ns_coefficients, ns_steps, ns_dtype, ns_mode):
@@ -212,7 +208,7 @@ class MatrixOptimizer(SkippingOptimizer):
                 except ValueError as e:
                     local_errors.append(e)
                 self._layouts[p] = lay
-        self._agree_on_local_errors(local_errors)
+        self._auto_ns_dtype = self._agree_on_local_errors(local_errors)
         self._validate_layouts()
         # All state exists from construction on (a checkpoint taken before the first step is
         # complete, and methods with construction-time work — AdamH's radius, MD's sphere
@@ -222,19 +218,33 @@ class MatrixOptimizer(SkippingOptimizer):
                 for p in g["params"]:
                     self.mats_of(p, g)
 
-    def _agree_on_local_errors(self, errors: list) -> None:
+    def _agree_on_local_errors(self, errors: list) -> Optional[torch.dtype]:
         """Raise on every rank of the shard groups when any of them found a local-shape error
-        (a rank raising alone would leave its peers blocked in :meth:`_validate_layouts`)."""
+        (a rank raising alone would leave its peers blocked in :meth:`_validate_layouts`).
+
+        The same collective agrees on the automatic Newton–Schulz dtype (for groups with
+        ``ns_dtype=None``): bf16 only if every rank's machine chose bf16, so the ranks of a
+        group never orthogonalize in different precisions. Returns that dtype (None when no
+        group needs it)."""
         groups = [g for g in self._decision_groups() if comm.group_size(g) > 1]
         dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        bad = torch.tensor([1.0 if errors else 0.0], device=dev)  # on the params' device (NCCL)
+        auto = self.uses_ns and any(g.get("ns_dtype", 0) is None for g in self.param_groups)
+        not_bf16 = 0.0
+        if auto:
+            not_bf16 = 0.0 if ns_dtype_decision(dev)[0] == torch.bfloat16 else 1.0
+        # on the params' device (NCCL); [local error, this rank's auto NS dtype is not bf16]
+        flags = torch.tensor([1.0 if errors else 0.0, not_bf16], device=dev)
         for grp in groups:
-            comm.all_reduce(bad, grp, op=dist.ReduceOp.MAX)
+            comm.all_reduce(flags, grp, op=dist.ReduceOp.MAX)
         if errors:
             raise errors[0]
-        if bad.item():
+        bad, not_bf16 = flags.tolist()
+        if bad:
             raise ValueError(f"{type(self).__name__}: another rank of a shard group declared a parameter whose "
                              f"local shape does not match its layout (see that rank's error)")
+        if not auto:
+            return None
+        return torch.float32 if not_bf16 else torch.bfloat16
 
     def _validate_layouts(self):
         for lay in self._layouts.values():
@@ -323,7 +333,7 @@ class MatrixOptimizer(SkippingOptimizer):
         keyed: dict = {}
         for i, m in enumerate(mats):
             g = m.group
-            dtype = g["ns_dtype"] or default_ns_dtype(m.param)
+            dtype = g["ns_dtype"] or self._auto_ns_dtype or ns_dtype_decision(m.param.device)[0]
             key = (resolve_coefficients(g["ns_coefficients"], g["ns_steps"]), dtype)
             keyed.setdefault(key, []).append(i)
         for (coeffs, dtype), idx in keyed.items():
