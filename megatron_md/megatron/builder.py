@@ -130,6 +130,16 @@ def _layout_context(model_chunks, split_qkv: bool) -> ModelLayoutContext:
         num_local_experts=num_experts // ep if num_experts else 0, split_qkv=split_qkv)
 
 
+def model_matrices(model_chunks, *, router_on_matrix: bool = False) -> list[tuple[str, torch.Tensor, object]]:
+    """``(name, model param, layout)`` of every hidden matrix of the model (what the matrix
+    methods would optimize, whatever the chosen optimizer), with fused QKV split into Q, K, V
+    blocks: the per-matrix view that telemetry reports on."""
+    ctx = _layout_context(model_chunks, split_qkv=True)
+    opts = RoutingOptions(router_on_matrix=router_on_matrix)
+    return [(n, p, matrix_layout(n, p, ctx)) for n, p in named_params(model_chunks)
+            if role_of(n, p, opts) == "matrix"]
+
+
 def _param_groups(model_chunks, config, names, roles, md, expert: bool) -> list[dict]:
     """Megatron-style groups (wd_mult / lr_mult / max_lr / min_lr keys), split by role. The
     group structure is the same on every rank (empty groups are kept)."""

@@ -72,6 +72,8 @@ class HybridOptimizer(torch.optim.AdamW):
         self._links: list[tuple[dict, int]] = []
         self._local_mains: list[tuple[torch.Tensor, torch.Tensor]] = []  # (wrapper's param, ours)
         self._layerwise = None  # (dp_group, [(main, owner)])
+        #: the matrix optimizer's params (local main params, ZeRO pieces, placeholders) → model name
+        self.matrix_names: dict = {}
 
     # ----------------------------------------------------------------------------- binding
     def bind(self, items: Sequence[MatrixItem], *, layerwise_group=None) -> None:
@@ -110,6 +112,7 @@ class HybridOptimizer(torch.optim.AdamW):
             else:
                 self._local_mains.append((p, p))
             shards[p] = it.layout
+            self.matrix_names[p] = it.name
             key = (it.group_index, it.radius_scale)
             if key not in sub_groups:
                 hg = self.param_groups[it.group_index]

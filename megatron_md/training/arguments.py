@@ -144,6 +144,16 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
     g.add_argument("--tensorboard-dir", default=None, help="TensorBoard scalars (needs tensorboard)")
     g.add_argument("--exit-interval", type=_positive_int, default=None,
                    help="stop after this iteration (the LR schedule still follows --train-iters)")
+    g.add_argument("--log-jsonl", default=None, help="append train/valid/optimizer-stats/summary events to this "
+                   "JSON-lines file (rank 0; read by tools/plot_run.py and tools/sweep.py)")
+
+    g = p.add_argument_group("optimizer telemetry")
+    g.add_argument("--log-optimizer-stats-interval", type=_nonneg_int, default=0,
+                   help="every K iterations log per-matrix effective LR ||w_hat' - w_hat||, ||w||, ||u||, cos(u,w), "
+                   "MD gain statistics and RMNP diagnostics (0: off)")
+    g.add_argument("--log-optimizer-stats-samples", type=_nonneg_int, default=2,
+                   help="RMNP: matrices per rank on which the Newton-Schulz comparison and V V^T diagonal "
+                   "dominance are computed (each costs one Newton-Schulz)")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint directory")

@@ -162,10 +162,11 @@ def pretrain(args) -> dict:
     from . import checkpointing
     from .data import build_datasets
     from .model import build_model, initialize, transformer_config
+    from .telemetry import JsonlLog, OptimizerTelemetry
 
     t_start = time.perf_counter()
     created = initialize(args)
-    writer = None
+    writer = runlog = None
     try:
         _print0(f"> world {args.world_size}: TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}"
                 + (f" (x{args.virtual_pipeline_model_parallel_size} virtual)" if args.virtual_pipeline_model_parallel_size else "")
@@ -213,6 +214,8 @@ def pretrain(args) -> dict:
                 + (f", {len(valid_ds):,} validation samples" if valid_ds is not None else "")
                 + f" of {args.seq_length} tokens (built in {time.perf_counter() - t0:.1f}s)")
         writer = _tensorboard(args)
+        runlog = JsonlLog(args.log_jsonl)
+        stats = OptimizerTelemetry(args, model, optimizer) if args.log_optimizer_stats_interval else None
         fwd_bwd = get_forward_backward_func()
         last_it = min(args.train_iters, args.exit_interval or args.train_iters)
         train_iter = _data_iterators(model, train_ds, args, iteration)
@@ -235,7 +238,19 @@ def pretrain(args) -> dict:
             reports = fwd_bwd(forward_step_func=_forward_step, data_iterator=train_iter, model=model,
                               num_microbatches=args.num_microbatches, seq_length=args.seq_length,
                               micro_batch_size=args.micro_batch_size, forward_only=False)
+            stats_due = stats is not None and stats.due(iteration + 1)
+            if stats_due:
+                t_stats, stats_lr = time.perf_counter(), _canonical_lr(optimizer)
+                stats.before_step()
             ok, grad_norm, _ = optimizer.step()
+            if stats_due:
+                rec = stats.after_step(iteration + 1, ok, stats_lr)
+                if rec is not None:
+                    _print0(stats.format_line(rec))
+                    runlog.write(rec)
+                    if writer is not None:
+                        stats.write_tensorboard(writer, rec)
+                t_interval += time.perf_counter() - t_stats  # telemetry is not training throughput
             if ok:
                 scheduler.step(increment=1)
             else:
@@ -267,6 +282,9 @@ def pretrain(args) -> dict:
                 if acc_aux_n:
                     line += f" | moe aux loss {acc_aux / acc_aux_n:.4f}"
                 _print0(line)
+                runlog.write({"event": "train", "iteration": iteration, "loss": mean_loss, "lr": lr, "grad_norm": gn,
+                              "tokens_per_s": tps, "skipped": skipped,
+                              **({"moe_aux_loss": acc_aux / acc_aux_n} if acc_aux_n else {})})
                 if writer is not None:
                     for k, v in (("lm loss", mean_loss), ("learning-rate", lr), ("grad-norm", gn),
                                  ("tokens-per-second", tps), ("skipped-iterations", skipped)):
@@ -284,6 +302,7 @@ def pretrain(args) -> dict:
                 last_eval = iteration
                 _print0(f" validation at iteration {iteration}: lm loss {val_loss:.4f} | ppl "
                         f"{math.exp(min(val_loss, 50)):.2f} ({time.perf_counter() - t0:.1f}s)")
+                runlog.write({"event": "valid", "iteration": iteration, "loss": val_loss})
                 if writer is not None:
                     writer.add_scalar("lm loss validation", val_loss, iteration)
                 t_interval += time.perf_counter() - t0  # evaluation is not training throughput
@@ -314,10 +333,13 @@ def pretrain(args) -> dict:
             "last_checkpoint": last_saved, "last_eval": last_eval,
         }
         _print0(json.dumps(summary))
+        runlog.write(summary)
         return summary
     finally:
         if writer is not None:
             writer.close()
+        if runlog is not None:
+            runlog.close()
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         if created and dist.is_initialized():
