@@ -10,11 +10,16 @@ get separate optimizers (expert ones use the expert-TP and expert-DP groups), ch
 
 A non-finite gradient anywhere (any rank) makes every rank skip the step: the wrappers'
 ``prepare_grads`` report it like an fp16 overflow, so ``step()`` returns
-``(False, None, None)`` and Megatron's loop counts a skipped iteration.
+``(False, None, None)`` and Megatron's loop counts a skipped iteration. So does a non-finite
+global grad norm as Megatron's clipping computes it (``clip_grad_norm`` / the chained
+``get_grad_norm``: a sum of squares can overflow while every gradient is finite): nothing is
+updated and ``step()`` returns ``(False, norm, ...)``.
 """
 from __future__ import annotations
 
 import logging
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -52,7 +57,31 @@ class _SkipNonFinite:
             logger.warning("megatron_md: non-finite gradient — skipping this step on every rank "
                            "(%d skipped so far)", self.md_skipped_steps)
             return True
+        self._md_norm_nonfinite = False
         return found
+
+    def _md_check_norm(self, norm) -> None:
+        # the norm is already reduced over the model-parallel group: every rank sees the same value
+        if norm is not None and not math.isfinite(float(norm)) and not getattr(self, "_md_norm_nonfinite", False):
+            self._md_norm_nonfinite = True
+            self.md_skipped_steps += 1
+            logger.warning("megatron_md: non-finite grad norm %s — skipping this step on every rank "
+                           "(%d skipped so far)", norm, self.md_skipped_steps)
+
+    def get_grad_norm(self):
+        norm = super().get_grad_norm()
+        self._md_check_norm(norm)
+        return norm
+
+    def clip_grad_norm(self, clip_grad: float) -> float:
+        norm = super().clip_grad_norm(clip_grad)
+        self._md_check_norm(norm)
+        return norm
+
+    def step_with_ready_grads(self) -> bool:
+        if getattr(self, "_md_norm_nonfinite", False):
+            return False  # nothing changes: no update, no copy to the model params
+        return super().step_with_ready_grads()
 
 
     @staticmethod
@@ -86,6 +115,22 @@ def _skipping(cls):
     if cls not in _WRAPPED:
         _WRAPPED[cls] = type(f"MD{cls.__name__}", (_SkipNonFinite, cls), {})
     return _WRAPPED[cls]
+
+
+def _chained(optimizers):
+    """Megatron's ``ChainedOptimizer`` whose global grad norm (computed over all chained
+    optimizers at once) marks each of them when it is non-finite."""
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    class MDChainedOptimizer(ChainedOptimizer):
+        def get_grad_norm(self):
+            norm = super().get_grad_norm()
+            for o in self.chained_optimizers:
+                if isinstance(o, _SkipNonFinite):
+                    o._md_check_norm(norm)
+            return norm
+
+    return MDChainedOptimizer(optimizers)
 
 
 def skipped_steps(optimizer) -> int:
@@ -295,8 +340,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
                 items.append(MatrixItem(gi, n, main, lay, radius[n]))
         inner.bind(items, layerwise_group=dp_group if md.dp_mode == "layer-wise" else None)
         wrappers.append(w)
-    from megatron.core.optimizer.optimizer import ChainedOptimizer
-    return wrappers[0] if len(wrappers) == 1 else ChainedOptimizer(wrappers)
+    return wrappers[0] if len(wrappers) == 1 else _chained(wrappers)
 
 
 def _project_model_matrices(matrix_cls, kwargs, names, layouts, radius):

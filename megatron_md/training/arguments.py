@@ -142,6 +142,14 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
                    help="validation batches (the same fixed batches at every evaluation)")
     g.add_argument("--log-interval", type=_positive_int, default=100)
     g.add_argument("--tensorboard-dir", default=None, help="TensorBoard scalars (needs tensorboard)")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop the run (before saving) when the loss is NaN/Inf; non-finite gradients or grad "
+                   "norms skip the step either way")
+    g.add_argument("--loss-spike-factor", type=float, default=10.0,
+                   help="stop the run (before saving) when an iteration's loss exceeds this multiple of the mean "
+                   "of the previous --loss-spike-window iterations (0: off)")
+    g.add_argument("--loss-spike-window", type=_positive_int, default=20,
+                   help="iterations in the recent mean of --loss-spike-factor (checked once that many are known)")
     g.add_argument("--exit-interval", type=_positive_int, default=None,
                    help="stop after this iteration (the LR schedule still follows --train-iters)")
     g.add_argument("--log-jsonl", default=None, help="append train/valid/optimizer-stats/summary events to this "
@@ -384,6 +392,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.eod_id = 0
     mult = args.make_vocab_size_divisible_by * tp
     args.padded_vocab_size = int(math.ceil(args.vocab_size / mult) * mult)
+    if args.loss_spike_factor < 0 or (args.loss_spike_factor and args.loss_spike_factor <= 1):
+        raise ArgumentError(f"--loss-spike-factor {args.loss_spike_factor}: must be > 1 (or 0: off)")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save")
     if args.ckpt_step is not None and args.load is None:

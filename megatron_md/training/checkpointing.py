@@ -1,47 +1,89 @@
-"""Per-rank checkpoints, written atomically; ``--load`` resumes bit-exactly (same topology).
+"""Per-rank checkpoints with an integrity manifest, written atomically; ``--load`` resumes bit-exactly.
 
 Layout (Megatron-LM's names)::
 
     <save>/iter_0000100/rank_00000.pt ... rank_<world-1>.pt
+    <save>/iter_0000100/manifest.json               # sha256 + size of every rank file, the run's layout
     <save>/latest_checkpointed_iteration.txt          # "100", written last
 
 Each rank ``torch.save``s its model state dict, its optimizer state, the LR scheduler, the
 iteration, the loss history and all RNG states (python, numpy, torch, CUDA, megatron's TP/EP
-tracker) to a temporary file in the target directory, ``fsync``s it and ``os.replace``s it into
-place. After a barrier (every rank's file is complete), rank 0 writes the pointer file the same
-way and fsyncs the directory: a crash at any point leaves the previous checkpoint as the
-``latest`` one, never a half-written one.
+tracker) into a staging directory ``iter_0000100.tmp<pid>``, ``fsync``s it and hashes what is on
+disk. Rank 0 gathers the hashes, writes ``manifest.json``, renames the staging directory to
+``iter_0000100`` and only then writes the tracker file (each step atomic, directories fsynced).
+A crash at any point leaves the previous checkpoint as the ``latest`` one; the ``*.tmp<pid>``
+leftovers of an interrupted save are removed at the start of the next save.
+
+Loading first *checks* on every rank — the tracker, the manifest (layout and model shape of the
+run that wrote it against this run: flags named in the error), its own rank file (present,
+size and sha256 as recorded), that it unpickles, and that every model and optimizer tensor has
+this run's keys and shapes — then the ranks agree (any rank's problem stops all of them with the
+same :class:`~megatron_md.training.errors.CheckpointError`, naming the file), and only then is
+anything restored: nothing is ever partially loaded.
 
 Optimizer state is saved *below* Megatron's wrappers, per rank: for every wrapper (dense and
 expert ones of a ``ChainedOptimizer``) the inner ``HybridOptimizer``'s torch state dict, the
 matrix optimizer's own state dict (its param groups carry e.g. the schedule-free counters),
 the wrapper's main parameters (fp32 copies or ZeRO-1 shards), its grad-scaler state and its
 skipped-step count. Loading restores all of it *in place* (the optimizer objects keep their
-param-group dicts, which other objects reference). This is exact for an identical topology
-and model; a different TP/DP/EP layout is rejected with a clear error.
+param-group dicts, which other objects reference). This is exact for an identical layout and
+model; another TP/PP/EP/DP layout, optimizer or model shape is refused before loading.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
+import shutil
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_latest", "checkpoint_dir", "TRACKER"]
+from .errors import CheckpointError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_latest", "checkpoint_dir", "complete_iterations",
+           "verify_file", "TRACKER", "MANIFEST", "CheckpointError"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
-FORMAT = 1
+MANIFEST = "manifest.json"
+FORMAT = 2
+_TMP = re.compile(r"\.tmp\d+$")
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+#: layout/optimizer keys of the manifest and the flag each comes from
+_LAYOUT_FLAGS = {
+    "world_size": "the number of ranks", "tp": "--tensor-model-parallel-size",
+    "pp": "--pipeline-model-parallel-size", "vpp": "--num-layers-per-virtual-pipeline-stage (virtual stages)",
+    "ep": "--expert-model-parallel-size", "etp": "--expert-tensor-parallel-size", "dp": "the data-parallel size",
+}
+_OPTIM_FLAGS = {
+    "optimizer": "--optimizer", "use_distributed_optimizer": "--use-distributed-optimizer",
+    "dp_mode": "--dp-mode", "split_qkv": "--split-qkv/--no-split-qkv", "precision": "--bf16/--fp16",
+}
+_MODEL_FLAGS = {
+    "num_layers": "--num-layers", "hidden_size": "--hidden-size", "num_attention_heads": "--num-attention-heads",
+    "num_query_groups": "--num-query-groups", "ffn_hidden_size": "--ffn-hidden-size", "kv_channels": "--kv-channels",
+    "swiglu": "--swiglu", "normalization": "--normalization", "position_embedding_type": "--position-embedding-type",
+    "max_position_embeddings": "--max-position-embeddings", "untie": "--untie-embeddings-and-output-weights",
+    "bias_linear": "--disable-bias-linear", "padded_vocab_size": "--vocab-size (padded)",
+    "num_experts": "--num-experts", "moe_ffn_hidden_size": "--moe-ffn-hidden-size",
+}
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def _rank_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
 def _rank_file(root: str, iteration: int, rank: int) -> str:
-    return os.path.join(checkpoint_dir(root, iteration), f"rank_{rank:05d}.pt")
+    return os.path.join(checkpoint_dir(root, iteration), _rank_name(rank))
 
 
 def _fsync_dir(path: str) -> None:
@@ -77,25 +119,97 @@ def _atomic_write_text(path: str, text: str) -> None:
     _fsync_dir(os.path.dirname(path))
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_latest(root: str) -> Optional[int]:
     """Iteration named by ``<root>/latest_checkpointed_iteration.txt`` (None if absent)."""
     path = os.path.join(root, TRACKER)
     if not os.path.exists(path):
         return None
-    text = open(path).read().strip()
+    with open(path) as fh:
+        text = fh.read().strip()
     if not text.isdigit():
-        raise RuntimeError(f"{path}: expected an iteration number, found {text!r}")
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
     return int(text)
 
 
-# ------------------------------------------------------------------------------------ topology
+def complete_iterations(root: str) -> list[int]:
+    """Iterations under ``root`` whose directory has a manifest (their save completed)."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _ITER.match(name)
+        if m and os.path.exists(os.path.join(root, name, MANIFEST)):
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def _clean_stale(root: str) -> list[str]:
+    """Remove ``*.tmp<pid>`` files and staging directories an interrupted save left behind."""
+    removed = []
+    for d in [root] + [os.path.join(root, n) for n in os.listdir(root) if _ITER.match(n)]:
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            if _TMP.search(name):
+                p = os.path.join(d, name)
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+                removed.append(p)
+    return removed
+
+
+# ------------------------------------------------------------------------------------ the run's identity
 def _topology(args) -> dict:
-    return {"world_size": dist.get_world_size(), "tp": args.tensor_model_parallel_size,
-            "pp": args.pipeline_model_parallel_size, "ep": args.expert_model_parallel_size,
-            "etp": args.expert_tensor_parallel_size, "dp": args.data_parallel_size,
-            "optimizer": args.optimizer, "use_distributed_optimizer": args.use_distributed_optimizer,
-            "num_layers": args.num_layers, "hidden_size": args.hidden_size,
-            "num_experts": args.num_experts, "padded_vocab_size": args.padded_vocab_size}
+    """What must be equal between the run that saved and the run that loads (per group)."""
+    prec = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    md = getattr(args, "md", None)
+    return {
+        "layout": {"world_size": dist.get_world_size(), "tp": args.tensor_model_parallel_size,
+                   "pp": args.pipeline_model_parallel_size,
+                   "vpp": getattr(args, "virtual_pipeline_model_parallel_size", None),
+                   "ep": args.expert_model_parallel_size, "etp": args.expert_tensor_parallel_size,
+                   "dp": args.data_parallel_size},
+        "optim": {"optimizer": args.optimizer, "use_distributed_optimizer": args.use_distributed_optimizer,
+                  "dp_mode": getattr(md, "dp_mode", None), "split_qkv": getattr(md, "split_qkv", None),
+                  "precision": prec},
+        "model": {"num_layers": args.num_layers, "hidden_size": args.hidden_size,
+                  "num_attention_heads": args.num_attention_heads,
+                  "num_query_groups": args.num_query_groups or args.num_attention_heads,
+                  "ffn_hidden_size": args.ffn_hidden_size, "kv_channels": args.kv_channels,
+                  "swiglu": args.swiglu, "normalization": args.normalization,
+                  "position_embedding_type": args.position_embedding_type,
+                  "max_position_embeddings": args.max_position_embeddings,
+                  "untie": args.untie_embeddings_and_output_weights, "bias_linear": not args.disable_bias_linear,
+                  "padded_vocab_size": args.padded_vocab_size, "num_experts": args.num_experts,
+                  "moe_ffn_hidden_size": args.moe_ffn_hidden_size if args.num_experts else None},
+    }
+
+
+def _topology_error(where: str, have: dict, want: dict, load_optim: bool) -> Optional[str]:
+    def diffs(group, flags):
+        a, b = have.get(group, {}), want[group]
+        return [f"{flags[k]}: checkpoint {a.get(k)!r}, this run {b[k]!r}" for k in flags if a.get(k) != b[k]]
+
+    model = diffs("model", _MODEL_FLAGS)
+    if model:
+        return (f"{where} holds another model shape ({'; '.join(model)}); pass the model flags it was "
+                "trained with, or another --load directory")
+    layout = diffs("layout", _LAYOUT_FLAGS)
+    if layout:
+        return (f"{where} was written with another parallel layout ({'; '.join(layout)}); checkpoints are "
+                "per-rank, so resume with the same layout")
+    optim = diffs("optim", _OPTIM_FLAGS) if load_optim else []
+    if optim:
+        return (f"{where} holds the state of another optimizer setup ({'; '.join(optim)}); to continue from its "
+                "weights with this optimizer pass --no-load-optim (fresh optimizer state, iteration 0)")
+    return None
 
 
 # ------------------------------------------------------------------------------------ RNG
@@ -154,13 +268,20 @@ def _to_param(key, value, p):
     return value
 
 
-def _restore_inplace(opt: torch.optim.Optimizer, sd: dict, what: str) -> None:
-    """``load_state_dict`` that keeps the optimizer's param-group dict objects."""
-    groups, saved = opt.param_groups, sd["param_groups"]
-    if len(groups) != len(saved) or any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved)):
-        raise RuntimeError(f"{what}: the checkpoint's parameter groups do not match this model/optimizer")
+def _groups_mismatch(opt: torch.optim.Optimizer, sd: dict) -> Optional[str]:
+    groups, saved = opt.param_groups, sd.get("param_groups", [])
+    if len(groups) != len(saved):
+        return f"{len(saved)} parameter groups, this run has {len(groups)}"
+    for i, (g, s) in enumerate(zip(groups, saved)):
+        if len(g["params"]) != len(s["params"]):
+            return f"parameter group {i} has {len(s['params'])} parameters, this run has {len(g['params'])}"
+    return None
+
+
+def _restore_inplace(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """``load_state_dict`` that keeps the optimizer's param-group dict objects (checked before)."""
     by_index = {}
-    for g, s in zip(groups, saved):
+    for g, s in zip(opt.param_groups, sd["param_groups"]):
         for k, v in s.items():
             if k != "params":
                 g[k] = v
@@ -171,24 +292,45 @@ def _restore_inplace(opt: torch.optim.Optimizer, sd: dict, what: str) -> None:
         opt.state[p] = {k: _to_param(k, v, p) for k, v in st.items()}
 
 
-def _load_opt_state(optimizer, saved: list) -> None:
+def _opt_mismatch(optimizer, saved: Optional[list]) -> Optional[str]:
+    """Why ``saved`` cannot be restored into ``optimizer`` (None: it can)."""
+    if saved is None:
+        return "it holds no optimizer state"
     wrappers = _wrappers(optimizer)
     if len(wrappers) != len(saved):
-        raise RuntimeError(f"checkpoint has {len(saved)} optimizer(s), this run builds {len(wrappers)}")
-    for w, s in zip(wrappers, saved):
+        return f"it has {len(saved)} optimizer(s) (dense/expert), this run builds {len(wrappers)}"
+    for i, (w, s) in enumerate(zip(wrappers, saved)):
         inner = w.optimizer
         params = [p for g in inner.param_groups for p in g["params"]]
-        if len(params) != len(s["mains"]) or any(p.shape != q.shape for p, q in zip(params, s["mains"])):
-            raise RuntimeError("checkpoint main parameters do not match this optimizer (different topology?)")
+        if len(params) != len(s["mains"]):
+            return f"optimizer {i} has {len(s['mains'])} main parameters, this run has {len(params)}"
+        for j, (p, q) in enumerate(zip(params, s["mains"])):
+            if p.shape != q.shape:
+                return f"optimizer {i} main parameter {j} has shape {tuple(q.shape)}, this run {tuple(p.shape)}"
+        why = _groups_mismatch(inner, s["inner"])
+        if why:
+            return f"optimizer {i}: {why}"
+        matrix = getattr(inner, "matrix_optimizer", None)
+        if (matrix is None) != (s["matrix"] is None):
+            return f"optimizer {i}: the checkpoint {'has no' if s['matrix'] is None else 'has a'} matrix optimizer"
+        if matrix is not None:
+            why = _groups_mismatch(matrix, s["matrix"])
+            if why:
+                return f"matrix optimizer {i}: {why}"
+    return None
+
+
+def _load_opt_state(optimizer, saved: list) -> None:
+    for w, s in zip(_wrappers(optimizer), saved):
+        inner = w.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]]
         with torch.no_grad():
             for p, q in zip(params, s["mains"]):
                 p.copy_(q)
-        _restore_inplace(inner, s["inner"], "optimizer")
+        _restore_inplace(inner, s["inner"])
         matrix = getattr(inner, "matrix_optimizer", None)
-        if (matrix is None) != (s["matrix"] is None):
-            raise RuntimeError("checkpoint and run disagree on the matrix optimizer")
         if matrix is not None:
-            _restore_inplace(matrix, s["matrix"], "matrix optimizer")
+            _restore_inplace(matrix, s["matrix"])
             if hasattr(inner, "_share_state"):
                 inner._share_state()  # local mains: one state object for both
         if s["grad_scaler"] is not None and getattr(w, "grad_scaler", None) is not None:
@@ -204,15 +346,85 @@ def _is_fp32_optimizer(w) -> bool:
     return isinstance(w, FP32Optimizer)
 
 
+def _model_mismatch(model_chunks, saved: list) -> Optional[str]:
+    if len(saved) != len(model_chunks):
+        return f"it has {len(saved)} model chunk(s), this run {len(model_chunks)}"
+    for i, (c, sd) in enumerate(zip(model_chunks, saved)):
+        mine = c.state_dict()
+        missing = [k for k in mine if k not in sd]
+        extra = [k for k in sd if k not in mine]
+        if missing or extra:
+            return (f"model chunk {i}: " + (f"missing {missing[:3]}" if missing else "")
+                    + (" " if missing and extra else "") + (f"unexpected {extra[:3]}" if extra else ""))
+        for k, v in mine.items():
+            if torch.is_tensor(v) and torch.is_tensor(sd[k]) and v.shape != sd[k].shape:
+                return f"model chunk {i}: {k} has shape {tuple(sd[k].shape)}, this run {tuple(v.shape)}"
+    return None
+
+
+# ------------------------------------------------------------------------------------ agreement
+def _agree(error: Optional[str]) -> None:
+    """Every rank raises the same CheckpointError if any rank has one (lowest rank's message)."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if bad:
+        r, e = bad[0]
+        more = f" (and {len(bad) - 1} other rank(s))" if len(bad) > 1 else ""
+        raise CheckpointError(e + more)
+
+
+def verify_file(path: str, entry: dict) -> Optional[str]:
+    """Why ``path`` does not match its manifest ``entry`` ({"bytes", "sha256"}); None if it does."""
+    if not os.path.exists(path):
+        return f"{path} is missing"
+    size = os.path.getsize(path)
+    if size != entry["bytes"]:
+        return (f"{path} is truncated or was rewritten: {size} bytes, the manifest records {entry['bytes']}")
+    digest = _sha256(path)
+    if digest != entry["sha256"]:
+        return (f"{path} is corrupted: its sha256 is {digest[:16]}…, the manifest records "
+                f"{entry['sha256'][:16]}… (same size; bytes were overwritten)")
+    return None
+
+
+def _read_manifest(root: str, iteration: int) -> dict:
+    d = checkpoint_dir(root, iteration)
+    path = os.path.join(d, MANIFEST)
+    others = [i for i in complete_iterations(root) if i != iteration]
+    hint = f"; complete checkpoints there: iterations {others} (--ckpt-step N)" if others else ""
+    if not os.path.isdir(d):
+        raise CheckpointError(f"--load {root}: {d} does not exist{hint}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"--load {root}: {path} is missing — the save of iteration {iteration} did not "
+                              f"complete, or it was written by a megatron_md without integrity manifests{hint}")
+    try:
+        with open(path) as fh:
+            man = json.load(fh)
+        if man.get("format") != FORMAT or man.get("iteration") != iteration:
+            raise ValueError(f"format {man.get('format')!r} / iteration {man.get('iteration')!r}, "
+                             f"expected {FORMAT} / {iteration}")
+        man["files"], man["topology"]  # noqa: B018 - required keys
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc})") from None
+    return man
+
+
 # ------------------------------------------------------------------------------------ API
 def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, scheduler, args,
                     extra: Optional[dict] = None) -> str:
-    """Write this rank's file, then (rank 0, after a barrier) the ``latest`` pointer."""
+    """Write this rank's file into a staging directory; rank 0 then writes the manifest,
+    publishes the directory and, last, the ``latest`` pointer. Returns the directory."""
     rank = dist.get_rank()
-    d = checkpoint_dir(root, iteration)
+    final = checkpoint_dir(root, iteration)
+    name = [None]
     if rank == 0:
-        os.makedirs(d, exist_ok=True)
-    dist.barrier()
+        os.makedirs(root, exist_ok=True)
+        _clean_stale(root)
+        name[0] = f"{final}.tmp{os.getpid()}"
+        os.makedirs(name[0])
+    dist.broadcast_object_list(name, src=0)
+    staging = name[0]
     state = {
         "format": FORMAT, "iteration": iteration, "topology": _topology(args),
         "model": [c.state_dict() for c in model_chunks],
@@ -220,43 +432,84 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": _rng_state(), "extra": extra or {},
     }
-    _atomic_torch_save(state, _rank_file(root, iteration, rank))
-    dist.barrier()
+    path = os.path.join(staging, _rank_name(rank))
+    _atomic_torch_save(state, path)
+    entry = (_rank_name(rank), {"bytes": os.path.getsize(path), "sha256": _sha256(path)})
+    entries = [None] * dist.get_world_size()
+    dist.all_gather_object(entries, entry)
     if rank == 0:
-        _atomic_write_text(os.path.join(root, TRACKER), f"{iteration}\n")
+        _publish(root, iteration, staging, final, {
+            "format": FORMAT, "iteration": iteration, "topology": state["topology"],
+            "files": dict(sorted(entries))})
     dist.barrier()
-    return d
+    return final
+
+
+def _publish(root: str, iteration: int, staging: str, final: str, manifest: dict) -> None:
+    """Manifest into the staging directory, staging → ``iter_N`` (replacing an older save of the
+    same iteration), then the tracker: a crash before the tracker keeps the previous latest."""
+    _atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    replaced = None
+    if os.path.exists(final):
+        replaced = f"{final}.replaced.tmp{os.getpid()}"
+        os.replace(final, replaced)
+    os.replace(staging, final)
+    _fsync_dir(root)
+    _atomic_write_text(os.path.join(root, TRACKER), f"{iteration}\n")
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, iteration: Optional[int] = None,
                     load_optim: bool = True, load_rng: bool = True) -> Optional[dict]:
     """Restore from ``root`` (the latest, or ``iteration``); returns ``{"iteration", "extra"}``,
-    or None if ``root`` holds no checkpoint and no specific iteration was asked for."""
-    if iteration is None:
-        iteration = read_latest(root)
-        if iteration is None:
-            return None
-    path = _rank_file(root, iteration, dist.get_rank())
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--load {root}: {path} does not exist (saved with a different world size?)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != FORMAT:
-        raise RuntimeError(f"{path}: unknown checkpoint format {state.get('format')!r}")
-    want, have = _topology(args), state["topology"]
-    if not load_optim:  # model weights only: another optimizer may continue from them
-        for k in ("optimizer", "use_distributed_optimizer"):
-            want.pop(k)
-    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-    if diff:
-        raise RuntimeError("--load: the checkpoint was written with a different configuration "
-                           "(checkpoint value, this run): " + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in diff.items()))
+    or None if ``root`` holds no checkpoint and no specific iteration was asked for.
+
+    Raises :class:`CheckpointError` (on every rank, before changing anything) if the checkpoint
+    is incomplete, corrupted or of another layout/model/optimizer."""
+    rank = dist.get_rank()
+    state, error, latest = None, None, None
+    try:
+        latest = read_latest(root) if iteration is None else iteration
+        if latest is not None:
+            man = _read_manifest(root, latest)
+            error = _topology_error(f"--load {root} (iteration {latest})", man["topology"], _topology(args),
+                                    load_optim)
+            if error is None:
+                path = _rank_file(root, latest, rank)
+                entry = man["files"].get(_rank_name(rank))
+                if entry is None:
+                    error = f"{path}: not listed in {os.path.join(checkpoint_dir(root, latest), MANIFEST)}"
+                else:
+                    error = verify_file(path, entry)
+                    if error is not None and not os.path.exists(path):
+                        error += (f" (the manifest lists {len(man['files'])} rank files; the checkpoint directory "
+                                  "is incomplete — was a file deleted or not copied?)")
+            if error is None:
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=False)
+                except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+                    error = f"{path} cannot be read ({type(exc).__name__}: {exc})"
+            if error is None:
+                why = _model_mismatch(model_chunks, state["model"])
+                if why is None and load_optim and optimizer is not None:
+                    why = _opt_mismatch(optimizer, state["optimizer"])
+                if why is not None:
+                    error = f"{path} does not fit this run: {why}"
+    except CheckpointError as exc:
+        error = str(exc)
+    _agree(error)
+    if latest is None:
+        return None
+
     for c, sd in zip(model_chunks, state["model"]):
         c.load_state_dict(sd, strict=True)
-    if load_optim and optimizer is not None and state["optimizer"] is not None:
+    if load_optim and optimizer is not None:
         _load_opt_state(optimizer, state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
     if load_rng:
         _set_rng_state(state["rng"])
     dist.barrier()
-    return {"iteration": state["iteration"] if load_optim else 0, "extra": state["extra"]}
+    return {"iteration": state["iteration"] if load_optim else 0, "extra": state["extra"] if load_optim else {},
+            "checkpoint_iteration": state["iteration"]}

@@ -20,6 +20,7 @@ count, skipped steps and the loss histories, for wrappers that build tables.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .arguments import ArgumentError, build_parser, optimizer_config, validate_args
+from .errors import DivergenceError, RunError
 
 __all__ = ["main", "pretrain", "SUMMARY_EVENT"]
 
@@ -103,6 +105,26 @@ def _moe_aux_loss(args) -> Optional[float]:
         out = (v.sum() / (args.num_layers * ps.get_data_parallel_world_size() * args.num_microbatches)).item()
     moe_utils.clear_aux_losses_tracker()
     return out
+
+
+def _check_loss(args, iteration: int, loss: float, recent, last_saved) -> None:
+    """Stop (before this iteration's checkpoint) on a non-finite loss or a spike: a loss above
+    ``--loss-spike-factor`` times the mean of the previous ``--loss-spike-window`` iterations.
+    ``loss`` is the same on every rank, so every rank stops together."""
+    where = (f"the last checkpoint is iteration {last_saved} in {args.save}" if last_saved is not None
+             else "no checkpoint was written by this run")
+    if args.check_for_nan_in_loss_and_grad and not math.isfinite(loss):
+        raise DivergenceError(f"iteration {iteration}: the loss is {loss} — stopping before saving ({where}). "
+                              "Lower --lr or raise --lr-warmup-iters; --no-check-for-nan-in-loss-and-grad "
+                              "disables this check")
+    factor = args.loss_spike_factor
+    if factor and len(recent) == recent.maxlen and math.isfinite(loss):
+        mean = sum(recent) / len(recent)
+        if mean > 0 and loss > factor * mean:
+            raise DivergenceError(
+                f"iteration {iteration}: the loss {loss:.4g} is {loss / mean:.1f}x the mean {mean:.4g} of the previous "
+                f"{len(recent)} iterations (--loss-spike-factor {factor:g}, --loss-spike-window {recent.maxlen}) — "
+                f"stopping before saving ({where}). Lower --lr, or pass --loss-spike-factor 0 to disable this check")
 
 
 def _canonical_lr(optimizer) -> float:
@@ -203,8 +225,9 @@ def pretrain(args) -> dict:
                 _print0(f"> --load {args.load}: no checkpoint there; starting from scratch")
             else:
                 iteration, extra = got["iteration"], got["extra"]
-                _print0(f"> loaded checkpoint of iteration {iteration} from {args.load} "
-                        f"in {time.perf_counter() - t0:.1f}s")
+                _print0(f"> loaded checkpoint of iteration {got['checkpoint_iteration']} from {args.load} "
+                        + ("(model weights only: fresh optimizer, iteration 0) " if args.no_load_optim else "")
+                        + f"(integrity verified) in {time.perf_counter() - t0:.1f}s")
         history = {"train": dict(extra.get("train", {})), "valid": dict(extra.get("valid", {}))}
         skipped = int(extra.get("skipped", 0))
 
@@ -227,6 +250,7 @@ def pretrain(args) -> dict:
         it_done = 0
         last_saved = last_eval = None
         val_loss = None
+        recent_losses = collections.deque(maxlen=args.loss_spike_window)
         _print0(f"> training iterations {iteration + 1}..{last_it} (global batch {args.global_batch_size} = "
                 f"{args.num_microbatches} x {args.micro_batch_size} x DP {args.data_parallel_size}; "
                 f"{tokens_per_iter} tokens/iteration) — setup {time.perf_counter() - t_start:.1f}s")
@@ -258,6 +282,8 @@ def pretrain(args) -> dict:
             iteration += 1
             it_done += 1
             loss = _reduce_losses(reports)
+            _check_loss(args, iteration, loss, recent_losses, last_saved)
+            recent_losses.append(loss)
             aux = _moe_aux_loss(args)
             acc_loss += loss
             acc_n += 1
@@ -347,7 +373,9 @@ def pretrain(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None, prog: Optional[str] = None) -> int:
-    """Command-line entry: usage errors exit 2 before anything is built."""
+    """Command-line entry: usage errors exit 2 before anything is built; errors after start-up
+    (:class:`~megatron_md.training.errors.RunError`: a bad checkpoint, a diverged loss) print one
+    line from rank 0 and exit 1."""
     parser = build_parser(defaults, prog=prog)
     try:
         args = validate_args(parser.parse_args(argv))
@@ -355,5 +383,10 @@ def main(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None, 
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{parser.prog}: error: {exc}\n(all flags: {parser.prog} --help)", file=sys.stderr, flush=True)
         return 2
-    pretrain(args)
+    try:
+        pretrain(args)
+    except RunError as exc:  # raised on every rank alike; one clean line, no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -194,7 +194,7 @@ def _driver_checks(ctx):
                 assert open(os.path.join(ckpt, TRACKER)).read().strip() == "8"
                 leftovers = [f for _, _, fs in os.walk(ckpt) for f in fs if ".tmp" in f]
                 assert not leftovers, leftovers
-                assert sorted(os.listdir(os.path.join(ckpt, "iter_0000004"))) == ["rank_00000.pt", "rank_00001.pt"]
+                assert sorted(os.listdir(os.path.join(ckpt, "iter_0000004"))) == ["manifest.json", "rank_00000.pt", "rank_00001.pt"]
 
 
 driver_group = group_fixture(2, _driver_checks, megatron=True, timeout=400)
