@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..ops import resolve_coefficients
 from ..ops.ns_dtype import ns_dtype_decision
-from ..shard import Blocks, MatrixShard, Whole, comm
+from ..shard import Blocks, MatrixShard, Reductions, Whole, comm
 from ..shard.blocks import BlockView
 from ..shard.orthogonalize import NS_MODES, orthogonalize
 
@@ -182,6 +182,12 @@ class MatrixOptimizer(SkippingOptimizer):
 
     #: whether the method runs Newton–Schulz (then ``_pre_ns``/``_post_ns`` are used)
     uses_ns = False
+    #: ``True`` (default): the multi-tensor step — elementwise work as ``torch._foreach_*`` over
+    #: lists of matrices, every row/column/Frobenius reduction of a data-dependency round in one
+    #: bucketed collective per process group (:class:`megatron_md.shard.Reductions`).
+    #: ``False``: the per-matrix step (``_update`` / ``_pre_ns`` / ``_post_ns``, one collective per
+    #: reduction): the same update, kept as the readable path the multi-tensor one is tested against.
+    foreach = True
 
     def __init__(self, params, defaults, *, shards: Optional[dict] = None, ns_mode: str = "owner",
                  nonfinite_group=None):
@@ -319,13 +325,30 @@ class MatrixOptimizer(SkippingOptimizer):
             m.vec["step"] = m.vec.get("step", 0) + 1
         with comm.metered(type(self).__name__):
             if self.uses_ns:
-                inputs = [(m.shard, self._pre_ns(m)) for m in mats]
-                outs = self._orthogonalize(mats, inputs)
-                for m, o in zip(mats, outs):
-                    self._post_ns(m, o)
+                inputs = self._pre_ns_many(mats) if self.foreach else [self._pre_ns(m) for m in mats]
+                outs = self._orthogonalize(mats, [(m.shard, x) for m, x in zip(mats, inputs)])
+                if self.foreach:
+                    self._post_ns_many(mats, outs)
+                else:
+                    for m, o in zip(mats, outs):
+                        self._post_ns(m, o)
+            elif self.foreach:
+                self._update_many(mats)
             else:
                 for m in mats:
                     self._update(m)
+
+    # multi-tensor versions (override); the defaults fall back to the per-matrix methods
+    def _update_many(self, mats: list[Mat]) -> None:
+        for m in mats:
+            self._update(m)
+
+    def _pre_ns_many(self, mats: list[Mat]) -> list[torch.Tensor]:
+        return [self._pre_ns(m) for m in mats]
+
+    def _post_ns_many(self, mats: list[Mat], outs: list[torch.Tensor]) -> None:
+        for m, o in zip(mats, outs):
+            self._post_ns(m, o)
 
     def _orthogonalize(self, mats, inputs):
         # group the NS calls by their settings (param groups may differ)
@@ -374,6 +397,7 @@ def vector_adam(vec: dict, name: str, grad: torch.Tensor, lr: float, betas, eps:
     """Adam step (no weight decay) on the vector ``vec[name]`` with moments beside it."""
     b1, b2 = betas
     p, M, V = vec[name], vec[name + "_exp_avg"], vec[name + "_exp_avg_sq"]
+    grad = grad.to(M.dtype)  # gains are fp32 whatever the matrix dtype
     M.lerp_(grad, 1 - b1)
     V.mul_(b2).addcmul_(grad, grad, value=1 - b2)
     p.sub_((M / (1 - b1 ** t)) / ((V / (1 - b2 ** t)).sqrt() + eps), alpha=lr)
@@ -388,6 +412,71 @@ def momentum_direction(m: Mat, grad: torch.Tensor, key: str, mu: float, nesterov
     return grad.lerp(M, mu) if nesterov else M.clone()
 
 
+# ------------------------------------------------------------------------------ multi-tensor helpers
+def batches(mats: Sequence[Mat]) -> list[tuple[dict, int, list[int]]]:
+    """``(param group, step t, indices into mats)`` for runs of matrices sharing hyperparameters
+    and step count, in first-appearance order (the same on every rank of a shard group)."""
+    out: dict = {}
+    for i, m in enumerate(mats):
+        key = (id(m.group), m.vec["step"])
+        if key not in out:
+            out[key] = (m.group, m.vec["step"], [])
+        out[key][2].append(i)
+    return list(out.values())
+
+
+def params_of(mats: Sequence[Mat]) -> list[torch.Tensor]:
+    """The distinct parameters of ``mats``, in order (a param may hold several matrices)."""
+    seen, out = set(), []
+    for m in mats:
+        if id(m.param) not in seen:
+            seen.add(id(m.param))
+            out.append(m.param)
+    return out
+
+
+def put_all(mats: Sequence[Mat], key: Optional[str], tensors: Sequence[torch.Tensor]) -> None:
+    """Write each matrix's tensor back (a no-op where it already is a view of the storage);
+    ``key=None``: the parameter, else the param-shaped state ``key``."""
+    for m, t in zip(mats, tensors):
+        m.put(m.param if key is None else m.state[key], t)
+
+
+def momentum_directions(mats: Sequence[Mat], key: str, mu: float, nesterov: bool,
+                        grads: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
+    """:func:`momentum_direction` for many matrices of one group. ``grads=None``: the params'
+    gradients (the EMA then runs on whole parameter tensors); else per-matrix inputs (MuonMD's
+    G_D). The returned directions may alias the momentum buffers (read them, do not modify)."""
+    if grads is None:
+        states = {id(m.param): (m.param, m.state) for m in mats}.values()
+        torch._foreach_lerp_([st[key] for _, st in states], [p.grad for p, _ in states], 1 - mu)
+        grads = [m.G for m in mats]
+        bufs = [m.get(m.state[key]) for m in mats]
+    else:
+        bufs = [m.get(m.state[key]) for m in mats]
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        put_all(mats, key, bufs)
+    return torch._foreach_lerp(grads, bufs, mu) if nesterov else bufs
+
+
+def foreach_vector_adam(vecs: Sequence[dict], names: Sequence[str], grads: Sequence[torch.Tensor], lr: float,
+                        betas, eps: float, t: int) -> None:
+    """:func:`vector_adam` on many vectors at once (same lr, betas and step t)."""
+    if not vecs:
+        return
+    b1, b2 = betas
+    ps = [v[n] for v, n in zip(vecs, names)]
+    Ms = [v[n + "_exp_avg"] for v, n in zip(vecs, names)]
+    Vs = [v[n + "_exp_avg_sq"] for v, n in zip(vecs, names)]
+    torch._foreach_lerp_(Ms, list(grads), 1 - b1)
+    torch._foreach_mul_(Vs, b2)
+    torch._foreach_addcmul_(Vs, list(grads), list(grads), value=1 - b2)
+    denom = torch._foreach_sqrt(Vs)
+    torch._foreach_div_(denom, math.sqrt(1 - b2 ** t))
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(ps, Ms, denom, value=-lr / (1 - b1 ** t))
+
+
 class MomentumNS:
     """Mixin for momentum + Newton–Schulz methods: an EMA momentum buffer per param, and the
     (Nesterov) momentum direction of the gradient as the NS input."""
@@ -400,3 +489,28 @@ class MomentumNS:
     def _pre_ns(self, m: Mat) -> torch.Tensor:
         g = m.group
         return momentum_direction(m, m.G, "momentum_buffer", g["momentum"], g["nesterov"])
+
+    def _pre_ns_many(self, mats):
+        out: list = [None] * len(mats)
+        for g, _, idx in batches(mats):
+            ms = [mats[i] for i in idx]
+            for i, u in zip(idx, momentum_directions(ms, "momentum_buffer", g["momentum"], g["nesterov"])):
+                out[i] = u
+        return out
+
+
+def hyperball_retract_many(mats: Sequence[Mat], us: Sequence[torch.Tensor]) -> None:
+    """``W' = W − η ρ u/‖u‖_F;  W ← ρ W'/‖W'‖_F`` for many matrices: two bucketed rounds."""
+    red = Reductions()
+    pend = [red.total_sums(m.shard, [u], square=True) for m, u in zip(mats, us)]
+    red.flush()
+    Ws = [m.W for m in mats]
+    facs = []
+    for m, p in zip(mats, pend):
+        unorm = p.value.sqrt()
+        facs.append((-m.group["lr"] * m.vec["radius"]) / unorm.clamp_min(torch.finfo(unorm.dtype).tiny))
+    torch._foreach_addcmul_(Ws, list(us), facs)
+    pend = [red.total_sums(m.shard, [W], square=True) for m, W in zip(mats, Ws)]
+    red.flush()
+    torch._foreach_mul_(Ws, [m.vec["radius"] / p.value.sqrt() for m, p in zip(mats, pend)])
+    put_all(mats, None, Ws)

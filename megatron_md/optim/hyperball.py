@@ -5,10 +5,12 @@ Mapping from AdamW: ``η_AdamH ≈ sqrt(η_AdamW · λ)``. No weight decay.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .base import (Mat, MatrixOptimizer, MomentumNS, adam_direction, check_betas, check_lr, check_positive,
-                   check_unit, ns_defaults)
+from .base import (Mat, MatrixOptimizer, MomentumNS, adam_direction, batches, check_betas, check_lr,
+                   check_positive, check_unit, hyperball_retract_many, ns_defaults)
 
 
 def _reject_weight_decay(weight_decay):
@@ -57,6 +59,27 @@ class AdamH(_Hyperball):
         u = adam_direction(m, m.G, g["betas"], g["eps"], m.vec["step"])
         self._retract(m, u)
 
+    def _update_many(self, mats: list[Mat]) -> None:
+        us: list = [None] * len(mats)
+        for g, t, idx in batches(mats):
+            ms = [mats[i] for i in idx]
+            b1, b2 = g["betas"]
+            states = list({id(m.param): (m.param, m.state) for m in ms}.values())
+            Ms = [st["exp_avg"] for _, st in states]
+            Vs = [st["exp_avg_sq"] for _, st in states]
+            Gs = [p.grad for p, _ in states]
+            torch._foreach_lerp_(Ms, Gs, 1 - b1)
+            torch._foreach_mul_(Vs, b2)
+            torch._foreach_addcmul_(Vs, Gs, Gs, value=1 - b2)
+            # u ∝ m̂/(sqrt(v̂)+ε) = (sqrt(1−β2^t)/(1−β1^t)) · m/(sqrt(v) + ε sqrt(1−β2^t)); the
+            # retraction only uses u/‖u‖_F, so the positive factor in front is dropped
+            denom = torch._foreach_sqrt(Vs)
+            torch._foreach_add_(denom, g["eps"] * math.sqrt(1 - b2 ** t))
+            u_param = dict(zip((id(p) for p, _ in states), torch._foreach_div(Ms, denom)))
+            for i, m in zip(idx, ms):
+                us[i] = m.get(u_param[id(m.param)])
+        hyperball_retract_many(mats, us)
+
 
 class MuonH(MomentumNS, _Hyperball):
     r"""MuonH: Muon direction (momentum + Newton–Schulz), fixed-norm retraction.
@@ -77,3 +100,6 @@ class MuonH(MomentumNS, _Hyperball):
 
     def _post_ns(self, m: Mat, o: torch.Tensor) -> None:
         self._retract(m, o)
+
+    def _post_ns_many(self, mats: list[Mat], outs: list[torch.Tensor]) -> None:
+        hyperball_retract_many(mats, outs)

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import UNIT_GAIN, check_scale, scale_factor
-from .base import (Mat, MatrixOptimizer, adam_direction, check_betas, check_lr, check_positive,
-                   check_unit, momentum_direction, ns_defaults, vector_adam)
+from ..shard import Reductions
+from .base import (Mat, MatrixOptimizer, adam_direction, batches, check_betas, check_lr, check_positive,
+                   check_unit, foreach_vector_adam, momentum_direction, momentum_directions, ns_defaults,
+                   put_all, vector_adam)
 
 
 class _MD(MatrixOptimizer):
@@ -82,6 +84,46 @@ class _MD(MatrixOptimizer):
         W.copy_(D.mul_(sh.rows(F.softplus(v["g_r"])) * sh.cols(F.softplus(v["g_c"]))))
         m.put(m.param, W)
 
+    # -- the multi-tensor MD step: one bucketed reduction round ------------------------------
+    # ∇g_r = sigmoid(g_r) ⊙ (P s_c) with P = (W/(s_r s_cᵀ)) ⊙ G equals sigmoid(g_r)/s_r ⊙ rowsum(W ⊙ G)
+    # (and the column analogue), so the gains' gradients need one product W⊙G and no D; the new
+    # direction D' does not depend on them, so ‖D'‖_F joins the same round of collectives.
+    def _md_prepare(self, mats: list[Mat], red: Reductions) -> list[dict]:
+        """Per matrix: old gains, S = s_r s_cᵀ, G_D = G ⊙ S and the pending gain-gradient sums."""
+        out = []
+        Ws, Gs = [m.W for m in mats], [m.G for m in mats]
+        WG = torch._foreach_mul(Ws, Gs)
+        for m, wg in zip(mats, WG):
+            v, sh = m.vec, m.shard
+            s_r, s_c = F.softplus(v["g_r"]), F.softplus(v["g_c"])
+            out.append(dict(W=None, s_r=s_r, s_c=s_c, S=sh.rows(s_r) * sh.cols(s_c),
+                            rows=red.row_sum(sh, wg), cols=red.col_sum(sh, wg)))
+        GD = torch._foreach_mul(Gs, [d["S"] for d in out])
+        for d, W, gd in zip(out, Ws, GD):
+            d["W"], d["G_D"] = W, gd
+        return out
+
+    def _md_finish(self, mats: list[Mat], prep: list[dict], Ds: list[torch.Tensor], red: Reductions) -> None:
+        """Given the unretracted new directions D' (pending ‖D'‖² in ``red``): flush, gains Adam,
+        ``W ← (R/‖D'‖_F) · softplus(g_r) D' softplus(g_c)ᵀ``."""
+        norms = [red.total_sums(m.shard, [D], square=True) for m, D in zip(mats, Ds)]
+        red.flush()
+        for g, t, idx in batches(mats):
+            vecs, names, grads = [], [], []
+            for i in idx:
+                m, d = mats[i], prep[i]
+                v = m.vec
+                vecs += [v, v]
+                names += ["g_r", "g_c"]
+                grads += [torch.sigmoid(v["g_r"]).div_(d["s_r"]).mul_(d["rows"].value),
+                          torch.sigmoid(v["g_c"]).div_(d["s_c"]).mul_(d["cols"].value)]
+            foreach_vector_adam(vecs, names, grads, g["lr"] * g["gains_lr_ratio"], g["betas"], g["eps"], t)
+        for m, d, D, n in zip(mats, prep, Ds, norms):
+            v, sh = m.vec, m.shard
+            s_r = F.softplus(v["g_r"]).mul_(self.radius(m) / n.value.sqrt())
+            torch.mul(D, sh.rows(s_r) * sh.cols(F.softplus(v["g_c"])), out=d["W"])
+            m.put(m.param, d["W"])
+
     # -- introspection -------------------------------------------------------------------
     def gains(self, param: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(softplus(g_r), softplus(g_c))`` of ``param`` (its ``block``-th logical matrix),
@@ -113,6 +155,29 @@ class AdamMD(_MD):
         G_D = self._gains_and_base_input(m)
         self._apply(m, adam_direction(m, G_D, m.group["betas"], m.group["eps"], m.vec["step"]))
 
+    def _update_many(self, mats: list[Mat]) -> None:
+        red = Reductions()
+        prep = self._md_prepare(mats, red)
+        Ds: list = [None] * len(mats)
+        for g, t, idx in batches(mats):
+            ms, b1, b2 = [mats[i] for i in idx], *g["betas"]
+            GD = [prep[i]["G_D"] for i in idx]
+            Ms = [m.get(m.state["exp_avg"]) for m in ms]
+            Vs = [m.get(m.state["exp_avg_sq"]) for m in ms]
+            torch._foreach_lerp_(Ms, GD, 1 - b1)
+            torch._foreach_mul_(Vs, b2)
+            torch._foreach_addcmul_(Vs, GD, GD, value=1 - b2)
+            put_all(ms, "exp_avg", Ms)
+            put_all(ms, "exp_avg_sq", Vs)
+            denom = torch._foreach_sqrt(Vs)
+            torch._foreach_div_(denom, math.sqrt(1 - b2 ** t))
+            torch._foreach_add_(denom, g["eps"])
+            D = torch._foreach_div([prep[i]["W"] for i in idx], [prep[i]["S"] for i in idx])
+            torch._foreach_addcdiv_(D, Ms, denom, value=-g["lr"] / (1 - b1 ** t))
+            for i, d in zip(idx, D):
+                Ds[i] = d
+        self._md_finish(mats, prep, Ds, red)
+
 
 class MuonMD(_MD):
     r"""MuonMD: MD decoupling over a Muon base (``U = scale · NS(Nesterov momentum of G_D)``,
@@ -139,3 +204,24 @@ class MuonMD(_MD):
 
     def _post_ns(self, m: Mat, o: torch.Tensor) -> None:
         self._apply(m, o.mul_(scale_factor(m.group["scale"], m.d_out, m.d_in)))
+
+    # multi-tensor: the gain-gradient sums issued before NS are flushed with ‖D'‖² after it
+    def _pre_ns_many(self, mats: list[Mat]) -> list[torch.Tensor]:
+        red = Reductions()
+        prep = self._md_prepare(mats, red)
+        self._md_pending = (red, prep)
+        out: list = [None] * len(mats)
+        for g, _, idx in batches(mats):
+            U = momentum_directions([mats[i] for i in idx], "momentum_buffer", g["momentum"], g["nesterov"],
+                                    grads=[prep[i]["G_D"] for i in idx])
+            for i, u in zip(idx, U):
+                out[i] = u
+        return out
+
+    def _post_ns_many(self, mats: list[Mat], outs: list[torch.Tensor]) -> None:
+        red, prep = self._md_pending
+        del self._md_pending
+        Ds = torch._foreach_div([d["W"] for d in prep], [d["S"] for d in prep])
+        torch._foreach_add_(Ds, torch._foreach_mul(outs, [-m.group["lr"] * scale_factor(m.group["scale"], m.d_out, m.d_in)
+                                                          for m in mats]))
+        self._md_finish(mats, prep, Ds, red)

@@ -6,8 +6,16 @@ import math
 import torch
 
 from ..ops import check_scale, scale_factor
-from .base import (Mat, MatrixOptimizer, MomentumNS, check_betas, check_lr, check_positive, check_unit,
-                   ns_defaults)
+from ..shard import Reductions
+from .base import (Mat, MatrixOptimizer, MomentumNS, batches, check_betas, check_lr, check_positive, check_unit,
+                   ns_defaults, params_of, put_all)
+
+
+def _decay_params(mats: list[Mat]) -> None:
+    """Decoupled weight decay ``W ← (1 − ηλ) W`` on whole parameters, one foreach per group."""
+    for g, _, idx in batches(mats):
+        if g.get("weight_decay"):
+            torch._foreach_mul_(params_of([mats[i] for i in idx]), 1 - g["lr"] * g["weight_decay"])
 
 
 def muon_defaults(*, lr, momentum, nesterov, weight_decay, ns_coefficients, ns_steps, ns_dtype, scale,
@@ -50,6 +58,13 @@ class Muon(MomentumNS, MatrixOptimizer):
             W.mul_(1 - g["lr"] * g["weight_decay"])
         W.add_(o, alpha=-g["lr"] * scale_factor(g["scale"], m.d_out, m.d_in))
         m.put(m.param, W)
+
+    def _post_ns_many(self, mats: list[Mat], outs: list[torch.Tensor]) -> None:
+        _decay_params(mats)
+        Ws = [m.W for m in mats]
+        torch._foreach_mul_(outs, [-m.group["lr"] * scale_factor(m.group["scale"], m.d_out, m.d_in) for m in mats])
+        torch._foreach_add_(Ws, outs)
+        put_all(mats, None, Ws)
 
 
 class NorMuon(Muon):
@@ -102,3 +117,30 @@ class NorMuon(Muon):
             step = 0.2 * g["lr"] * math.sqrt(m.d_out * m.d_in) / sq_hat.sqrt()
         W.sub_(o_hat * step)
         m.put(m.param, W)
+
+    def _post_ns_many(self, mats: list[Mat], outs: list[torch.Tensor]) -> None:
+        # round 1: row sums of O² and ‖O‖²; round 2: ‖Ô‖² (Ô needs the new row moments)
+        red = Reductions()
+        rows = [red.row_sum(m.shard, o, square=True) for m, o in zip(mats, outs)]
+        sq_o = [red.total_sums(m.shard, [o], square=True) for m, o in zip(mats, outs)]
+        red.flush()
+        inv = []
+        for m, r in zip(mats, rows):
+            g, v = m.group, m.vec["row_moment"]
+            v.mul_(g["beta2"]).add_(r.value, alpha=(1 - g["beta2"]) / m.d_in)
+            inv.append(m.shard.rows(v.sqrt().add_(g["eps"]).reciprocal_()))
+        o_hat = torch._foreach_mul(outs, inv)
+        sq_hat = [red.total_sums(m.shard, [x], square=True) for m, x in zip(mats, o_hat)]
+        red.flush()
+        _decay_params(mats)
+        steps = []
+        for m, so, sh in zip(mats, sq_o, sq_hat):
+            g = m.group
+            if g["step_form"] == "rescale":
+                step = g["lr"] * scale_factor(g["scale"], m.d_out, m.d_in) * (so.value.sqrt() / sh.value.sqrt())
+            else:
+                step = 0.2 * g["lr"] * math.sqrt(m.d_out * m.d_in) / sh.value.sqrt()
+            steps.append(step.neg_())
+        Ws = [m.W for m in mats]
+        torch._foreach_addcmul_(Ws, o_hat, steps)
+        put_all(mats, None, Ws)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from ..ops import check_scale, scale_factor
-from .base import Mat, MatrixOptimizer, check_lr, check_positive, check_unit, momentum_direction
+from ..shard import Reductions
+from .base import (Mat, MatrixOptimizer, batches, check_lr, check_positive, check_unit, momentum_direction,
+                   momentum_directions, params_of, put_all)
 
 
 class RMNP(MatrixOptimizer):
@@ -42,3 +44,21 @@ class RMNP(MatrixOptimizer):
             W.mul_(1 - g["lr"] * g["weight_decay"])
         W.add_(R, alpha=-g["lr"] * scale_factor(g["scale"], m.d_out, m.d_in))
         m.put(m.param, W)
+
+    def _update_many(self, mats: list[Mat]) -> None:
+        # round 1: every matrix's squared row norms, one collective per process group
+        red, work = Reductions(), []
+        for g, _, idx in batches(mats):
+            ms = [mats[i] for i in idx]
+            if g["weight_decay"]:
+                torch._foreach_mul_(params_of(ms), 1 - g["lr"] * g["weight_decay"])
+            U = momentum_directions(ms, "momentum_buffer", g["momentum"], g["nesterov"])
+            work.append((g, ms, U, [red.row_sum(m.shard, u, square=True) for m, u in zip(ms, U)]))
+        red.flush()
+        # W ← W − η·scale·U/(‖U_i‖ + ε): one addcmul per matrix with a per-row factor
+        for g, ms, U, pend in work:
+            Ws = [m.W for m in ms]
+            facs = [m.shard.rows((-g["lr"] * scale_factor(g["scale"], m.d_out, m.d_in)) / p.value.sqrt().add_(g["eps"]))
+                    for m, p in zip(ms, pend)]
+            torch._foreach_addcmul_(Ws, U, facs)
+            put_all(ms, None, Ws)

@@ -12,8 +12,9 @@ import math
 
 import torch
 
-from .base import (Mat, MatrixOptimizer, MomentumNS, SkippingOptimizer, check_betas, check_lr, check_nonneg_int,
-                   check_positive, check_unit, ns_defaults)
+from ..shard import Reductions
+from .base import (Mat, MatrixOptimizer, MomentumNS, SkippingOptimizer, batches, check_betas, check_lr,
+                   check_nonneg_int, check_positive, check_unit, ns_defaults, put_all)
 
 
 def sf_defaults(*, lr, betas, n_betas, weight_decay, warmup_steps, r, weight_lr_power, eps) -> dict:
@@ -107,21 +108,30 @@ class SFAdamW(ScheduleFreeMixin, SkippingOptimizer):
             lr, c = g["scheduled_lr"], g["_c"]
             beta1, beta2 = g["betas"]
             bias2 = 1 - beta2 ** g["k"]
-            for y in g["params"]:
-                if y.grad is None:
-                    continue
+            ys = [y for y in g["params"] if y.grad is not None]
+            for y in ys:
                 st = self.state[y]
                 if "z" not in st:  # params swapped in after construction (Megatron main params)
                     st["z"] = y.detach().clone()
                     st["exp_avg_sq"] = torch.zeros_like(y)
-                z, v, grad = st["z"], st["exp_avg_sq"], y.grad
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                u = grad / (v / bias2).sqrt_().add_(g["eps"])
-                if g["weight_decay"]:
-                    u.add_(y if g["weight_decay_at"] == "y" else z, alpha=g["weight_decay"])
-                y.lerp_(z, c)
-                y.add_(u, alpha=lr * (beta1 * (1 - c) - 1))
-                z.sub_(u, alpha=lr)
+            if not ys:
+                continue
+            zs = [self.state[y]["z"] for y in ys]
+            vs = [self.state[y]["exp_avg_sq"] for y in ys]
+            grads = [y.grad for y in ys]
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+            # u = g / (sqrt(v/b) + ε) = sqrt(b) · g / (sqrt(v) + ε sqrt(b)), b = 1 − β2^{k+1}:
+            # the factor sqrt(b) moves into the scalars below (no v/b temporary)
+            rb = math.sqrt(bias2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, g["eps"] * rb)
+            us = torch._foreach_div(grads, denom)
+            if g["weight_decay"]:
+                torch._foreach_add_(us, ys if g["weight_decay_at"] == "y" else zs, alpha=g["weight_decay"] / rb)
+            torch._foreach_lerp_(ys, zs, c)
+            torch._foreach_add_(ys, us, alpha=lr * (beta1 * (1 - c) - 1) * rb)
+            torch._foreach_sub_(zs, us, alpha=lr * rb)
 
 
 class SFNorMuon(ScheduleFreeMixin, MomentumNS, MatrixOptimizer):
@@ -183,3 +193,32 @@ class SFNorMuon(ScheduleFreeMixin, MomentumNS, MatrixOptimizer):
         Z.add_(delta)
         m.put(m.param, Y)
         m.put(m.state["z"], Z)
+
+    def _post_ns_many(self, mats: list[Mat], outs: list[torch.Tensor]) -> None:
+        # round 1: row sums of P²; round 2: ‖P̂‖²
+        red = Reductions()
+        rows = [red.row_sum(m.shard, P, square=True) for m, P in zip(mats, outs)]
+        red.flush()
+        inv = []
+        for m, r in zip(mats, rows):
+            g, v = m.group, m.vec["row_moment"]
+            beta2 = g["betas"][1]
+            v.mul_(beta2).add_(r.value, alpha=(1 - beta2) / m.d_in)
+            inv.append(m.shard.rows(v.sqrt().add_(g["eps"]).reciprocal_()))
+        P_hat = torch._foreach_mul(outs, inv)
+        sq_hat = [red.total_sums(m.shard, [x], square=True) for m, x in zip(mats, P_hat)]
+        red.flush()
+        for g, _, idx in batches(mats):
+            ms = [mats[i] for i in idx]
+            beta, lr, c = g["betas"][0], g["scheduled_lr"], g["_c"]
+            delta = [P_hat[i] for i in idx]
+            torch._foreach_mul_(delta, [(-0.2 * lr * math.sqrt(m.d_out * m.d_in)) / sq_hat[i].value.sqrt()
+                                        for i, m in zip(idx, ms)])
+            Zs, Ys = [m.get(m.state["z"]) for m in ms], [m.W for m in ms]
+            if g["weight_decay"]:
+                torch._foreach_add_(delta, Zs, alpha=-lr * g["weight_decay"])
+            torch._foreach_lerp_(Ys, Zs, c)
+            torch._foreach_add_(Ys, delta, alpha=1 - beta * (1 - c))
+            torch._foreach_add_(Zs, delta)
+            put_all(ms, None, Ys)
+            put_all(ms, "z", Zs)

@@ -6,8 +6,9 @@ it moves (:data:`megatron_md.shard.comm.METER`).
 from . import comm
 from .blocks import (BlockView, Blocks, concatenated_experts, fused_qkv, grouped_mlp_experts,
                      stacked_experts)
+from .bucket import Pending, Reductions
 from .comm import METER, metered
-from .layouts import FlatRange, MatrixShard, TensorParallel, Whole
+from .layouts import FlatRange, MatrixShard, Plan, TensorParallel, Whole
 from .orthogonalize import NS_MODES, assign_owners, gather_full, orthogonalize
 
 __all__ = [

@@ -12,6 +12,10 @@ local rows ``row_range`` / local columns ``col_range`` of the logical matrix):
 * ``total_sum(x)`` – Σ of all elements of the logical matrix (a 0-d tensor, same on all ranks);
   ``total_sums([x, y, …])`` – several at once, in one collective.
 * ``rows(v)`` / ``cols(v)`` – broadcast a row/column vector onto the local layout of ``x``.
+* ``row_plan/col_plan/total_plan(x, square=False)`` – the same reductions split into a local
+  partial, the process groups to all-reduce it over (in order) and a finishing slice, so that
+  :class:`megatron_md.shard.bucket.Reductions` can put the reductions of many matrices into one
+  collective per group (``square=True``: sums of squares, without a squared temporary).
 * ``pieces`` machinery used by Newton–Schulz (``level_group``, ``assemble``, ``split``, ``inner``).
 
 Layouts: :class:`Whole` (no sharding, no collectives), :class:`TensorParallel` (d_out or d_in
@@ -21,11 +25,38 @@ hands out; may start/end mid-row, be empty or hold one element).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from . import comm
+
+
+class Plan(NamedTuple):
+    """A reduction split in three: ``finish(all-reduce of partial over each of groups)``."""
+
+    partial: torch.Tensor
+    groups: tuple
+    finish: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    def run(self) -> torch.Tensor:
+        """Reduce now (one collective per group)."""
+        v = self.partial
+        for g in self.groups:
+            comm.all_reduce(v, g)
+        return v if self.finish is None else self.finish(v)
+
+
+def _live(*groups) -> tuple:
+    """The groups that need a collective (size > 1), in order."""
+    return tuple(g for g in groups if comm.group_size(g) > 1)
+
+
+def local_sum(x: torch.Tensor, dim=None, square: bool = False) -> torch.Tensor:
+    """``Σ x`` (or ``Σ x²`` when ``square``) over ``dim`` (None: all elements), in one pass."""
+    if square:
+        return torch.linalg.vector_norm(x, dim=dim).square()
+    return x.sum() if dim is None else x.sum(dim=dim)
 
 
 class MatrixShard:
@@ -62,6 +93,28 @@ class MatrixShard:
                 f"{self!r} (expected local shape {tuple(self.local_shape)})"
             )
 
+    # -- reductions: each one a Plan, run immediately here or bucketed by the caller ---------
+    def row_sum(self, x):
+        return self.row_plan(x).run()
+
+    def col_sum(self, x):
+        return self.col_plan(x).run()
+
+    def total_sum(self, x):
+        return self.total_plan([x]).run().reshape(())
+
+    def total_sums(self, xs):
+        return self.total_plan(xs).run()
+
+    def _row_groups(self) -> tuple:
+        return ()
+
+    def _col_groups(self) -> tuple:
+        return ()
+
+    def _total_groups(self) -> tuple:
+        return ()
+
     def validate(self) -> None:
         """Collective consistency check (construction time): every rank of every level group
         declares the same logical shape and its pieces tile the level above."""
@@ -88,33 +141,20 @@ class Whole(MatrixShard):
     def __repr__(self):
         return f"Whole{self.shape}"
 
-    def row_sum(self, x):
-        return x.sum(dim=-1)
+    def row_plan(self, x, square=False):
+        return Plan(local_sum(x, -1, square), ())
 
-    def col_sum(self, x):
-        return x.sum(dim=-2)
+    def col_plan(self, x, square=False):
+        return Plan(local_sum(x, -2, square), ())
 
-    def total_sum(self, x):
-        return x.sum()
-
-    def total_sums(self, xs):
-        return torch.stack([x.sum() for x in xs])
+    def total_plan(self, xs, square=False):
+        return Plan(torch.stack([local_sum(x, None, square) for x in xs]), ())
 
     def rows(self, v):
         return v[:, None]
 
     def cols(self, v):
         return v[None, :]
-
-    # completion hooks used when this layout is the inner level of a FlatRange
-    def reduce_rows(self, v):
-        return v
-
-    def reduce_cols(self, v):
-        return v
-
-    def reduce_total(self, s):
-        return s
 
 
 class TensorParallel(MatrixShard):
@@ -158,27 +198,23 @@ class TensorParallel(MatrixShard):
                 f"{[tuple(g.tolist()) for g in got]} — wrong process group?"
             )
 
-    # completion of partial sums over the TP group
-    def reduce_rows(self, v):
-        return comm.all_reduce(v, self.level_group) if self.dim == 1 else v
+    def _row_groups(self):
+        return _live(self.level_group) if self.dim == 1 else ()
 
-    def reduce_cols(self, v):
-        return comm.all_reduce(v, self.level_group) if self.dim == 0 else v
+    def _col_groups(self):
+        return _live(self.level_group) if self.dim == 0 else ()
 
-    def reduce_total(self, s):
-        return comm.all_reduce(s, self.level_group)
+    def _total_groups(self):
+        return _live(self.level_group)
 
-    def row_sum(self, x):
-        return self.reduce_rows(x.sum(dim=-1))
+    def row_plan(self, x, square=False):
+        return Plan(local_sum(x, -1, square), self._row_groups())
 
-    def col_sum(self, x):
-        return self.reduce_cols(x.sum(dim=-2))
+    def col_plan(self, x, square=False):
+        return Plan(local_sum(x, -2, square), self._col_groups())
 
-    def total_sum(self, x):
-        return self.reduce_total(x.sum().reshape(1)).reshape(())
-
-    def total_sums(self, xs):
-        return self.reduce_total(torch.stack([x.sum() for x in xs]))
+    def total_plan(self, xs, square=False):
+        return Plan(torch.stack([local_sum(x, None, square) for x in xs]), self._total_groups())
 
     def rows(self, v):
         return v[:, None]
@@ -271,54 +307,52 @@ class FlatRange(MatrixShard):
         h, k, n = self._head, self._mid_rows, self._n
         return x[:h], x[h:h + k * n].view(k, n), x[h + k * n:]
 
-    def _row_counts(self) -> list[int]:
-        counts = []
-        if self._head:
-            counts.append(self._head)
-        counts += [self._n] * self._mid_rows
-        if self._tail:
-            counts.append(self._tail)
-        return counts
-
-    def _partial_rows(self, x):
+    def _partial_rows(self, x, square=False):
         head, mid, tail = self._parts(x)
         pieces = []
         if self._head:
-            pieces.append(head.sum().reshape(1))
-        pieces.append(mid.sum(dim=-1))
+            pieces.append(local_sum(head, None, square).reshape(1))
+        pieces.append(local_sum(mid, -1, square))
         if self._tail:
-            pieces.append(tail.sum().reshape(1))
+            pieces.append(local_sum(tail, None, square).reshape(1))
         return torch.cat(pieces)
 
-    def row_sum(self, x):
-        m = self._m
-        full = x.new_zeros(m)
-        r0, r1 = self._local_r0, self._local_r0 + len(self._row_counts())
-        full[r0:r1] = self._partial_rows(x)
-        full = self.inner.reduce_rows(comm.all_reduce(full, self.level_group))
-        return full[r0:r1]
+    def _n_local_rows(self) -> int:
+        return bool(self._head) + self._mid_rows + bool(self._tail)
 
-    def col_sum(self, x):
+    def row_plan(self, x, square=False):
+        full = x.new_zeros(self._m)
+        r0, r1 = self._local_r0, self._local_r0 + self._n_local_rows()
+        full[r0:r1] = self._partial_rows(x, square)
+        return Plan(full, _live(self.level_group) + self.inner._row_groups(), lambda v: v[r0:r1])
+
+    def col_plan(self, x, square=False):
         head, mid, tail = self._parts(x)
-        full = mid.sum(dim=0)
+        full = local_sum(mid, 0, square)
         if self._head:
-            full[self._head_col:self._head_col + self._head] += head
+            full[self._head_col:self._head_col + self._head] += head * head if square else head
         if self._tail:
-            full[: self._tail] += tail
-        return self.inner.reduce_cols(comm.all_reduce(full, self.level_group))
+            full[: self._tail] += tail * tail if square else tail
+        return Plan(full, _live(self.level_group) + self.inner._col_groups())
 
-    def total_sum(self, x):
-        return self.total_sums([x]).reshape(())
-
-    def total_sums(self, xs):
-        s = torch.stack([x.sum() for x in xs])
-        return self.inner.reduce_total(comm.all_reduce(s, self.level_group))
+    def total_plan(self, xs, square=False):
+        s = torch.stack([local_sum(x, None, square) for x in xs])
+        return Plan(s, _live(self.level_group) + self.inner._total_groups())
 
     def rows(self, v):
-        counts = self._row_counts()
-        if not counts:
+        """``v`` (one value per local row) repeated over each local row's elements; no host
+        sync (the segment lengths are static, so broadcasting views replace repeat_interleave)."""
+        parts = []
+        h, k, n = self._head, self._mid_rows, self._n
+        if h:
+            parts.append(v[:1].expand(h))
+        if k:
+            parts.append(v[bool(h):bool(h) + k, None].expand(k, n).reshape(-1))
+        if self._tail:
+            parts.append(v[-1:].expand(self._tail))
+        if not parts:
             return v.new_zeros(0)
-        return torch.repeat_interleave(v, torch.tensor(counts, device=v.device))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def cols(self, v):
         parts = []
