@@ -307,6 +307,8 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     partner_kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
     if partner == "sf-adamw":
         partner_kwargs.update(md.partner_kwargs() if hasattr(md, "partner_kwargs") else {})
+    else:  # torch picks the per-tensor loop on CPU by default; the foreach path is the fast one
+        partner_kwargs["foreach"] = True
     wrappers = []
     for expert in (False, True):
         groups = _param_groups(model_chunks, config, names, roles, md, expert)

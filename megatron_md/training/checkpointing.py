@@ -369,9 +369,8 @@ def _agree(error: Optional[str]) -> None:
     dist.all_gather_object(errors, error)
     bad = [(r, e) for r, e in enumerate(errors) if e is not None]
     if bad:
-        r, e = bad[0]
-        more = f" (and {len(bad) - 1} other rank(s))" if len(bad) > 1 else ""
-        raise CheckpointError(e + more)
+        others = sum(1 for _, e in bad[1:] if e != bad[0][1])  # the same message everywhere: said once
+        raise CheckpointError(bad[0][1] + (f" (and {others} other rank(s) with other problems)" if others else ""))
 
 
 def verify_file(path: str, entry: dict) -> Optional[str]:
