@@ -75,12 +75,17 @@ def check_ns(ns_coefficients, ns_steps, ns_dtype, ns_mode):
 def nonfinite_flag(param_groups) -> torch.Tensor:
     """``[1.0]`` if any gradient in ``param_groups`` has a NaN/Inf, else ``[0.0]`` — a float
     tensor on the gradients' device, ready to be all-reduced with MAX."""
-    flags = [p.grad.isfinite().all() for g in param_groups for p in g["params"]
-             if p.grad is not None and p.grad.numel()]
-    if not flags:
+    grads = [p.grad for g in param_groups for p in g["params"] if p.grad is not None and p.grad.numel()]
+    if not grads:
         dev = next((p.device for g in param_groups for p in g["params"]), torch.device("cpu"))
         return torch.zeros(1, device=dev)
-    return (~torch.stack(flags).all()).to(torch.float32).reshape(1)
+    # max |g| per tensor: one read pass, no temporaries, NaN and ±Inf propagate (isfinite().all()
+    # costs four full passes); grouped by dtype/device so the foreach call can fuse
+    by_kind: dict = {}
+    for t in grads:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    maxes = [m.float().reshape(1) for ts in by_kind.values() for m in torch._foreach_norm(ts, float("inf"))]
+    return (~torch.cat(maxes).isfinite().all()).to(torch.float32).reshape(1)
 
 
 # ------------------------------------------------------------------------------ logical matrix

@@ -101,7 +101,7 @@ def build_optimizer(model: torch.nn.Module, name: str, *, lr: float, adam_lr: fl
 
     if name in ("adam", "adamw"):
         groups = partner_groups(ROLES_ALL, lr, weight_decay)
-        return OptimizerSet({"adamw": torch.optim.AdamW(groups, lr=lr, betas=adam_betas, eps=adam_eps)})
+        return OptimizerSet({"adamw": torch.optim.AdamW(groups, lr=lr, betas=adam_betas, eps=adam_eps, foreach=True)})
     if name == "sf-adamw":
         groups = partner_groups(ROLES_ALL, lr, weight_decay)
         return OptimizerSet({"sf-adamw": SFAdamW(groups, lr=lr, **matrix_kwargs)})
@@ -119,7 +119,7 @@ def build_optimizer(model: torch.nn.Module, name: str, *, lr: float, adam_lr: fl
         if name == "sf-normuon":
             opts["sf-adamw"] = SFAdamW(rest, lr=adam_lr)
         else:
-            opts["adamw"] = torch.optim.AdamW(rest, lr=adam_lr, betas=adam_betas, eps=adam_eps)
+            opts["adamw"] = torch.optim.AdamW(rest, lr=adam_lr, betas=adam_betas, eps=adam_eps, foreach=True)
     return OptimizerSet(opts)
 
 

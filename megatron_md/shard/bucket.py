@@ -4,14 +4,16 @@ A step of a row/column method needs, per matrix, a few reductions of O(d_out + d
 Issued one by one that is one collective per matrix and reduction; at hundreds of matrices per
 rank the latency of the calls, not their bytes, sets the cost. :class:`Reductions` collects
 :class:`~megatron_md.shard.layouts.Plan` s (a local partial, the groups to all-reduce it over in
-order, a finishing slice) and :meth:`Reductions.flush` issues, for each depth of the group
-chains, **one all-reduce per (process group, dtype)** of the concatenated partials. A step then
-costs one collective per group and per data-dependency round, whatever the number of matrices.
+order, a finishing slice) and :meth:`Reductions.flush` issues **one all-reduce per process
+group (and dtype)** of the concatenated partials of every plan that needs that group. A step
+then costs one collective per group and per data-dependency round, whatever the number of
+matrices. (A plan over DP then TP may be served TP first: sums commute; only fp32 rounding of
+the order changes.)
 
-Ordering: within a depth, groups are reduced in the order in which they first appear among the
-plans. Every rank of a group sees the same matrices in the same order (the optimizers'
-contract), hence the same sequence of group *roles* (e.g. DP then TP), so the collectives of
-different groups never wait on each other in a cycle.
+Ordering: the next group is always the first one still owed by the first unfinished plan.
+Every rank of a group sees the same matrices in the same order (the optimizers' contract),
+hence the same sequence of group *roles* (e.g. TP then DP), so the collectives of different
+groups never wait on each other in a cycle.
 """
 from __future__ import annotations
 
@@ -65,25 +67,26 @@ class Reductions:
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
-        depth = 0
+        remaining = [list(p.plan.groups) for p in pending]
         while True:
-            buckets: dict = {}
-            for p in pending:
-                if len(p.plan.groups) > depth:
-                    g = p.plan.groups[depth]
-                    buckets.setdefault((id(g), p.plan.partial.dtype, p.plan.partial.device), (g, []))[1].append(p)
-            if not buckets:
+            # the next group: the first one still owed by the first unfinished plan; every plan
+            # that owes it joins (sums commute, so a plan's groups may be served in any order)
+            first = next((r[0] for r in remaining if r), None)
+            if first is None:
                 break
-            for g, items in buckets.values():
-                parts = [p.plan.partial for p in items]
+            buckets: dict = {}
+            for p, r in zip(pending, remaining):
+                if any(g is first for g in r):
+                    r.remove(first)
+                    buckets.setdefault((p.plan.partial.dtype, p.plan.partial.device), []).append(p.plan.partial)
+            for parts in buckets.values():
                 if len(parts) == 1:
-                    comm.all_reduce(parts[0], g)
+                    comm.all_reduce(parts[0], first)
                     continue
                 flat = torch.cat([t.reshape(-1) for t in parts])
-                comm.all_reduce(flat, g)
+                comm.all_reduce(flat, first)
                 for t, chunk in zip(parts, flat.split([t.numel() for t in parts])):
                     t.copy_(chunk.view_as(t))
-            depth += 1
         for p in pending:
             v = p.plan.partial
             p._value = v if p.plan.finish is None else p.plan.finish(v)
