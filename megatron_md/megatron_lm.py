@@ -1,30 +1,59 @@
 """Megatron-LM integration: our flags in its parser, our optimizer in its training loop.
 
-In a ``pretrain_gpt.py``-style script::
+A launcher around Megatron-LM's own, unmodified ``pretrain_gpt.py`` (the whole of
+``examples/megatron_lm/pretrain_gpt_md.py``)::
 
+    import runpy, sys
     from megatron_md import megatron_lm
 
-    megatron_lm.install()     # megatron.training.training now builds megatron_md optimizers
-    pretrain(train_valid_test_datasets_provider, model_provider, ModelType.encoder_or_decoder,
-             forward_step, extra_args_provider=megatron_lm.extra_args_provider)
+    megatron_lm.install()          # before pretrain_gpt.py runs: parser, validation, optimizer
+    sys.argv[0] = "pretrain_gpt.py"
+    runpy.run_path("<Megatron-LM>/pretrain_gpt.py", run_name="__main__")
 
-and run with e.g. ``--optimizer muon-md --lr 0.01 --weight-decay 0 --bf16``. Everything else
+or, in your own ``pretrain()`` script, ``megatron_lm.install()`` before calling ``pretrain(...,
+extra_args_provider=megatron_lm.extra_args_provider)`` (optional once installed; it is
+idempotent). Run with e.g. ``--optimizer muon-md --lr 0.01 --weight-decay 0``. Everything else
 (``--lr``, ``--min-lr``, ``--clip-grad``, ``--bf16``, ``--use-distributed-optimizer``,
 ``--adam-beta1/2``, ``--adam-eps``, the LR schedule) stays Megatron-LM's own flag.
 
-Megatron-LM behaviour to know about (read from its ``megatron/training`` sources):
+What :func:`install` changes in ``megatron.training`` (each a wrapper that hands every other
+``--optimizer`` to Megatron-LM's original; :func:`uninstall` restores them), and why:
 
-* Its ``--optimizer`` already exists; :func:`extra_args_provider` adds our names to its choices.
-  ``adam`` and ``muon`` exist in both: they stay Megatron-LM's own unless
+* ``arguments.add_megatron_arguments``: also adds our flags. ``pretrain()`` parses the command
+  line with Megatron-LM's parser *before* it calls ``extra_args_provider`` (in
+  ``ft_integration.setup()``, and in ``inprocess_restart.maybe_wrap_for_inprocess_restart``
+  in the stock ``pretrain_gpt.py``): without this, ``--optimizer muon-md`` is "invalid choice".
+* ``arguments.validate_args`` (also the copy ``initialize`` imported): for our names,
+  Megatron-LM's validation runs as for ``adam`` — its ``'muon' in args.optimizer`` checks are
+  about its own Muon (which refuses the distributed optimizer) — and then
+  :func:`megatron_md.megatron.config.validate` rejects bad combinations before training.
+* ``training.get_megatron_optimizer_config``: our names get the Adam config Megatron-LM builds
+  for ``adam`` (lr, betas, eps, clip, bf16, distributed optimizer), carrying our name;
+  without this every name but ``muon``/``adam`` is "Invalid optimizer type!".
+* ``training.get_megatron_optimizer`` and ``training.get_megatron_muon_optimizer``:
+  ``setup_model_and_optimizer`` sends every name containing "muon" (``muon-md``, ``normuon``,
+  ``muonh``, ``sf-normuon``) to the latter; both build megatron_md's optimizer for our names.
+* ``training.evaluate``, ``training.save_checkpoint``, ``training.load_checkpoint``, for the
+  schedule-free methods only (Megatron-LM never calls ``optimizer.eval()/train()``):
+  evaluation and saved checkpoints see the averaged iterate x (parameters are swapped to x
+  around the call and back to y after, bit-exactly); after loading such a checkpoint the
+  parameters are turned back into y before training continues.
+
+Megatron-LM behaviour to know about:
+
+* ``adam`` and ``muon`` exist in both: they stay Megatron-LM's own unless
   ``install(builtin="md")``. Megatron-LM also owns ``--muon-momentum``/``--muon-nesterov``, so our
   Muon's flags are spelled ``--md-muon-*`` there (see :func:`megatron_md.megatron.config.add_md_args`).
-* Its argument validation turns ``--use-distributed-optimizer`` into
-  ``use_layer_wise_distributed_optimizer`` (plain DDP) for every optimizer other than adam/sgd;
-  with ``--dp-mode auto`` the installed builder follows that and distributes whole matrices
-  (``--dp-mode layer-wise``).
+* Megatron-LM ≥ 0.17's validation turns ``--use-distributed-optimizer`` into
+  ``use_layer_wise_distributed_optimizer`` for optimizers other than adam/sgd; with
+  ``--dp-mode auto`` the installed builder follows that (``--dp-mode layer-wise``).
 * Its ``--weight-decay`` defaults to 0.01 and ``--lr-decay-style`` to linear:
   MD/hyperball methods need ``--weight-decay 0``, schedule-free ones ``--lr-decay-style constant``
   (:func:`megatron_md.megatron.config.validate` says so before training).
+* Megatron-LM's own CUDA-only start-up (``initialize_megatron`` asserts CUDA, skips the
+  model-parallel groups without a GPU, builds fused kernels with ``nvcc``) is untouched: on a GPU
+  machine nothing else is needed. The CPU runs in ``tests/megatron_lm`` add test-only shims for
+  it (``tests/megatron_lm/cpu_megatron_lm.py``).
 
 :func:`register_emerging_optimizers` is the lighter alternative on megatron-core ≥ 0.18: our
 classes as entries of megatron-core's own emerging-optimizer registry (see its docstring for
@@ -32,33 +61,39 @@ what that path does not do).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import inspect
 import logging
+import weakref
 from typing import Any, Callable, Literal, Optional
 
-from .megatron.config import (METHOD_CONFIGS, NO_WEIGHT_DECAY, OPTIMIZER_CHOICES, MDConfig, add_md_args,
-                              md_config_from_args, validate)
+from .megatron.config import (METHOD_CONFIGS, NO_WEIGHT_DECAY, OPTIMIZER_CHOICES, SCHEDULE_FREE, MDConfig,
+                              add_md_args, md_config_from_args, validate)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["extra_args_provider", "install", "uninstall", "routes_to_md", "md_config_for_megatron_lm",
+__all__ = ["extra_args_provider", "install", "uninstall", "installed", "routes_to_md", "md_config_for_megatron_lm",
            "register_emerging_optimizers", "MEGATRON_NATIVE", "REGISTRY_METHODS"]
 
 #: ``--optimizer`` names that Megatron-LM implements itself as well.
 MEGATRON_NATIVE: tuple[str, ...] = ("adam", "muon")
 #: Methods :func:`register_emerging_optimizers` registers (schedule-free ones are left out: the
-#: Megatron-LM loop never calls ``optimizer.eval()/train()``, so evaluation and checkpoints
-#: would see the gradient point y instead of the average x).
+#: registry path has no hook around evaluation and checkpoints, so they would see the gradient
+#: point y instead of the average x).
 REGISTRY_METHODS: tuple[str, ...] = ("muon", "normuon", "rmnp", "adamh", "muonh", "adam-md", "muon-md")
 _ORIGINAL = "__megatron_md_original__"
+_GROUP_TITLE = "megatron_md"
 
 
 def extra_args_provider(parser):
     """Megatron-LM ``extra_args_provider``: adds the megatron_md flags and extends ``--optimizer``'s
-    choices. Chain with your own as ``lambda p: mine(extra_args_provider(p))``."""
+    choices (once: a parser that has them already is returned as is). Chain with your own as
+    ``lambda p: mine(extra_args_provider(p))``."""
+    if any(getattr(g, "title", None) == _GROUP_TITLE for g in getattr(parser, "_action_groups", ())):
+        return parser
     return add_md_args(parser)
 
 
@@ -76,14 +111,14 @@ def md_config_for_megatron_lm(args: Any) -> MDConfig:
     return md
 
 
-def _training_module():
+def _module(name: str):
     try:
-        return importlib.import_module("megatron.training.training")
+        return importlib.import_module(name)
     except ImportError as e:
         raise ImportError(
-            f"megatron_md.megatron_lm.install() patches Megatron-LM's training loop, but megatron.training is not "
-            f"importable ({e}). It ships with Megatron-LM (a clone of github.com/NVIDIA/Megatron-LM, `pip install "
-            f"-e .`), not with the megatron-core wheel. With megatron-core alone, call "
+            f"megatron_md.megatron_lm.install() hooks into Megatron-LM's training loop, but {name} is not "
+            f"importable ({e}). It ships with Megatron-LM (a clone of github.com/NVIDIA/Megatron-LM on PYTHONPATH), "
+            f"not with the megatron-core wheel. With megatron-core alone, call "
             f"megatron_md.megatron.builder.get_megatron_optimizer(config, model_chunks, md=MDConfig(...)) directly."
         ) from e
 
@@ -92,7 +127,91 @@ def _megatron_args():
     return importlib.import_module("megatron.training.global_vars").get_args()
 
 
-def _wrap(original: Callable, builtin: str) -> Callable:
+class _State:
+    """What the hooks share: the routing choice and the last optimizer megatron_md built."""
+
+    builtin: str = "megatron"
+    optimizer: Optional[Callable[[], Any]] = None  # weakref to the Megatron optimizer
+
+
+def _is_md(name: Optional[str]) -> bool:
+    return routes_to_md(name, _State.builtin)
+
+
+@contextlib.contextmanager
+def _optimizer_seen_as(args, name: str):
+    """Megatron-LM's own code sees ``args.optimizer == name`` inside the block."""
+    saved = args.optimizer
+    args.optimizer = name
+    try:
+        yield
+    finally:
+        args.optimizer = saved
+
+
+# ------------------------------------------------------------------------------ the hooks
+def _hook_add_megatron_arguments(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def add_megatron_arguments(parser, *a, **k):
+        return extra_args_provider(original(parser, *a, **k))
+    return add_megatron_arguments
+
+
+def _hook_validate_args(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def validate_args(args, *a, **k):
+        name = getattr(args, "optimizer", None)
+        if not _is_md(name):
+            return original(args, *a, **k)
+        arguments = importlib.import_module("megatron.training.arguments")
+        print_args = getattr(arguments, "_print_args", None)
+
+        def _print_args(title, printed, *pa, **pk):  # its argument table shows the real name
+            printed.optimizer = name
+            return print_args(title, printed, *pa, **pk)
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_optimizer_seen_as(args, "adam"))
+            if print_args is not None:
+                arguments._print_args = _print_args
+                stack.callback(setattr, arguments, "_print_args", print_args)
+            result = original(args, *a, **k)
+        md = dataclasses.replace(md_config_for_megatron_lm(args), optimizer=name)
+        validate(md, args)
+        fmt = getattr(args, "ckpt_format", "torch")
+        if (getattr(args, "save", None) or getattr(args, "load", None)) and fmt != "torch":
+            raise ValueError(
+                f"--optimizer {name} with --ckpt-format {fmt}: Megatron-LM's sharded formats store each optimizer "
+                f"state tensor as a shard of its parameter, and megatron_md's states include per-row/per-column "
+                f"vectors and per-block lists that are not; pass --ckpt-format torch (per-rank files, same TP/PP/DP "
+                f"to resume)")
+        if (getattr(args, "save", None) or getattr(args, "load", None)) and (
+                getattr(args, "use_distributed_optimizer", False) or md.dp_mode == "layer-wise"):
+            raise ValueError(
+                f"--optimizer {name} with --save/--load and --use-distributed-optimizer or --dp-mode layer-wise: "
+                f"Megatron-LM saves the distributed optimizer's shards as Adam state (exp_avg, exp_avg_sq) and the "
+                f"replicated optimizer from data-parallel rank 0 only, so megatron_md's ZeRO-1 / layer-wise state "
+                f"cannot be checkpointed there yet; drop --use-distributed-optimizer (or train without --save), or "
+                f"use megatron_md's driver (examples/pretrain_gpt.py), whose checkpoints support both")
+        return result
+    return validate_args
+
+
+def _hook_get_optimizer_config(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_megatron_optimizer_config(args, *a, **k):
+        name = getattr(args, "optimizer", None)
+        if not _is_md(name):
+            return original(args, *a, **k)
+        with _optimizer_seen_as(args, "adam"):
+            result = original(args, *a, **k)
+        config = result[0] if isinstance(result, tuple) else result
+        config.optimizer = name  # read back by our builder hook; not a Megatron optimizer name
+        return result
+    return get_megatron_optimizer_config
+
+
+def _hook_get_optimizer(original: Callable) -> Callable:
     try:
         signature = inspect.signature(original)
     except (TypeError, ValueError):
@@ -101,7 +220,7 @@ def _wrap(original: Callable, builtin: str) -> Callable:
     @functools.wraps(original)
     def get_megatron_optimizer(config, model_chunks, *args, **kwargs):
         name = getattr(config, "optimizer", None)
-        if not routes_to_md(name, builtin):
+        if not _is_md(name):
             return original(config, model_chunks, *args, **kwargs)
         megatron_args = _megatron_args()
         md = dataclasses.replace(md_config_for_megatron_lm(megatron_args), optimizer=name)
@@ -115,52 +234,152 @@ def _wrap(original: Callable, builtin: str) -> Callable:
         from .megatron.builder import get_megatron_optimizer as build  # lazy: heavy, and optional
 
         params = inspect.signature(build).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        passed = {k: v for k, v in extra.items() if takes_any or (k in params and k not in ("config", "md"))}
-        dropped = sorted(k for k in extra if k not in passed and extra[k] is not None)
+        passed = {k: v for k, v in extra.items() if k in params and k not in ("config", "md")}
+        dropped = sorted(k for k in extra if k not in passed and extra[k] not in (None, False))
         if dropped:
             logger.info("megatron_md: %s not used by megatron_md's builder (it does its own param groups and "
                         "process groups)", ", ".join(dropped))
-        return build(config, model_chunks, md=md, **passed)
-
-    setattr(get_megatron_optimizer, _ORIGINAL, original)
+        optimizer = build(config, model_chunks, md=md, **passed)
+        try:
+            _State.optimizer = weakref.ref(optimizer)
+        except TypeError:  # not weak-referenceable
+            _State.optimizer = lambda: optimizer
+        logger.info("megatron_md: built --optimizer %s (dp_mode=%s, distributed optimizer=%s) for Megatron-LM",
+                    name, md.dp_mode, bool(getattr(config, "use_distributed_optimizer", False)))
+        return optimizer
     return get_megatron_optimizer
 
 
-def install(*, builtin: Literal["megatron", "md"] = "megatron") -> None:
-    """Make Megatron-LM's ``megatron.training.training`` build megatron_md optimizers.
+def _schedule_free(optimizer) -> bool:
+    from .megatron.builder import hybrid_optimizers
+    return optimizer is not None and any(h._sf_parts() for h in hybrid_optimizers(optimizer))
 
-    Replaces the ``get_megatron_optimizer`` name that module imported from megatron-core with a
-    wrapper: for an ``--optimizer`` that megatron_md owns (:func:`routes_to_md`) it reads the
-    flags (``get_args()``), :func:`validate`\\ s them and calls
-    ``megatron_md.megatron.builder.get_megatron_optimizer(config, model_chunks, md=...)``;
-    anything else goes to Megatron's original. Idempotent; :func:`uninstall` restores.
 
-    ``builtin``: who builds the names both implement (``adam``, ``muon``).
-    Raises ``ImportError`` when Megatron-LM (``megatron.training``) is not importable.
+def _current_optimizer():
+    return _State.optimizer() if _State.optimizer is not None else None
+
+
+@contextlib.contextmanager
+def _parameters_at_x(optimizer, model):
+    """Schedule-free: the model's parameters are x inside the block, y (bit-exactly) after."""
+    if not _schedule_free(optimizer):
+        yield
+        return
+    from .megatron.builder import swap_to_eval, swap_to_train
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    swap_to_eval(optimizer, chunks)
+    try:
+        yield
+    finally:
+        swap_to_train(optimizer, chunks)
+
+
+def _hook_evaluate(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def evaluate(forward_step_func, data_iterator, model, *a, **k):
+        with _parameters_at_x(_current_optimizer(), model):
+            return original(forward_step_func, data_iterator, model, *a, **k)
+    return evaluate
+
+
+def _hook_save_checkpoint(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def save_checkpoint(iteration, model, optimizer, *a, **k):
+        # the checkpoint holds x and the optimizer in eval mode (y is in its state: the y stash)
+        with _parameters_at_x(optimizer, model):
+            return original(iteration, model, optimizer, *a, **k)
+    return save_checkpoint
+
+
+def _hook_load_checkpoint(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def load_checkpoint(model, optimizer, *a, **k):
+        result = original(model, optimizer, *a, **k)
+        if _schedule_free(optimizer):
+            from .megatron.builder import hybrid_optimizers, swap_to_train
+            if any(not g.get("train_mode", True) for h in hybrid_optimizers(optimizer)
+                   for o in h._sf_parts() for g in o.param_groups):
+                swap_to_train(optimizer, model if isinstance(model, (list, tuple)) else [model])
+        return result
+    return load_checkpoint
+
+
+#: (module, attribute, hook factory, required). Optional seams that a Megatron-LM version lacks
+#: are skipped; a missing required one makes install() fail with the name.
+_SEAMS: tuple[tuple[str, str, Callable, bool], ...] = (
+    ("megatron.training.arguments", "add_megatron_arguments", _hook_add_megatron_arguments, True),
+    ("megatron.training.arguments", "validate_args", _hook_validate_args, True),
+    ("megatron.training.initialize", "validate_args", _hook_validate_args, False),
+    ("megatron.training.training", "get_megatron_optimizer_config", _hook_get_optimizer_config, False),
+    ("megatron.training.training", "get_megatron_optimizer", _hook_get_optimizer, True),
+    ("megatron.training.training", "get_megatron_muon_optimizer", _hook_get_optimizer, False),
+    ("megatron.training.training", "evaluate", _hook_evaluate, True),
+    ("megatron.training.training", "save_checkpoint", _hook_save_checkpoint, True),
+    ("megatron.training.training", "load_checkpoint", _hook_load_checkpoint, True),
+)
+
+
+def install(*, builtin: Literal["megatron", "md"] = "megatron") -> list[str]:
+    """Make Megatron-LM's ``megatron.training`` parse our flags and build megatron_md optimizers.
+
+    Wraps the names listed in the module docstring (each wrapper hands anything that is not a
+    megatron_md ``--optimizer`` to the original). Idempotent; :func:`uninstall` restores.
+    ``builtin``: who builds the names both implement (``adam``, ``muon``). Returns the hooked
+    ``module.name`` list. Raises ``ImportError`` when Megatron-LM (``megatron.training``) is not
+    importable and ``RuntimeError`` naming a required seam this Megatron-LM version lacks.
     """
     if builtin not in ("megatron", "md"):
         raise ValueError(f"builtin={builtin!r}: expected 'megatron' or 'md'")
-    training = _training_module()
-    current = getattr(training, "get_megatron_optimizer", None)
-    if current is None:
-        raise RuntimeError("megatron.training.training has no get_megatron_optimizer; this Megatron-LM version "
-                           "is not supported by megatron_md.megatron_lm.install()")
-    original = getattr(current, _ORIGINAL, current)
-    training.get_megatron_optimizer = _wrap(original, builtin)
+    _State.builtin = builtin
+    modules = {m: _module(m) for m, *_ in _SEAMS}
+    missing = [f"{m}.{a}" for m, a, _, required in _SEAMS if required and not hasattr(modules[m], a)]
+    if missing:
+        raise RuntimeError(f"this Megatron-LM version has no {', '.join(missing)}; megatron_md.megatron_lm.install() "
+                           f"supports the versions in docs/compatibility.md")
+    hooked = []
+    for m, attr, factory, _ in _SEAMS:
+        current = getattr(modules[m], attr, None)
+        if current is None:
+            continue
+        original = getattr(current, _ORIGINAL, current)
+        wrapper = factory(original)
+        setattr(wrapper, _ORIGINAL, original)
+        setattr(modules[m], attr, wrapper)
+        hooked.append(f"{m}.{attr}")
+    return hooked
+
+
+def installed() -> list[str]:
+    """The ``module.name`` seams currently hooked by :func:`install`."""
+    out = []
+    for m, attr, _, _ in _SEAMS:
+        mod = importlib.import_module(m) if _importable(m) else None
+        if mod is not None and hasattr(getattr(mod, attr, None), _ORIGINAL):
+            out.append(f"{m}.{attr}")
+    return out
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except ImportError:
+        return False
 
 
 def uninstall() -> bool:
     """Undo :func:`install`; False when it was not installed (or Megatron-LM is absent)."""
-    try:
-        training = importlib.import_module("megatron.training.training")
-    except ImportError:
-        return False
-    original = getattr(getattr(training, "get_megatron_optimizer", None), _ORIGINAL, None)
-    if original is None:
-        return False
-    training.get_megatron_optimizer = original
-    return True
+    undone = False
+    for m, attr, _, _ in _SEAMS:
+        if not _importable(m):
+            continue
+        mod = importlib.import_module(m)
+        original = getattr(getattr(mod, attr, None), _ORIGINAL, None)
+        if original is not None:
+            setattr(mod, attr, original)
+            undone = True
+    _State.optimizer = None
+    return undone
 
 
 # ------------------------------------------------------------------------------ core ≥ 0.18 registry
@@ -195,13 +414,6 @@ def _config_to_kwargs(name: str, md: Optional[MDConfig]) -> Callable:
     return config_to_kwargs
 
 
-def _core_version() -> str:
-    try:
-        return importlib.import_module("megatron.core.package_info").__version__
-    except (ImportError, AttributeError):
-        return "unknown"
-
-
 def register_emerging_optimizers(md: Optional[MDConfig] = None) -> bool:
     """Register :data:`REGISTRY_METHODS` in megatron-core's emerging-optimizer registry (≥ 0.18).
 
@@ -209,32 +421,22 @@ def register_emerging_optimizers(md: Optional[MDConfig] = None) -> bool:
     ``get_megatron_optimizer`` (which routes embeddings, output head and non-2-D params to Adam).
     Hyperparameters come from ``md``, else from Megatron-LM's parsed args, else the defaults.
     Returns False, logging why, when there is no registry (megatron-core 0.16/0.17) or its API
-    is not the one this code knows. Names the registry already holds for another class (its own
-    ``muon``) are left alone.
+    is not the one this code knows (:func:`megatron_md.megatron.compat.emerging_registry`).
+    Names the registry already holds for another class (its own ``muon``) are left alone.
 
     Warning: that path runs our classes without megatron_md's sharding: each TP shard is treated
     as a whole matrix (blockwise, like ``--muon-tp-mode blockwise``; the MD sphere radius comes
-    from the local shape), fused QKV is not split, fp32 params only, and megatron-core requires
-    the ``emerging-optimizers`` package for any registry entry. :func:`install` has none of
-    these limits.
+    from the local shape), fused QKV is not split, fp32 params only, and megatron-core refuses
+    every registry entry unless the ``emerging-optimizers`` package (≥ 0.2) is installed.
+    :func:`install` has none of these limits.
     """
-    try:
-        module = importlib.import_module("megatron.core.optimizer.emerging_optimizers")
-    except ImportError:
-        logger.info("megatron_md: megatron-core %s has no emerging-optimizer registry (it arrives in 0.18); "
-                    "nothing registered, use megatron_md.megatron_lm.install()", _core_version())
+    from .megatron.compat import emerging_registry
+
+    reg, why = emerging_registry()
+    if reg is None:
+        logger.info("megatron_md: %s; nothing registered, use megatron_md.megatron_lm.install()", why)
         return False
-    registry = getattr(module, "_EMERGING_OPTIMIZERS", None)
-    entry_cls = getattr(module, "EmergingOptimizerEntry", None)
-    accepted: set = set()
-    if entry_cls is not None:
-        accepted = ({f.name for f in dataclasses.fields(entry_cls)} if dataclasses.is_dataclass(entry_cls)
-                    else set(inspect.signature(entry_cls).parameters))
-    if not isinstance(registry, dict) or not {"optimizer_cls", "config_to_kwargs"} <= accepted:
-        logger.info("megatron_md: megatron-core %s's emerging_optimizers module has no registry API this version "
-                    "of megatron_md knows (_EMERGING_OPTIMIZERS + EmergingOptimizerEntry); nothing registered",
-                    _core_version())
-        return False
+    registry, entry_cls, accepted = reg.entries, reg.entry_cls, reg.fields
     for name in REGISTRY_METHODS:
         cls = METHOD_CONFIGS[name].optimizer_class
         held = registry.get(name)
@@ -246,7 +448,7 @@ def register_emerging_optimizers(md: Optional[MDConfig] = None) -> bool:
         if "init_state_fn" in accepted:
             kw["init_state_fn"] = _state_exists
         registry[name] = entry_cls(**kw)
-    if getattr(module, "HAVE_EMERGING_OPTIMIZERS", True) is False:
+    if getattr(reg.module, "HAVE_EMERGING_OPTIMIZERS", True) is False:
         logger.info("megatron_md: registered, but megatron-core refuses every registry optimizer until the "
                     "emerging-optimizers package is installed")
     return True

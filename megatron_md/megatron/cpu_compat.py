@@ -2,14 +2,48 @@
 
 megatron-core (0.16.x and later) assumes CUDA everywhere: literal ``device="cuda"`` tensor
 factories, ``torch.cuda.current_device()`` as a device argument, CUDA RNG generators,
-streams and events, CUDA type names in optimizer checks, and a few code paths that only work
-with Transformer-Engine/Apex installed. This module patches exactly those places, in-process,
-so that tensor/sequence/expert/pipeline parallelism, MoE, megatron's DDP, its optimizers and
-``dist_checkpointing`` run unchanged on CPU (``tests/megatron/test_cpu_compat.py`` checks TP/SP
-against TP=1, MoE with EP and the alltoall dispatcher, DDP + Adam, and exact resume of the
-DistributedOptimizer from memory and from a torch_dist checkpoint). We use it for the
-``tests/megatron`` tier and for CPU smoke runs of the training driver; it is never needed (and
-never active) on a GPU machine.
+streams and events, CUDA type names in dtype checks, NCCL-only collectives and a few code paths
+that only work with Transformer-Engine/Apex/grouped_gemm installed. This module stands in for
+exactly those *device-level* things, in-process; it changes no optimizer or checkpoint logic
+of megatron-core (no patch touches ``megatron.core.optimizer`` or
+``megatron.core.dist_checkpointing``: ``tests/megatron/test_cpu_compat.py`` checks that
+against :func:`targets`), so the tests run the optimizer and checkpoint code a GPU cluster runs.
+We use it for the ``tests/megatron`` tier and for CPU smoke runs of the training driver; it is
+never needed (and never active) on a GPU machine.
+
+Every patch, and why (details in each function's docstring):
+
+==========================  ==============================================================
+``current_device``          ``torch.cuda.current_device()`` → the CPU device (used as a
+                            device argument in ~170 places).
+``device_remap``            a TorchFunctionMode that maps CUDA device requests to CPU
+                            (``device="cuda"``, ``.cuda()``, ``.to("cuda")``), also inside
+                            autograd's backward.
+``tensor_type``             ``Tensor.type()`` called from ``megatron.*`` reports the CUDA
+                            type name (dtype checks written as CUDA type names).
+``rng``                     the CUDA RNG primitives (get/set state, ``manual_seed``) act on
+                            the CPU default generator; megatron's tracker runs unchanged.
+``streams``                 CUDA streams, events and ``synchronize`` become no-ops (CPU work
+                            is synchronous).
+``no_compile``              TorchDynamo off: ``torch.compile``-d fusions run eagerly instead
+                            of building Inductor C++ in every rank.
+``grouped_gemm``            pure-torch stand-in for the CUDA-only ``grouped_gemm`` package
+                            (legacy GroupedMLP); skipped where megatron-core has no such module.
+``sp_torch_norm``           sequence parallelism with the local spec's torch norms, tagged
+                            ``sequence_parallel`` as Apex/TE norms are.
+``moe_router_without_te``   ``te_general_gemm = None`` when TE is absent (a NameError
+                            otherwise; fixed in later megatron-core, then skipped).
+``moe_host_splits``         host split sizes of the alltoall dispatcher as numpy arrays
+                            (the CUDA→host move is the identity on CPU).
+``gloo_uneven_allgather``   all-gather-v on gloo by padding (NCCL accepts unequal sizes).
+==========================  ==============================================================
+
+Removed, because they changed megatron-core's optimizer or checkpoint logic rather than a
+device call: ``distopt_torch_adam`` (``DistributedOptimizer.state_dict``/``load_state_dict``/
+``_set_main_param_and_optimizer_states`` for torch-native Adam's per-param ``step``; our
+optimizers are checkpointed by megatron_md's own code, ``training/checkpointing.py``, and
+megatron-core's torch-Adam fallback is not what clusters run) and ``ckpt_without_psutil``
+(``dist_checkpointing``'s async writer; install ``psutil`` to save torch_dist checkpoints).
 
 Usage, once per process, on its main thread, before building models (spawned ranks must call
 it themselves; ``megatron_md.testing.spawn.run_group(..., megatron=True)`` does)::
@@ -65,6 +99,7 @@ __all__ = [
     "is_device_remap_active",
     "patched",
     "skipped",
+    "targets",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,9 +135,11 @@ class _Recorder:
 
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
+        self.targets: list[tuple[Any, str]] = []
 
     def setattr(self, obj: Any, name: str, value: Any) -> None:
         """``setattr(obj, name, value)``, restoring the old value (or absence) on undo."""
+        self.targets.append((obj, name))
         old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else _MISSING
         if old is _MISSING and hasattr(obj, name) and not isinstance(obj, type):
             old = getattr(obj, name)  # e.g. module attribute provided by __getattr__
@@ -577,93 +614,6 @@ def _patch_gloo_uneven_allgather(rec: _Recorder) -> None:
     rec.setattr(dist, "all_gather", all_gather)
 
 
-# ------------------------------------------------------------------------ dist_checkpointing
-def _patch_ckpt_without_psutil(rec: _Recorder) -> None:
-    """``dist_checkpointing`` async writers: report 0 bytes of memory when psutil is missing.
-
-    Without it: the torch_dist save forks writer processes that call ``_process_memory()``
-    (for a log line) *outside* their try/except; without psutil (not a declared dependency of
-    megatron-core) it raises, the writer dies before signalling completion and ``save()``
-    hangs forever. The value is only logged. Skipped when psutil is installed (preferred).
-    """
-    fa = _import("megatron.core.dist_checkpointing.strategies.filesystem_async")
-    _require(fa, "_process_memory")
-    if getattr(fa, "HAVE_PSUTIL", True):
-        raise NotApplicable("psutil is installed")
-    rec.setattr(fa, "_process_memory", lambda: 0)
-
-
-def _patch_distopt_torch_adam(rec: _Recorder) -> None:
-    """DistributedOptimizer save/load with torch-native Adam keeps each param's exact Adam step.
-
-    Without TE/Apex (always the case on CPU) the inner optimizer is ``torch.optim.Adam``, whose
-    ``step`` counter is a per-param state tensor, while megatron's code follows FusedAdam
-    (``step`` in ``param_groups``). Three consequences, each fixed here:
-
-    (a) ``state_dict()`` asserts exactly one distinct per-param ``step``; a *fresh*
-        optimizer (or one whose state was created by ``init_state_fn``) has none, so the
-        load-time ``sharded_state_dict(..., is_loading=True)`` raises ``AssertionError``.
-        Fix: such an optimizer reports step 0 (it has not stepped).
-    (b) ``_set_main_param_and_optimizer_states()`` copies *every* key of the inner state from
-        the loaded tensors, ``step`` included: the dp_zero / fully_reshardable paths carry no
-        ``step`` (``KeyError``); for dp_reshardable the ``step`` is the *fresh* optimizer's 0,
-        which silently resets the step that ``load_state_dict`` restored from
-        ``param_groups``. Fix: ``step`` is never taken from the param-state tensors.
-    (c) ``load_state_dict()`` stores ONE step tensor object in every param's state; torch
-        Adam increments ``state["step"]`` in place per param, so after a reload the step (and
-        bias correction) advances N times per iteration: silently different updates.
-        Fix: give each param its own copy.
-    """
-    do = _import("megatron.core.optimizer.distrib_optimizer")
-    _require(do, "DistributedOptimizer")
-    DO = do.DistributedOptimizer
-    _require(DO, "state_dict", "load_state_dict", "_set_main_param_and_optimizer_states")
-    if getattr(do, "HAVE_APEX_OR_TE", None) is not False:
-        raise NotApplicable("a fused Adam (TE/Apex) is in use, or HAVE_APEX_OR_TE is gone")
-    orig_state_dict = DO.state_dict
-    orig_load_state_dict = DO.load_state_dict
-    orig_set_states = DO._set_main_param_and_optimizer_states
-
-    def state_dict(self):
-        inner = self.optimizer
-        real_state_dict = inner.state_dict
-
-        def with_default_step():
-            sd = real_state_dict()
-            states = sd["state"]
-            if not any("step" in s for s in states.values()):
-                # Not stepped yet: report step 0 the way torch Adam would after loading.
-                sd["state"] = {k: {**s, "step": torch.tensor(0.0)} for k, s in states.items()}
-                sd["state"] = sd["state"] or {0: {"step": torch.tensor(0.0)}}
-            return sd
-
-        inner.state_dict = with_default_step
-        try:
-            return orig_state_dict(self)
-        finally:
-            del inner.state_dict
-
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        if not getattr(self.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            state = self.optimizer.state[main_param]
-            if "step" in state:  # restored by load_state_dict(); keep it
-                tensors = {**tensors, "step": state["step"]}
-        return orig_set_states(self, model_param, tensors)
-
-    def load_state_dict(self, state_dict):
-        result = orig_load_state_dict(self, state_dict)
-        for state in self.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-        return result
-
-    rec.setattr(DO, "state_dict", state_dict)
-    rec.setattr(DO, "load_state_dict", load_state_dict)
-    rec.setattr(DO, "_set_main_param_and_optimizer_states", _set_main_param_and_optimizer_states)
-
-
 # ---------------------------------------------------------------------------------- registry
 PATCHES: Mapping[str, Patch] = MappingProxyType(
     {
@@ -680,8 +630,6 @@ PATCHES: Mapping[str, Patch] = MappingProxyType(
             Patch("moe_router_without_te", _patch_moe_router_without_te),
             Patch("moe_host_splits", _patch_moe_host_splits),
             Patch("gloo_uneven_allgather", _patch_gloo_uneven_allgather),
-            Patch("ckpt_without_psutil", _patch_ckpt_without_psutil),
-            Patch("distopt_torch_adam", _patch_distopt_torch_adam),
         )
     }
 )
@@ -734,6 +682,21 @@ def apply(skip: Iterable[str] = (), only: Iterable[str] | None = None) -> list[s
             _SKIPPED.pop(name, None)
             _APPLIED[name] = rec
         return applied()
+
+
+def targets() -> dict[str, list[str]]:
+    """For each applied patch, the ``module.attribute`` / ``module.Class.attribute`` names it
+    replaced (what ``tests/megatron/test_cpu_compat.py`` checks against megatron-core's optimizer
+    and checkpoint code)."""
+    def describe(obj: Any, name: str) -> str:
+        if isinstance(obj, ModuleType):
+            return f"{obj.__name__}.{name}"
+        if isinstance(obj, type):
+            return f"{obj.__module__}.{obj.__qualname__}.{name}"
+        return f"{type(obj).__module__}.{type(obj).__qualname__}().{name}"
+
+    with _LOCK:
+        return {n: [describe(o, a) for o, a in rec.targets] for n, rec in _APPLIED.items()}
 
 
 def applied() -> list[str]:

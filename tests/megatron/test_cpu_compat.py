@@ -7,7 +7,8 @@ seconds per process); each pytest test below asserts one named check of that gro
   TP=2 (with and without sequence parallelism) reproduces the losses and, gathered along each
   param's ``partition_dim``, the parameters of the same model trained at TP=1;
 * a tiny MoE GPT (4 experts, top-2, alltoall dispatcher) trains at EP=2;
-* the DistributedOptimizer with torch-native Adam resumes exactly from its saved state;
+* megatron's DistributedOptimizer (ZeRO-1, DP=2) takes the same steps as its FP32 optimizer;
+* no patch replaces any function of megatron-core's optimizer or dist_checkpointing code;
 * the RNG tracker, gloo's uneven all-gather and the parameter attributes megatron sets
   (``tensor_model_parallel``, ``partition_dim``, ``allreduce``, ...).
 
@@ -33,6 +34,9 @@ pytestmark = pytest.mark.skipif(
 
 VOCAB, SEQ, HIDDEN, HEADS, LAYERS, BATCH = 128, 16, 64, 4, 2, 4
 STEPS, LR = 3, 1e-2
+#: patches every megatron-core release needs on CPU (the rest may be skipped, see the check)
+DEVICE_PATCHES = ("current_device", "device_remap", "tensor_type", "rng", "streams", "no_compile",
+                  "sp_torch_norm", "moe_host_splits", "gloo_uneven_allgather")
 ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "allreduce",
          "sequence_parallel", "is_embedding_or_output_parameter", "shared", "shared_embedding",
          "zero_out_wgrad")
@@ -113,16 +117,6 @@ def _train(model, opt, batches):
     return losses
 
 
-def _assert_same_continuation(model_a, opt_a, model_b, opt_b, batches):
-    """The uninterrupted run (a) and the resumed one (b) continue bit-identically."""
-    loss_a = _train(model_a, opt_a, batches)
-    loss_b = _train(model_b, opt_b, batches)
-    assert loss_a == loss_b, (loss_a, loss_b)
-    for (n, pa), (_, pb) in zip(model_a.module.named_parameters(),
-                                model_b.module.named_parameters()):
-        assert torch.equal(pa, pb), n
-
-
 def _full_params(model):
     """name -> full parameter, TP shards gathered along ``partition_dim``."""
     import torch.distributed as dist
@@ -178,11 +172,19 @@ def _megatron_checks(ctx):
     import torch.distributed as dist
 
     with ctx.check("cpu_compat_applied"):
-        applied = set(cpu_compat.applied())
-        expected = set(cpu_compat.PATCHES) - {"ckpt_without_psutil"}  # skipped if psutil exists
-        assert expected <= applied, (sorted(expected - applied), cpu_compat.skipped())
+        applied, skipped = set(cpu_compat.applied()), cpu_compat.skipped()
+        assert applied | set(skipped) == set(cpu_compat.PATCHES), (applied, skipped)
+        missing = set(DEVICE_PATCHES) - applied  # needed by every megatron-core release
+        assert not missing, (sorted(missing), skipped)
+        # the others stand in for a missing package / a megatron-core bug: skipped, with a reason,
+        # where the installed release has no such module or fixed it (0.19: both)
+        assert all(skipped[n] for n in set(cpu_compat.PATCHES) - applied), skipped
+        ctx.record("cpu_compat_skipped", skipped)
         assert torch.zeros(1, device="cuda").device.type == "cpu"
         assert torch.ones(2).cuda().to("cuda:0").device.type == "cpu"
+
+    with ctx.check("no_optimizer_or_checkpoint_patch"):
+        _assert_optimizer_and_checkpoint_code_is_megatrons()
 
     with ctx.check("rng_tracker"):
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -265,11 +267,8 @@ def _megatron_checks(ctx):
         routers = [n for n, _, _ in table if n.endswith("router.weight")]
         assert len(routers) == LAYERS, routers
 
-    with ctx.check("distopt_torch_adam_exact_resume"):
-        _distopt_resume(ctx)
-
-    with ctx.check("distopt_dist_checkpointing_exact_resume", timeout=120):
-        _distopt_checkpoint_resume(ctx)
+    with ctx.check("distopt_adam_matches_fp32_adam"):
+        _distopt_matches(ctx)
 
     with ctx.check("gloo_uneven_allgather"):
         mine = torch.arange(3 + ctx.rank, dtype=torch.float32) + 10 * ctx.rank
@@ -279,71 +278,66 @@ def _megatron_checks(ctx):
             assert torch.equal(out, torch.arange(3 + r, dtype=torch.float32) + 10 * r), outs
 
 
-def _distopt_resume(ctx):
-    """Train 2 steps, copy the DistributedOptimizer state into a fresh one, take step 3 on
-    both: parameters and every param's Adam step must agree exactly (cpu_compat fixes (a),
-    (b), (c) of ``distopt_torch_adam``; the optimizer's type checks need ``tensor_type``)."""
+def _assert_optimizer_and_checkpoint_code_is_megatrons():
+    """With every patch applied, no function or method of megatron-core's optimizer and
+    dist_checkpointing packages is replaced: the patch targets lie elsewhere, and every
+    function reachable from those modules' namespaces and classes is megatron's own."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import megatron.core.dist_checkpointing as dc
+    import megatron.core.optimizer as mo
+
+    protected = ("megatron.core.optimizer", "megatron.core.dist_checkpointing")
+    hit = [t for ts in cpu_compat.targets().values() for t in ts if t.startswith(protected)]
+    assert not hit, hit
+    ours = os.path.dirname(os.path.abspath(cpu_compat.__file__)).rsplit(os.sep, 1)[0]  # megatron_md/
+    foreign, seen = [], set()
+    for pkg in (mo, dc):
+        for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            try:
+                mod = importlib.import_module(info.name)
+            except ImportError:  # optional (TE/Apex/nvidia-resiliency) back-ends
+                continue
+            for name, obj in vars(mod).items():
+                if inspect.isclass(obj) and obj.__module__ == mod.__name__:
+                    members = [(f"{name}.{k}", v) for k, v in vars(obj).items()]
+                elif inspect.isfunction(obj) and obj.__module__ == mod.__name__:
+                    members = [(name, obj)]
+                else:
+                    continue
+                for qual, fn in members:
+                    fn = getattr(fn, "__func__", fn)
+                    if inspect.isfunction(fn):
+                        seen.add(f"{mod.__name__}.{qual}")
+                        if fn.__module__.startswith("megatron_md") or fn.__code__.co_filename.startswith(ours):
+                            foreign.append(f"{mod.__name__}.{qual} is {fn.__module__}.{fn.__qualname__}")
+    # the walk really looked at the methods the old distopt patch replaced, and much more
+    do = "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+    assert {do + m for m in ("state_dict", "load_state_dict", "_set_main_param_and_optimizer_states")} <= seen
+    assert len(seen) > 300, len(seen)
+    assert not foreign, foreign
+
+
+def _distopt_matches(ctx):
+    """Megatron's DistributedOptimizer (ZeRO-1 over DP=2) with its torch-Adam fallback takes
+    the same steps as its non-distributed FP32 Adam, unpatched: cpu_compat supplies devices,
+    not optimizer logic (the distributed optimizer's type checks need ``tensor_type``)."""
     from megatron.core import parallel_state as ps
 
     ctx.init_model_parallel(tp=1)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    batches = [_batch(s, dp_rank, dp) for s in range(3)]
-    cfg = _config()
-
-    def inner(opt):
-        return opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
-
-    model_a, opt_a = _build(cfg, dist_opt=True)
-    assert type(inner(opt_a)).__name__ == "DistributedOptimizer", type(inner(opt_a))
-    _train(model_a, opt_a, batches[:2])
-    saved = inner(opt_a).state_dict()
-    param_state = inner(opt_a).get_parameter_state_dp_zero()  # gathered on DP rank 0
-    model_sd = model_a.module.state_dict()
-
-    model_b, opt_b = _build(cfg, dist_opt=True)
-    inner(opt_b).state_dict()  # (a): a fresh optimizer's state_dict() must work
-    model_b.module.load_state_dict(model_sd)
-    inner(opt_b).load_state_dict(saved)  # (c): one shared step tensor otherwise
-    with torch.no_grad():  # fp32 main params are views of the (leaf) model params
-        inner(opt_b).load_parameter_state_from_dp_zero(param_state)  # (b): KeyError 'step'
-    _assert_same_continuation(model_a, opt_a, model_b, opt_b, batches[2:])
-    steps = [s["step"] for s in inner(opt_b).optimizer.state.values()]
-    assert steps and all(float(s) == 3.0 for s in steps), [float(s) for s in steps]
-    assert len({id(s) for s in steps}) == len(steps), "Adam step tensors are shared"
-
-
-def _distopt_checkpoint_resume(ctx, sharding="dp_reshardable"):
-    """The same through megatron's ``dist_checkpointing`` (torch_dist save, load into a fresh
-    model and optimizer): exercises ``sharded_state_dict(is_loading=True)`` on a fresh
-    optimizer (a), the dp_reshardable step reset (b), and the async writer without psutil."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
-    ctx.init_model_parallel(tp=1)
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    batches = [_batch(s, dp_rank, dp) for s in range(3)]
-    meta = {"distrib_optim_sharding_type": sharding}
-
-    def sharded(model, opt, is_loading):
-        msd = model.module.sharded_state_dict()
-        return {"model": msd, "optimizer": opt.sharded_state_dict(msd, is_loading=is_loading,
-                                                                  metadata=meta)}
-
-    path = os.path.join(ctx.tmpdir, "ckpt_" + sharding)
-    if ctx.rank == 0:
-        os.makedirs(path)
-    dist.barrier()
-    model_a, opt_a = _build(_config(), dist_opt=True)
-    _train(model_a, opt_a, batches[:2])
-    dist_checkpointing.save(sharded(model_a, opt_a, False), path)
-
+    batches = [_batch(s, dp_rank, dp) for s in range(STEPS)]
+    model_a, opt_a = _build(_config(), dist_opt=False)
     model_b, opt_b = _build(_config(), dist_opt=True)
-    loaded = dist_checkpointing.load(sharded(model_b, opt_b, True), path)
-    model_b.module.load_state_dict(loaded["model"])
-    with torch.no_grad():  # fp32 main params are views of the (leaf) model params
-        opt_b.load_state_dict(loaded["optimizer"])
-    _assert_same_continuation(model_a, opt_a, model_b, opt_b, batches[2:])
+    inner = opt_b.chained_optimizers[0] if hasattr(opt_b, "chained_optimizers") else opt_b
+    assert type(inner).__name__ == "DistributedOptimizer", type(inner)
+    loss_a, loss_b = _train(model_a, opt_a, batches), _train(model_b, opt_b, batches)
+    for a, b in zip(loss_a, loss_b):
+        assert _close(a, b, rtol=1e-6), (loss_a, loss_b)
+    for (n, pa), (_, pb) in zip(model_a.module.named_parameters(), model_b.module.named_parameters()):
+        assert _rel_diff(n, pb.detach(), pa.detach()) < 1e-5, n
 
 
 # ================================================================ pytest side
@@ -352,6 +346,7 @@ megatron_group = group_fixture(2, _megatron_checks, megatron=True, timeout=300)
 
 @pytest.mark.parametrize("check", [
     "cpu_compat_applied",
+    "no_optimizer_or_checkpoint_patch",
     "rng_tracker",
     "gpt_tp1_reference_trains",
     "gpt_tp2_matches_tp1",
@@ -359,8 +354,7 @@ megatron_group = group_fixture(2, _megatron_checks, megatron=True, timeout=300)
     "gpt_param_attributes",
     "moe_ep2_alltoall_trains",
     "moe_param_attributes",
-    "distopt_torch_adam_exact_resume",
-    "distopt_dist_checkpointing_exact_resume",
+    "distopt_adam_matches_fp32_adam",
     "gloo_uneven_allgather",
 ])
 def test_megatron_on_cpu(megatron_group, check):

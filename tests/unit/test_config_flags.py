@@ -327,12 +327,19 @@ def fake_megatron_lm(monkeypatch):
     state = SimpleNamespace(args=None)
     training = types.ModuleType("megatron.training.training")
     training.get_megatron_optimizer = original
+    for seam in ("evaluate", "save_checkpoint", "load_checkpoint"):
+        setattr(training, seam, lambda *a, **k: None)
+    arguments = types.ModuleType("megatron.training.arguments")
+    arguments.add_megatron_arguments = lambda p: p
+    arguments.validate_args = lambda args, defaults={}: args
     gv = types.ModuleType("megatron.training.global_vars")
     gv.get_args = lambda: state.args
     builder = types.ModuleType("megatron_md.megatron.builder")
     builder.get_megatron_optimizer = build
     for name, mod in (("megatron.training", types.ModuleType("megatron.training")),
                       ("megatron.training.training", training), ("megatron.training.global_vars", gv),
+                      ("megatron.training.arguments", arguments),
+                      ("megatron.training.initialize", types.ModuleType("megatron.training.initialize")),
                       ("megatron_md.megatron.builder", builder)):
         monkeypatch.setitem(sys.modules, name, mod)
 
@@ -372,6 +379,34 @@ def test_install_routes_our_names_to_our_builder(fake_megatron_lm):
     megatron_lm.install(builtin="md")
     assert run("--optimizer muon --md-muon-momentum 0.8")[1]["md"].muon.momentum == 0.8
     assert megatron_lm.uninstall() is True and training.get_megatron_optimizer is original
+
+
+def test_install_validates_megatron_lm_args_before_training(fake_megatron_lm):
+    """The validate_args seam: our checks (and the checkpoint formats megatron_md's state does
+    not fit) fail at argument validation; other optimizers are left to Megatron-LM."""
+    megatron_lm.install()
+    arguments = sys.modules["megatron.training.arguments"]
+    parser = arguments.add_megatron_arguments(_parser_with(_megatron_lm_like))
+    assert arguments.add_megatron_arguments(parser) is parser  # our flags once, however often called
+
+    def args(argv, **extra):
+        a = parser.parse_args(argv.split())
+        for k, v in dict(dict(weight_decay=0.0, save=None, load=None, ckpt_format="torch_dist",
+                              use_distributed_optimizer=False), **extra).items():
+            setattr(a, k, v)
+        return a
+
+    ok = args("--optimizer muon-md")
+    assert arguments.validate_args(ok) is ok and ok.optimizer == "muon-md"
+    with pytest.raises(ValueError, match="--weight-decay"):
+        arguments.validate_args(args("--optimizer muon-md", weight_decay=0.01))
+    with pytest.raises(ValueError, match="pass --ckpt-format torch"):
+        arguments.validate_args(args("--optimizer rmnp", save="/ckpt"))
+    with pytest.raises(ValueError, match="--use-distributed-optimizer"):
+        arguments.validate_args(args("--optimizer rmnp", save="/ckpt", ckpt_format="torch",
+                                     use_distributed_optimizer=True))
+    arguments.validate_args(args("--optimizer rmnp", save="/ckpt", ckpt_format="torch"))
+    arguments.validate_args(args("--optimizer adam", save="/ckpt", weight_decay=0.01))  # Megatron-LM's own
 
 
 def test_register_emerging_optimizers_with_a_registry(monkeypatch):

@@ -1,0 +1,108 @@
+"""Megatron-LM's own ``pretrain_gpt.py`` (its training loop, schedules, logging, checkpoints) with
+megatron_md's optimizers, through ``examples/megatron_lm/pretrain_gpt_md.py`` — the launcher a
+user runs — on CPU/gloo with Megatron's mock data and a tiny GPT.
+
+Needs ``MEGATRON_LM_PATH`` (a Megatron-LM checkout at the release matching the installed
+megatron-core, e.g. core_v0.16.1; read-only) and Megatron-LM's own import dependencies
+(``six regex pyyaml pydantic triton``; see docs/compatibility.md); skipped without the variable.
+The CPU start-up shims for ``megatron.training`` are test-only: ``cpu_megatron_lm.py``.
+
+Each run is a ``torchrun --nproc-per-node 2`` subprocess; the checks read Megatron-LM's own log
+lines (``iteration N/ M | ... lm loss: ... | grad norm: ...``, ``validation loss at iteration``,
+its argument table).
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
+pytestmark = [
+    pytest.mark.megatron,
+    pytest.mark.skipif(not MEGATRON_LM_PATH, reason="MEGATRON_LM_PATH is not set (a Megatron-LM checkout; "
+                                                    "see docs/compatibility.md)"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER = ROOT / "examples" / "megatron_lm" / "pretrain_gpt_md.py"
+SHIMS = Path(__file__).with_name("cpu_megatron_lm.py")
+TINY_GPT = (
+    "--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 --seq-length 32 "
+    "--max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 4 --train-iters 6 "
+    "--eval-interval 3 --eval-iters 2 --log-interval 1 --lr 0.01 --lr-decay-style constant --weight-decay 0 "
+    "--clip-grad 1.0 --seed 1234 --mock-data --tokenizer-type NullTokenizer --vocab-size 128 "
+    "--distributed-backend gloo --transformer-impl local --use-cpu-initialization "
+    "--no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-dropout-fusion "
+    "--no-persist-layer-norm --no-rope-fusion --position-embedding-type learned_absolute "
+    "--attention-dropout 0 --hidden-dropout 0").split()
+ITER = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: (\S+) \|.*?grad norm: (\S+) \|")
+VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: (\S+) \|")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(*flags: str, probe: bool = False, timeout: int = 400):
+    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1")
+    if probe:
+        env["MEGATRON_MD_TEST_PROBE_EVAL"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), str(SHIMS), str(LAUNCHER), *TINY_GPT, *flags]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    iters = {int(m[1]): (float(m[2]), float(m[3])) for m in ITER.finditer(out)}
+    valid = {int(m[1]): float(m[2]) for m in VALID.finditer(out)}
+    return proc.returncode, out, iters, valid
+
+
+def _trained(rc, out, iters, valid, name, its=range(1, 7)):
+    assert rc == 0, out[-4000:]
+    assert re.search(rf"^\s*optimizer \.+ {re.escape(name)}$", out, re.M), "argument table: " + name
+    assert f"megatron_md: built --optimizer {name}" in out, out[-4000:]
+    assert sorted(iters) == list(its), (sorted(iters), out[-3000:])
+    losses = [iters[i][0] for i in its]
+    assert all(x == x and x < 10 for x in losses), losses
+    assert losses[-1] < losses[0] - 0.3 and valid[6] < valid[3], (losses, valid)
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("muon-md", ["--tensor-model-parallel-size", "2"]),
+    # TP=1 x DP=2: ZeRO-1 flat shards (FlatRange math) in Megatron's DistributedOptimizer
+    ("rmnp", ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]),
+])
+def test_pretrain_gpt_trains(name, flags):
+    _trained(*_run("--optimizer", name, *flags), name)
+
+
+def test_schedule_free_evaluates_and_saves_x_and_resumes_exactly(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    common = ["--optimizer", "sf-normuon", "--tensor-model-parallel-size", "2", "--ckpt-format", "torch"]
+    rc, out, iters, valid = _run(*common, "--save", ckpt, "--save-interval", "3", probe=True)
+    _trained(rc, out, iters, valid, "sf-normuon")
+    probes = re.findall(r"MEGATRON_MD_PROBE evaluate train_mode=(\[.*?\])", out)
+    assert probes and all("True" not in p and "False" in p for p in probes), probes  # x during every evaluation
+    # the checkpoint at iteration 3 holds x; loading it turns the parameters back into y, so the
+    # resumed run takes the same steps (grad norms, and the final validation loss at x)
+    rc2, out2, iters2, valid2 = _run(*common, "--load", ckpt, "--ckpt-step", "3")
+    assert rc2 == 0, out2[-4000:]
+    assert "successfully loaded checkpoint" in out2
+    assert sorted(iters2) == [4, 5, 6], out2[-3000:]
+    assert [iters2[i][1] for i in (4, 5, 6)] == [iters[i][1] for i in (4, 5, 6)], (iters2, iters)
+    assert iters2[4][0] == iters[4][0] and iters2[6][0] == iters[6][0], (iters2, iters)
+    assert valid2[6] == valid[6], (valid2, valid)
+
+
+def test_checkpoint_formats_it_cannot_hold_are_refused_before_training(tmp_path):
+    rc, out, iters, _ = _run("--optimizer", "muon-md", "--tensor-model-parallel-size", "2",
+                             "--save", str(tmp_path / "c"), "--save-interval", "3", "--ckpt-format", "torch_dist")
+    assert rc != 0 and not iters, out[-3000:]
+    assert "--ckpt-format torch_dist" in out and "pass --ckpt-format torch" in out, out[-3000:]
