@@ -90,10 +90,10 @@ class _SkipNonFinite:
         is_expert_parallel, is_decoupled_lr); our matrix and Adam groups share those, so
         ``md_role`` is part of the key here. Otherwise the same semantics: parameter lists keep
         the saved order, hyperparameters come from the matching saved group."""
-        from megatron.core.optimizer.optimizer import param_group_identifier_keys as keys
+        from .compat import param_group_identifier
 
         def ident(g):
-            return (g.get("md_role"),) + tuple(g[k] if k in g else g[f"pre_{k}"] for k in keys)
+            return (g.get("md_role"),) + param_group_identifier(g)
 
         loaded = {ident(g): g for g in state_dict_groups}
         if len(loaded) != len(state_dict_groups):
@@ -146,18 +146,8 @@ def hybrid_optimizers(optimizer) -> list[HybridOptimizer]:
 
 # ----------------------------------------------------------------------------- the builder
 def _process_groups(model_chunks, use_gloo: bool) -> dict:
-    from megatron.core import parallel_state as ps
-    try:
-        from megatron.core.process_groups_config import ProcessGroupCollection
-        return ProcessGroupCollection.setup_process_groups_for_optimizer(None, model_chunks, use_gloo)
-    except (ImportError, AttributeError):  # older/newer layouts: fall back to parallel_state
-        return dict(intra_dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
-                    intra_dp_cp_group_gloo=ps.get_data_parallel_group_gloo(with_context_parallel=True) if use_gloo else None,
-                    intra_expt_dp_group=ps.get_expert_data_parallel_group(),
-                    intra_expt_dp_group_gloo=ps.get_expert_data_parallel_group_gloo() if use_gloo else None,
-                    mp_group=ps.get_model_parallel_group(),
-                    expt_tp_pp_group=ps.get_expert_tensor_model_pipeline_parallel_group(),
-                    intra_dist_opt_group=ps.get_data_parallel_group(with_context_parallel=True))
+    from .compat import process_groups_for_optimizer
+    return process_groups_for_optimizer(model_chunks, use_gloo)
 
 
 def _layout_context(model_chunks, split_qkv: bool) -> ModelLayoutContext:
