@@ -3,8 +3,8 @@
 Procedure (arXiv 2606.29158, §3): for every (optimizer, width N, iterations D) with at least
 three learning rates, fit the final validation loss as a quadratic (optionally cubic) in
 ``x = log η`` and take the minimizer ``η*``; the same in ``x = log η_eff`` (the run's mean
-effective LR over its last 10% of iterations, :mod:`megatron_md.training.telemetry`) gives
-``η*_eff``. Then fit ``log η* = a + b log D`` on the smaller D values, extrapolate to the
+effective LR over its last 10% of iterations, :mod:`megatron_md.training.telemetry`, or with
+``eta_key="eta_eff_mean"`` over the whole run) gives ``η*_eff``. Then fit ``log η* = a + b log D`` on the smaller D values, extrapolate to the
 held-out larger ones (relative error, R² in log space) and test curvature (is the log-linear
 fit rejected against a quadratic in ``log D``, F-test at 5%?); the same for ``η*_eff``, and
 along N when there are several widths.
@@ -48,6 +48,8 @@ class PointFit:
     eta_eff_star: Optional[float] = None
     eta_eff_status: str = "ok"
     coeffs: dict = field(default_factory=dict)   # space -> polynomial coefficients (highest first)
+    seeds: int = 1                                 # most seeds at one LR (losses are seed means)
+    seed_spread: float = 0.0                       # largest max - min of final loss across seeds at one LR
 
     @property
     def usable(self) -> bool:
@@ -77,11 +79,21 @@ def _vertex(x: np.ndarray, y: np.ndarray, degree: int) -> tuple[str, Optional[fl
 
 
 def fit_point(optimizer: str, hidden_size: int, train_iters: int, rows: Sequence[dict], *, degree: int = 2,
-              tokens: Optional[int] = None) -> PointFit:
-    """Fit one (optimizer, N, D) from its ok runs (``lr``, ``final_val_loss``, ``eta_eff_last10``)."""
-    rows = sorted(rows, key=lambda r: r["lr"])
-    pf = PointFit(optimizer, hidden_size, train_iters, tokens, [r["lr"] for r in rows],
-                  [r["final_val_loss"] for r in rows], [r.get("eta_eff_last10") for r in rows])
+              tokens: Optional[int] = None, eta_key: str = "eta_eff_last10") -> PointFit:
+    """Fit one (optimizer, N, D) from its ok runs (``lr``, ``final_val_loss``, ``eta_eff_last10``);
+    runs of several seeds at one LR are averaged (``seed_spread``: the largest max − min)."""
+    by_lr: dict = {}
+    for r in rows:
+        by_lr.setdefault(r["lr"], []).append(r)
+    lrs = sorted(by_lr)
+    mean = lambda xs: None if any(x is None for x in xs) else sum(xs) / len(xs)  # noqa: E731
+    losses = [mean([r["final_val_loss"] for r in by_lr[lr]]) for lr in lrs]
+    etas = [mean([r.get(eta_key) for r in by_lr[lr]]) for lr in lrs]
+    rows = [{"lr": lr} for lr in lrs]
+    pf = PointFit(optimizer, hidden_size, train_iters, tokens, lrs, losses, etas)
+    pf.seeds = max(len(v) for v in by_lr.values()) if by_lr else 0
+    pf.seed_spread = max((max(r["final_val_loss"] for r in v) - min(r["final_val_loss"] for r in v)
+                          for v in by_lr.values()), default=0.0)
     if len(rows) < max(3, degree + 1):
         pf.status = "too_few_lrs"
         pf.notes.append(f"{len(rows)} learning rate(s); a degree-{degree} fit needs at least {max(3, degree + 1)}")
@@ -215,12 +227,12 @@ def load_sweep(root: str) -> tuple[list[dict], list[dict], list[str]]:
     return ok, failed, missing
 
 
-def fit_sweep(ok: Sequence[dict], *, degree: int = 2, holdout: int = 1) -> dict:
+def fit_sweep(ok: Sequence[dict], *, degree: int = 2, holdout: int = 1, eta_key: str = "eta_eff_last10") -> dict:
     """Point fits per (optimizer, N, D) and axis fits along D (per N) and N (per D), both spaces."""
     groups: dict = {}
     for r in ok:
         groups.setdefault((r["optimizer"], r["hidden_size"], r["train_iters"]), []).append(r)
-    points = [fit_point(o, n, d, rs, degree=degree, tokens=rs[0].get("tokens"))
+    points = [fit_point(o, n, d, rs, degree=degree, tokens=rs[0].get("tokens"), eta_key=eta_key)
               for (o, n, d), rs in sorted(groups.items())]
     axes = []
     for o in sorted({p.optimizer for p in points}):

@@ -38,7 +38,7 @@ def loss_vs_lr(points, path: Path, space: str = "lr") -> Path:
                 ax.plot([star], [np.polyval(p.coeffs[space], math.log(star))], "*", ms=14, color=cmap(i),
                         markeredgecolor="k")
         ax.set_xscale("log")
-        ax.set_xlabel("learning rate η" if space == "lr" else "effective LR η_eff (mean of last 10%)")
+        ax.set_xlabel("learning rate η" if space == "lr" else "effective LR η_eff of the run")
         ax.set_ylabel("final validation loss")
         ax.set_title(f"{opt}, hidden {n}")
         ax.grid(alpha=0.3)

@@ -76,7 +76,7 @@ def _global_names(model_chunks) -> dict[int, str]:
         for layer in gpt.decoder.layers:
             prefix = f"decoder.layers.{layer.layer_number - 1}."
             for n, p in layer.named_parameters():
-                n = re.sub(r"local_experts\.(\d+)\.", lambda m: f"experts.{int(m.group(1)) + off}.", n)
+                n = re.sub(r"experts\.local_experts\.(\d+)\.", lambda m: f"experts.{int(m.group(1)) + off}.", n)
                 n = re.sub(r"(experts\.linear_fc[12]\.weight)(\d+)$", lambda m: f"{m.group(1)}{int(m.group(2)) + off}", n)
                 out[id(p)] = prefix + n
     return out

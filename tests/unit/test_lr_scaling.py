@@ -143,3 +143,13 @@ def test_plot_run_tool(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "tools" / "plot_run.py"), str(tmp_path / "nope.jsonl")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no such log" in r.stderr
+
+
+def test_seeds_are_averaged_per_lr():
+    one = _rows(ds=[200])
+    two = [dict(r, seed=2, run_id=r["run_id"].replace("-s1", "-s2"), final_val_loss=r["final_val_loss"] + d)
+           for r, d in zip(one, (0.02, -0.01, 0.03, 0.0, -0.02))]
+    p = ls.fit_point("adam", 64, 200, one + two)
+    assert p.seeds == 2 and p.seed_spread == pytest.approx(0.03)
+    assert p.losses == pytest.approx([r["final_val_loss"] + d / 2 for r, d in zip(one, (0.02, -0.01, 0.03, 0.0, -0.02))])
+    assert len(p.lrs) == 5 and p.status == "ok"
