@@ -46,3 +46,27 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Second tier: tests/megatron and tests/megatron_lm on the newest megatron-core (docs/compatibility.md).
+# megatron-core >= 0.17 declares Python >= 3.12 but imports and runs on 3.11 (--ignore-requires-python);
+# 0.19 imports triton unconditionally (moe/ops/paged_stash.py): importable without a GPU.
+LATEST_VENV  := .venv-latest
+LATEST_PY    := $(LATEST_VENV)/bin/python
+LATEST_STAMP := $(LATEST_VENV)/.megatron_md-latest-installed
+MCORE_LATEST ?= megatron-core==0.19.2
+TRITON       ?= triton==3.9.0
+
+.PHONY: test-latest
+$(LATEST_STAMP): pyproject.toml setup.py
+	@test -x $(LATEST_PY) || $(PYTHON) -m venv $(LATEST_VENV)
+	@if $(LATEST_PY) -c "import torch" >/dev/null 2>&1; then :; else $(LATEST_PY) -m pip install '$(TORCH)'; fi
+	$(LATEST_PY) -m pip install --ignore-requires-python '$(MCORE_LATEST)' '$(TRITON)'
+	$(LATEST_PY) -m pip install --no-deps -e .
+	$(LATEST_PY) -m pip install pytest schedulefree sentencepiece numpy
+	touch $@
+
+test-latest: $(LATEST_STAMP)
+	@report=$$(mktemp "$${TMPDIR:-/tmp}/megatron_md-pytest-XXXXXX.xml"); \
+	$(LATEST_PY) -m pytest -p no:cacheprovider --junitxml="$$report" tests/megatron tests/megatron_lm $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 0 ]; then $(LATEST_PY) tools/check_tests_ran.py "$$report" || rc=1; fi; \
+	rm -f "$$report"; exit $$rc
