@@ -17,6 +17,7 @@ logging of Megatron-LM untouched (megatron-core's own CPU needs are
 * ``_compile_dependencies`` runs ``make`` in megatron-core's datasets directory and builds the
   fused CUDA kernels with ``nvcc``: replaced by an import of the dataset helpers the
   megatron-core wheel ships compiled (nothing to compile for CPU kernels).
+* (not CUDA: Python) ``typing.override``, imported by Megatron-LM >= 0.19, is 3.12-only.
 * ``arguments.get_device_arch_version()`` (asked at TP > 1) reads the CUDA device's compute
   capability: answered 0 (a pre-Blackwell arch: only selects a performance warning).
 
@@ -32,8 +33,22 @@ import runpy
 import sys
 
 
+def _python312_names() -> None:
+    """Megatron-LM >= 0.19 (``megatron/training/models/gpt.py``) imports ``typing.override``, new
+    in Python 3.12; these machines have 3.11. ``typing_extensions.override`` is the same
+    decorator (it only sets ``__override__``). Test-time only: on 3.12 nothing is changed."""
+    import typing
+
+    if not hasattr(typing, "override"):
+        import typing_extensions
+
+        typing.override = typing_extensions.override
+
+
 def apply() -> None:
     from megatron_md.megatron import cpu_compat
+
+    _python312_names()
 
     cpu_compat.apply()
     path = os.environ.get("MEGATRON_LM_PATH")
@@ -75,7 +90,8 @@ def apply() -> None:
                 order="tp-cp-ep-dp-pp" if not args.use_tp_pp_dp_mapping else "tp-cp-ep-pp-dp",
                 get_embedding_ranks=get_embedding_ranks,
                 get_position_embedding_ranks=get_position_embedding_ranks,
-                create_gloo_process_groups=args.enable_gloo_process_groups)
+                create_gloo_process_groups=getattr(args, "enable_gloo_process_groups",
+                                                   getattr(args, "use_gloo_process_groups", True)))
         return result
 
     init._initialize_distributed = _initialize_distributed
