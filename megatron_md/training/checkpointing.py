@@ -70,7 +70,8 @@ _MODEL_FLAGS = {
     "swiglu": "--swiglu", "normalization": "--normalization", "position_embedding_type": "--position-embedding-type",
     "max_position_embeddings": "--max-position-embeddings", "untie": "--untie-embeddings-and-output-weights",
     "bias_linear": "--disable-bias-linear", "padded_vocab_size": "--vocab-size (padded)",
-    "num_experts": "--num-experts", "moe_ffn_hidden_size": "--moe-ffn-hidden-size",
+    "num_experts": "--num-experts", "moe_ffn_hidden_size": "--moe-ffn-hidden-size", "rotary_base": "--rotary-base",
+    "moe_router_topk": "--moe-router-topk", "moe_router_pre_softmax": "--moe-router-pre-softmax",
 }
 
 
@@ -188,8 +189,22 @@ def _topology(args) -> dict:
                   "max_position_embeddings": args.max_position_embeddings,
                   "untie": args.untie_embeddings_and_output_weights, "bias_linear": not args.disable_bias_linear,
                   "padded_vocab_size": args.padded_vocab_size, "num_experts": args.num_experts,
-                  "moe_ffn_hidden_size": args.moe_ffn_hidden_size if args.num_experts else None},
+                  "moe_ffn_hidden_size": args.moe_ffn_hidden_size if args.num_experts else None,
+                  "rotary_base": args.rotary_base if args.position_embedding_type == "rope" else None,
+                  "moe_router_topk": args.moe_router_topk if args.num_experts else None,
+                  "moe_router_pre_softmax": args.moe_router_pre_softmax if args.num_experts else None},
+        # not compared on load; read by tools/convert_checkpoint.py
+        "info": {"vocab_size": args.vocab_size, "seq_length": args.seq_length, "layernorm_epsilon": 1e-5,
+                 "transformer_impl": args.transformer_impl, "moe_grouped_gemm": bool(args.moe_grouped_gemm)},
     }
+
+
+def _coords() -> dict:
+    """This rank's place in every parallel group (which shard of what the conversion tools merge)."""
+    from megatron.core import parallel_state as ps
+    return {"tp": ps.get_tensor_model_parallel_rank(), "pp": ps.get_pipeline_model_parallel_rank(),
+            "dp": ps.get_data_parallel_rank(), "ep": ps.get_expert_model_parallel_rank(),
+            "etp": ps.get_expert_tensor_parallel_rank(), "edp": ps.get_expert_data_parallel_rank()}
 
 
 def _topology_error(where: str, have: dict, want: dict, load_optim: bool) -> Optional[str]:
@@ -425,7 +440,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     dist.broadcast_object_list(name, src=0)
     staging = name[0]
     state = {
-        "format": FORMAT, "iteration": iteration, "topology": _topology(args),
+        "format": FORMAT, "iteration": iteration, "topology": _topology(args), "coords": _coords(),
         "model": [c.state_dict() for c in model_chunks],
         "optimizer": _opt_state(optimizer) if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,

@@ -1,0 +1,107 @@
+"""Merge the per-rank model shards of a driver checkpoint into one unsharded state dict.
+
+Every rank file records its coordinates (TP, PP, EP, expert-TP, DP ranks). The merged dict uses
+the names of an unpipelined ``GPTModel`` (``decoder.layers.<global layer>...``, experts
+``mlp.experts.local_experts.<global expert>...``); tensor-parallel shards are joined the way
+megatron-core splits them:
+
+* column-parallel ``linear_qkv`` (whole query groups per rank), ``word_embeddings`` and
+  ``output_layer`` (vocabulary rows): concatenated along dim 0;
+* ``linear_fc1`` of a gated MLP holds ``[gate; up]`` per rank: the gates and the ups are
+  concatenated separately (dim 0), then stacked ``[gate; up]``;
+* row-parallel ``linear_proj`` / ``linear_fc2``: concatenated along dim 1;
+* everything else (norms, row-parallel biases, the router) is replicated: rank 0's copy.
+
+Layers of pipeline stage ``p``, virtual stage ``v`` (``V`` per rank, ``P`` stages, ``Lc`` layers
+per chunk) are global layers ``(v * P + p) * Lc + i`` (megatron-core's even split).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import torch
+
+from ..training import checkpointing as ck
+from ..training.errors import CheckpointError
+
+__all__ = ["load_full_model", "merge_shards"]
+
+_COL = re.compile(r"(linear_qkv\.(weight|bias)|word_embeddings\.weight|output_layer\.weight)$")
+_FC1 = re.compile(r"linear_fc1\.(weight|bias)$")
+_ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_EXPERT = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)\.(.*)$")
+
+
+def _strip(key: str) -> str:
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def merge_shards(name: str, shards: list, gated: bool) -> torch.Tensor:
+    """One tensor from its tensor-parallel shards (in TP-rank order); see the module docstring."""
+    if len(shards) == 1:
+        return shards[0]
+    if _FC1.search(name) and gated:
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
+    if _COL.search(name) or _FC1.search(name):
+        return torch.cat(shards, dim=0)
+    if _ROW.search(name):
+        return torch.cat(shards, dim=1)
+    return shards[0]
+
+
+def load_full_model(root: str, iteration: Optional[int] = None) -> tuple[dict, dict, int]:
+    """``(state, topology, iteration)``: the unsharded model weights of the checkpoint in ``root``
+    (the latest one, or ``iteration``), after verifying every rank file against the manifest."""
+    if iteration is None:
+        iteration = ck.read_latest(root)
+        if iteration is None:
+            raise CheckpointError(f"{root}: no {ck.TRACKER} (not a checkpoint directory written by the driver)")
+    man = ck._read_manifest(root, iteration)
+    topo = man["topology"]
+    if "info" not in topo:
+        raise CheckpointError(f"{root} (iteration {iteration}): written before conversion support; re-save it")
+    model, layout = topo["model"], topo["layout"]
+    pp, vpp = layout["pp"], layout["vpp"] or 1
+    per_chunk = model["num_layers"] // (pp * vpp)
+    num_experts = model["num_experts"] or 0
+    local_experts = num_experts // layout["ep"] if num_experts else 0
+    if topo["info"].get("moe_grouped_gemm"):
+        raise CheckpointError(f"{root}: grouped-GEMM experts (--moe-grouped-gemm) are not supported by the converter")
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    d = ck.checkpoint_dir(root, iteration)
+    for name, entry in sorted(man["files"].items()):
+        path = os.path.join(d, name)
+        why = ck.verify_file(path, entry)
+        if why:
+            raise CheckpointError(why)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        c = state["coords"]
+        for v, sd in enumerate(state["model"]):
+            for key, t in sd.items():
+                key = _strip(key)
+                if not torch.is_tensor(t) or "_extra_state" in key:
+                    continue
+                shard = c["tp"]
+                m = _LAYER.match(key)
+                if m:
+                    layer, rest = int(m.group(1)), m.group(2)
+                    e = _EXPERT.match(rest)
+                    if e:
+                        rest = f"{e.group(1)}{c['ep'] * local_experts + int(e.group(2))}.{e.group(3)}"
+                        shard = c["etp"]
+                    elif ".experts." in rest:
+                        raise CheckpointError(f"{path}: {key}: only SequentialMLP experts (local_experts.<i>) "
+                                              "are supported by the converter")
+                    key = f"decoder.layers.{(v * pp + c['pp']) * per_chunk + layer}.{rest}"
+                pieces.setdefault(key, {}).setdefault(shard, t)
+    gated = bool(model["swiglu"])
+    full = {k: merge_shards(k, [s[i] for i in sorted(s)], gated) for k, s in pieces.items()}
+    if not model["untie"]:  # the last stage's copy of a tied embedding (PP > 1) is the embedding
+        full.pop("output_layer.weight", None)
+    return full, topo, iteration

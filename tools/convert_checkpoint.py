@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Convert driver checkpoints (``--save`` directories of examples/pretrain_gpt.py / pretrain_moe.py).
+
+Subcommands:
+
+  to-hf   Hugging Face safetensors + config.json: LlamaForCausalLM for dense models,
+          MixtralForCausalLM for MoE. Works offline on any TP/PP/EP/DP layout (the shards of
+          every rank file, verified against the checkpoint's manifest, are merged). The model
+          must be Llama-style: --normalization RMSNorm --swiglu --position-embedding-type rope
+          --disable-bias-linear (GQA via --num-query-groups and an untied head are optional).
+
+Examples:
+
+  # train a Llama-style model, then export it
+  torchrun --nproc-per-node 2 examples/pretrain_gpt.py --tensor-model-parallel-size 2 \\
+      --normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear \\
+      --num-layers 4 --hidden-size 128 --num-attention-heads 4 --num-query-groups 2 ... --save ckpt/
+  python tools/convert_checkpoint.py to-hf --load ckpt/ --out hf_model/
+  python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('hf_model')"
+
+  # a specific iteration instead of the latest
+  python tools/convert_checkpoint.py to-hf --load ckpt/ --ckpt-step 1000 --out hf_model/
+
+Errors (a damaged or incomplete checkpoint, a model Hugging Face cannot represent exactly) are
+printed as one line naming the file or the flags; exit code 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # allow running without an editable install
+    sys.path.insert(0, str(REPO))
+
+
+def _to_hf(a) -> None:
+    from megatron_md.convert.hf import write_hf
+    from megatron_md.convert.megatron_ckpt import load_full_model
+    state, topo, it = load_full_model(a.load, a.ckpt_step)
+    config = write_hf(state, topo, a.out)
+    print(f"wrote {config['architectures'][0]} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
+          f"vocab {config['vocab_size']}) of iteration {it} to {a.out}/model.safetensors + config.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{to-hf}")
+    h = sub.add_parser("to-hf", help="Hugging Face Llama/Mixtral safetensors + config.json",
+                       description="Hugging Face Llama (dense) / Mixtral (MoE) safetensors + config.json")
+    h.add_argument("--load", required=True, help="checkpoint directory (the driver's --save)")
+    h.add_argument("--ckpt-step", type=int, default=None, help="iteration (default: the latest)")
+    h.add_argument("--out", required=True, help="output directory")
+    h.set_defaults(func=_to_hf)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    from megatron_md.training.errors import RunError
+    try:
+        a.func(a)
+    except (RunError, ValueError, KeyError) as exc:
+        print(f"convert_checkpoint.py {a.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
