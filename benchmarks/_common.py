@@ -38,3 +38,35 @@ def csv_subset(parser, flag: str, value: str, allowed) -> list[str]:
         if v not in allowed:
             parser.error(f"{flag}: unknown {v!r}; expected some of {list(allowed)}")
     return items
+
+
+def interleaved(steps: dict, warmup: int, repeats: int, sync=lambda: None) -> dict:
+    """Time each callable of ``steps`` (name → fn) ``repeats`` times, round-robin after ``warmup``
+    untimed rounds, so that a burst of load on a shared machine hits every variant alike.
+    Returns name → list of seconds."""
+    import time
+
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    out = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, fn in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            out[k].append(time.perf_counter() - t0)
+    return out
+
+
+def header(title: str, cmd: str, root: Path, extra: str = "") -> list[str]:
+    """The common head of a benchmark report: command, commit, date, machine, load."""
+    import datetime
+    import os
+
+    import torch
+
+    return [f"# {title}", "", f"Command: `{cmd.strip()}` (repository at {git_rev(root)})  ",
+            f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; machine: "
+            f"{os.cpu_count()} vCPU {cpu_name()}, shared with three other engineers' jobs while measured "
+            f"(load average {os.getloadavg()[0]:.1f} at the end); {torch.get_num_threads()} torch thread(s). {extra}", ""]

@@ -133,11 +133,22 @@ def fmt_ratio(r: float) -> str:
 
 # ------------------------------------------------------------------------------ sections
 def section_single(args) -> list[str]:
-    spec = build_params(args.hidden, args.layers, args.seed)
+    lines = []
+    for h in args.hiddens:
+        lines += _single(args, h)
+    return lines
+
+
+def _single(args, hidden) -> list[str]:
+    from megatron_md.ops.ns_dtype import ns_dtype_decision
+
+    spec = build_params(hidden, args.layers, args.seed)
     n = sum(w.numel() for w, _, _ in spec)
-    lines = ["## 1. Single process: step time vs AdamW(foreach=True)", "",
-             f"hidden {args.hidden}, {args.layers} layer(s), {len(spec)} params, {n / 1e6:.2f} M weights, "
-             f"{args.threads} thread(s); NS: fp32, jordan × 5, batched (defaults on CPU).", "",
+    dt, why = ns_dtype_decision("cpu")
+    lines = ["", f"## 1. Single process, hidden {hidden}: step time vs AdamW(foreach=True)", "",
+             f"hidden {hidden}, {args.layers} layer(s), {len(spec)} params, {n / 1e6:.2f} M weights, "
+             f"{args.threads} thread(s); NS: jordan × 5, batched, default dtype on this machine = "
+             f"{str(dt).replace('torch.', '')} ({why}). Multi-tensor step (`foreach=True`, the default).", "",
              "| optimizer | step (ms) | AdamW step (ms) | ratio | min step (ms) | min AdamW (ms) | ratio of mins |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name in args.optimizers:
@@ -151,40 +162,54 @@ def section_single(args) -> list[str]:
 
 
 def section_dtype(args) -> list[str]:
+    """The automatic NS dtype on this machine, and bf16 vs fp32 measured: Newton–Schulz on one
+    4h × h matrix, and a training-style matmul (nn.Linear h → 4h, forward + backward)."""
     import torch
 
-    h = args.bf16_hidden
-    spec = build_params(h, 1, args.seed)
+    from megatron_md.ops import newton_schulz, ns_flops, resolve_coefficients
+    from megatron_md.ops.ns_dtype import cpu_flags, ns_dtype_decision, probe_bf16_speedup
+
+    sys.path.insert(0, str(HERE))
+    from _common import interleaved
+
+    h = args.hidden
+    dt, why = ns_dtype_decision("cpu")
+    flags = sorted({"avx512_bf16", "amx_bf16", "avx512f", "avx2"} & (cpu_flags() or set()))
+    f32, b16, sp = probe_bf16_speedup()
+    coeffs = resolve_coefficients("jordan", 5)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(4 * h, h, generator=g)
+    lin = {d: torch.nn.Linear(h, 4 * h).to(d) for d in (torch.float32, torch.bfloat16)}
+    tokens = args.tokens
+    inp = {d: torch.randn(tokens, h, generator=g).to(d) for d in lin}
+
+    def ns(d):
+        return lambda: newton_schulz(x, coeffs, dtype=d)
+
+    def train(d):
+        def f():
+            lin[d].zero_grad(set_to_none=True)
+            lin[d](inp[d]).float().square().mean().backward()
+        return f
+
     reps = min(args.repeats, 3)
-    dtypes = (torch.float32, torch.bfloat16)
-    pairs = {dt: make_pair("Muon", spec, ns_dtype=dt) for dt in dtypes}
-    base = pairs[torch.float32][1]
-    for dt in dtypes:  # warm-up
-        pairs[dt][0].step()
-    base.step()
-    times = {dt: [] for dt in dtypes}
-    t_base = []
-    for _ in range(reps):  # interleaved, so that a burst of machine load hits every variant
-        t0 = time.perf_counter()
-        base.step()
-        t_base.append(time.perf_counter() - t0)
-        for dt in dtypes:
-            t0 = time.perf_counter()
-            pairs[dt][0].step()
-            times[dt].append(time.perf_counter() - t0)
-    lines = ["", "## 2. Single process: Muon, Newton–Schulz in fp32 vs bf16", "",
-             f"hidden {h}, 1 layer (bf16 matmul on this CPU has no fast path — tens of times slower than fp32 "
-             f"— so a small layer is used); {reps} repeats after 1 warm-up, fp32/bf16/AdamW steps interleaved. "
-             f"AdamW step: median {1e3 * med(t_base):.2f} ms, min {1e3 * min(t_base):.2f} ms.", "",
-             "| ns_dtype | Muon step (ms) | ratio to AdamW | vs fp32 | min Muon step (ms) | vs fp32 (mins) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    ref, ref_min = med(times[torch.float32]), min(times[torch.float32])
-    for dt in dtypes:
-        t = times[dt]
-        lines.append(f"| {str(dt).replace('torch.', '')} | {1e3 * med(t):.1f} | {fmt_ratio(med(t) / med(t_base))} | "
-                     f"{fmt_ratio(med(t) / ref)} | {1e3 * min(t):.1f} | {fmt_ratio(min(t) / ref_min)} |")
-        print(lines[-1], file=sys.stderr)
-    return lines
+    t = interleaved({"ns32": ns(torch.float32), "ns16": ns(torch.bfloat16), "mm32": train(torch.float32),
+                     "mm16": train(torch.bfloat16)}, 1, reps)
+    flops_ns = ns_flops(4 * h, h, 5)
+    flops_mm = 3 * 2 * tokens * h * 4 * h  # forward + input grad + weight grad
+    rows = []
+    for label, k32, k16, fl in (("Newton–Schulz, jordan × 5, on 4h × h", "ns32", "ns16", flops_ns),
+                                (f"nn.Linear h→4h forward+backward, {tokens} tokens", "mm32", "mm16", flops_mm)):
+        a, b = med(t[k32]), med(t[k16])
+        rows.append(f"| {label} | {1e3 * a:.1f} ({fl / a / 1e9:.0f} GFLOP/s) | {1e3 * b:.1f} ({fl / b / 1e9:.0f} GFLOP/s) "
+                    f"| {a / b:.2f}× |")
+        print(rows[-1], file=sys.stderr)
+    return ["", "## 2. bf16 vs fp32 on this CPU (the NS dtype default, and training matmuls)", "",
+            f"CPU flags: {', '.join(flags) or 'none of avx512_bf16/amx_bf16'}. Automatic NS dtype: "
+            f"**{str(dt).replace('torch.', '')}** — {why}. A fresh probe now: fp32 {1e3 * f32:.2f} ms, "
+            f"bf16 {1e3 * b16:.2f} ms ({sp:.2f}×).", "",
+            f"hidden {h}; median of {reps} after 1 warm-up, the four variants interleaved.", "",
+            "| work | fp32 ms | bf16 ms | fp32 / bf16 (> 1: bf16 faster) |", "|---|---:|---:|---:|", *rows]
 
 
 def section_batch(args) -> list[str]:
@@ -271,13 +296,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--hidden", type=int, default=512, help="hidden size (512 default; 768/1024/... for bigger runs)")
+    p.add_argument("--hidden", default="512,1024", help="hidden size(s), comma-separated (section 1 runs each; "
+                   "the other sections use the first)")
     p.add_argument("--layers", type=int, default=1, help="transformer layers in the parameter set")
     p.add_argument("--batch-layers", type=int, default=2, help="layers of matrices in the batched-vs-unbatched "
                    "NS comparison (same-shape matrices of different layers are what batching stacks)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
-    p.add_argument("--bf16-hidden", type=int, default=128, help="hidden size of the fp32-vs-bf16 comparison")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens of the bf16-vs-fp32 training matmul")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the single-process sections "
                    "(default: torch's default); TP ranks use 1 thread each")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of %(default)s")
@@ -288,10 +314,17 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.optimizers = csv_subset(p, "--optimizers", args.optimizers, OPTIMIZERS)
     args.sections = csv_subset(p, "--sections", args.sections, SECTIONS)
+    try:
+        args.hiddens = [int(h) for h in args.hidden.split(",") if h]
+    except ValueError:
+        p.error(f"--hidden {args.hidden!r}: expected comma-separated integers")
+    if not args.hiddens:
+        p.error("--hidden: at least one size")
+    args.hidden = args.hiddens[0]
+    for h in args.hiddens:
+        layer_specs(h)
     if args.repeats < 1 or args.warmup < 0 or args.layers < 1 or args.batch_layers < 1:
         p.error("--repeats >= 1, --warmup >= 0, --layers >= 1 and --batch-layers >= 1 are required")
-    layer_specs(args.hidden)
-    layer_specs(args.bf16_hidden)
     return args
 
 
