@@ -3,6 +3,10 @@
 
 Subcommands:
 
+  sf-to-x Schedule-free run (--optimizer sf-adamw|sf-normuon) → a checkpoint of the same layout
+          whose model is the averaged iterate x (what the driver evaluates), without optimizer
+          state: load it with --no-load-optim, or export it with to-hf.
+
   to-hf   Hugging Face safetensors + config.json: LlamaForCausalLM for dense models,
           MixtralForCausalLM for MoE. Works offline on any TP/PP/EP/DP layout (the shards of
           every rank file, verified against the checkpoint's manifest, are merged). The model
@@ -17,6 +21,10 @@ Examples:
       --num-layers 4 --hidden-size 128 --num-attention-heads 4 --num-query-groups 2 ... --save ckpt/
   python tools/convert_checkpoint.py to-hf --load ckpt/ --out hf_model/
   python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('hf_model')"
+
+  # schedule-free: export the averaged weights x
+  python tools/convert_checkpoint.py sf-to-x --load sf_ckpt/ --save sf_x/
+  python tools/convert_checkpoint.py to-hf --load sf_x/ --out hf_model/
 
   # a specific iteration instead of the latest
   python tools/convert_checkpoint.py to-hf --load ckpt/ --ckpt-step 1000 --out hf_model/
@@ -44,10 +52,22 @@ def _to_hf(a) -> None:
           f"vocab {config['vocab_size']}) of iteration {it} to {a.out}/model.safetensors + config.json")
 
 
+def _sf_to_x(a) -> None:
+    from megatron_md.convert.sf import sf_to_x
+    it = sf_to_x(a.load, a.save, a.ckpt_step)
+    print(f"wrote the averaged (x) weights of iteration {it} to {a.save} (load with --no-load-optim)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{to-hf}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sf-to-x,to-hf}")
+    s = sub.add_parser("sf-to-x", help="schedule-free checkpoint -> model checkpoint at the averaged x",
+                       description="schedule-free checkpoint -> model checkpoint at the averaged x")
+    s.add_argument("--load", required=True, help="checkpoint directory of a schedule-free run")
+    s.add_argument("--ckpt-step", type=int, default=None, help="iteration (default: the latest)")
+    s.add_argument("--save", required=True, help="new output checkpoint directory")
+    s.set_defaults(func=_sf_to_x)
     h = sub.add_parser("to-hf", help="Hugging Face Llama/Mixtral safetensors + config.json",
                        description="Hugging Face Llama (dense) / Mixtral (MoE) safetensors + config.json")
     h.add_argument("--load", required=True, help="checkpoint directory (the driver's --save)")

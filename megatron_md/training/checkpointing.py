@@ -377,6 +377,22 @@ def _model_mismatch(model_chunks, saved: list) -> Optional[str]:
     return None
 
 
+def _averaged_weights(model_chunks, optimizer, args) -> Optional[list]:
+    """Schedule-free runs: the model state dicts at the averaged iterate ``x`` (the weights that
+    evaluation uses; ``tools/convert_checkpoint.py sf-to-x`` exports them). The optimizer's own
+    swap computes them; swapping back restores ``y`` exactly."""
+    from ..megatron.config import SCHEDULE_FREE
+    if optimizer is None or args.optimizer not in SCHEDULE_FREE:
+        return None
+    from ..megatron.builder import swap_to_eval, swap_to_train
+    swap_to_eval(optimizer, model_chunks)
+    try:
+        return [{k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in c.state_dict().items()}
+                for c in model_chunks]
+    finally:
+        swap_to_train(optimizer, model_chunks)
+
+
 # ------------------------------------------------------------------------------------ agreement
 def _agree(error: Optional[str]) -> None:
     """Every rank raises the same CheckpointError if any rank has one (lowest rank's message)."""
@@ -445,6 +461,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
         "optimizer": _opt_state(optimizer) if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": _rng_state(), "extra": extra or {},
+        "model_x": _averaged_weights(model_chunks, optimizer, args),
     }
     path = os.path.join(staging, _rank_name(rank))
     _atomic_torch_save(state, path)

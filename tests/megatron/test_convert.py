@@ -8,6 +8,8 @@ driver's GPTModel and compute logits on fixed random tokens (TP shards gathered)
 converts with the tool's entry point and runs ``transformers.AutoModelForCausalLM`` (eager
 attention, fp32) on the same tokens: logits agree to 1e-4 relative (of the largest logit).
 A PP=2 checkpoint merges into the same weights as the PP=1 run of the same training (1e-4).
+``sf-to-x`` of a schedule-free (sf-normuon, DP=2) checkpoint, loaded with ``--no-load-optim``,
+evaluates to the driver's own schedule-free validation loss (1e-6), unlike the raw weights y.
 """
 from __future__ import annotations
 
@@ -108,6 +110,33 @@ def _convert_checks(ctx):
                 b = runs["2"][k]
                 assert a.shape == b.shape and (a - b).abs().max() <= RTOL * a.abs().max(), k
 
+    with ctx.check("sf_to_x_gives_the_driver_eval_loss"):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_md.training.data import build_datasets
+        from megatron_md.training.pretrain import evaluate
+        save, out = os.path.join(ctx.tmpdir, "sf"), os.path.join(ctx.tmpdir, "sf_x")
+        sf = ["--optimizer", "sf-normuon", "--eval-iters", "1", "--eval-interval", "2"]
+        full = pretrain(parse_args(base + sf + ["--save", save]))
+        if ctx.rank == 0:
+            assert tool.main(["sf-to-x", "--load", save, "--save", out]) == 0
+            assert tool.main(["sf-to-x", "--load", save, "--save", out]) == 1  # never overwrites
+        dist.barrier()
+        losses = {}
+        for which, path in (("x", out), ("y", save)):
+            args = parse_args(base + ["--eval-iters", "1", "--load", path, "--no-load-optim"])
+            M.initialize(args)
+            try:
+                model = M.build_model(args, M.transformer_config(args))
+                ck.load_checkpoint(path, model, None, None, args, load_optim=False)
+                losses[which] = evaluate(args, model, None, build_datasets(args)[1], get_forward_backward_func())
+            finally:
+                ps.destroy_model_parallel()
+        ctx.record("sf_losses", {**losses, "driver": full["final_val_loss"]})
+        ref = full["final_val_loss"]
+        assert abs(losses["x"] - ref) <= 1e-6 * abs(ref), (losses, ref)
+        assert abs(losses["y"] - ref) > 1e-4 * abs(ref), (losses, ref)  # x is not the training iterate y
+
     with ctx.check("to_hf_refuses_non_llama_models"):
         if ctx.rank == 0:
             plain = os.path.join(ctx.tmpdir, "pp1")  # its layout is fine; rewrite the topology as a GPT-2 style one
@@ -132,7 +161,8 @@ convert_group = group_fixture(2, _convert_checks, megatron=True, timeout=400)
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", [f"to_hf_logits_{c}" for c in CASES]
-                         + ["pp2_merges_to_the_pp1_weights", "to_hf_refuses_non_llama_models"])
+                         + ["pp2_merges_to_the_pp1_weights", "sf_to_x_gives_the_driver_eval_loss",
+                            "to_hf_refuses_non_llama_models"])
 def test_convert(convert_group, name):
     convert_group.assert_ok(name)
 
@@ -142,4 +172,4 @@ def test_help_lists_subcommands_with_examples(capsys):
     with pytest.raises(SystemExit):
         tool.main(["--help"])
     text = capsys.readouterr().out
-    assert "to-hf" in text and "Examples:" in text and "--position-embedding-type rope" in text
+    assert "to-hf" in text and "sf-to-x" in text and "Examples:" in text and "--position-embedding-type rope" in text
