@@ -35,11 +35,19 @@ class BlockView:
         self.rows = rows
         self.view_shape = tuple(view_shape) if view_shape is not None else None
         self.transpose = transpose
+        self._rows_on: dict = {}
+
+    def _rows(self, device) -> torch.Tensor:
+        """The row index on ``device``, copied there once (not a host→device copy per step)."""
+        r = self._rows_on.get(device)
+        if r is None:
+            r = self._rows_on[device] = self.rows.to(device)
+        return r
 
     def get(self, t: torch.Tensor) -> torch.Tensor:
         v = t.view(self.view_shape) if self.view_shape is not None else t
         if self.rows is not None:
-            v = v.index_select(0, self.rows.to(v.device))
+            v = v.index_select(0, self._rows(v.device))
         elif self.index is not None:
             v = v[self.index]
         return v.mT if self.transpose else v
@@ -47,7 +55,7 @@ class BlockView:
     def put(self, t: torch.Tensor, v: torch.Tensor) -> None:
         if self.rows is not None:
             tv = t.view(self.view_shape) if self.view_shape is not None else t
-            tv.index_copy_(0, self.rows.to(t.device), v.mT if self.transpose else v)
+            tv.index_copy_(0, self._rows(t.device), v.mT if self.transpose else v)
             return
         target = self.get(t)
         if target.data_ptr() == v.data_ptr() and target.stride() == v.stride() and target.shape == v.shape:
