@@ -49,7 +49,9 @@ clean-venv:
 
 # Second tier: tests/megatron and tests/megatron_lm on the newest megatron-core (docs/compatibility.md).
 # megatron-core >= 0.17 declares Python >= 3.12 but imports and runs on 3.11 (--ignore-requires-python);
-# 0.19 imports triton unconditionally (moe/ops/paged_stash.py): importable without a GPU.
+# 0.19 imports triton unconditionally (moe/ops/paged_stash.py): importable without a GPU. Its
+# dependencies (torch, numpy, packaging) go first with the normal resolver: with
+# --ignore-requires-python pip would pick a numpy that has no 3.11 wheel and try to build it.
 LATEST_VENV  := .venv-latest
 LATEST_PY    := $(LATEST_VENV)/bin/python
 LATEST_STAMP := $(LATEST_VENV)/.megatron_md-latest-installed
@@ -60,9 +62,11 @@ TRITON       ?= triton==3.9.0
 $(LATEST_STAMP): pyproject.toml setup.py
 	@test -x $(LATEST_PY) || $(PYTHON) -m venv $(LATEST_VENV)
 	@if $(LATEST_PY) -c "import torch" >/dev/null 2>&1; then :; else $(LATEST_PY) -m pip install '$(TORCH)'; fi
-	$(LATEST_PY) -m pip install --ignore-requires-python '$(MCORE_LATEST)' '$(TRITON)'
+	$(LATEST_PY) -m pip install numpy packaging '$(TRITON)'
+	$(LATEST_PY) -m pip install --ignore-requires-python --no-deps '$(MCORE_LATEST)'
 	$(LATEST_PY) -m pip install --no-deps -e .
-	$(LATEST_PY) -m pip install pytest schedulefree sentencepiece numpy
+	$(LATEST_PY) -m pip install numpy sentencepiece $$($(LATEST_PY) -c 'import tomllib; \
+		print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["test"]))')
 	touch $@
 
 test-latest: $(LATEST_STAMP)
