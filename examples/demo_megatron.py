@@ -14,7 +14,7 @@ the evaluation points, plus skipped steps and throughput, and writes everything 
     python examples/demo_megatron.py --iters 60 --optimizers muon-md,adam,sf-normuon
     python examples/demo_megatron.py --extra "--use-distributed-optimizer"   # passed to both runs
 
-Timing on the project's 2-core CPU (idle machine): about 3.5 minutes per optimizer at the
+Timing on the project's 2-core CPU (idle machine): about 2 minutes per optimizer at the
 default size, start-up included.
 """
 from __future__ import annotations
