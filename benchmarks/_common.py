@@ -68,5 +68,5 @@ def header(title: str, cmd: str, root: Path, extra: str = "") -> list[str]:
 
     return [f"# {title}", "", f"Command: `{cmd.strip()}` (repository at {git_rev(root)})  ",
             f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; machine: "
-            f"{os.cpu_count()} vCPU {cpu_name()}, shared with three other engineers' jobs while measured "
+            f"{os.cpu_count()} vCPU {cpu_name()} "
             f"(load average {os.getloadavg()[0]:.1f} at the end); {torch.get_num_threads()} torch thread(s). {extra}", ""]

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from benchmarks._common import cpu_name, git_rev  # noqa: E402
+from benchmarks._common import header  # noqa: E402
 
 OPT_FLAGS = {"adam": ["--weight-decay", "0.1"], "muon-md": [], "rmnp": [], "adamh": [], "sf-normuon": [],
              "muon": ["--weight-decay", "0"]}
@@ -69,12 +69,10 @@ def main(argv=None) -> int:
         rows.append((opt, 1000 * m_off, 1000 * m_on, (m_on - m_off) / m_off, same))
         print(f"{opt}: {1000 * m_off:.1f} ms/iter off, {1000 * m_on:.1f} ms/iter with telemetry every step "
               f"(+{100 * (m_on - m_off) / m_off:.1f}%), losses identical: {same}", flush=True)
-    lines = [
-        "# Cost of the optimizer telemetry", "",
-        f"`python benchmarks/telemetry_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}` — "
-        f"{git_rev(REPO)}, {time.strftime('%Y-%m-%d')}, {cpu_name()}, {os.cpu_count()} cores, "
-        f"load average {load0:.1f} at the start (other jobs shared the machine: compare the columns of one row, "
-        f"which were measured interleaved).", "",
+    cmd = "python benchmarks/telemetry_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = header("Cost of the optimizer telemetry", cmd, REPO,
+                   f"Load average {load0:.1f} at the start; compare the columns of one row, which were measured "
+                   "interleaved.") + [
         f"Megatron-Core GPT, {a.layers} layers, hidden {a.hidden}, seq 128, batch 16, fp32, one rank, mock data; "
         f"{a.iters} iterations per run, median of {a.repeats} interleaved off/on pairs. *Telemetry every step* "
         f"is `--log-optimizer-stats-interval 1`; at interval K the average cost is about 1/K of the last column; "

@@ -77,10 +77,7 @@ def load_full_model(root: str, iteration: Optional[int] = None) -> tuple[dict, d
     d = ck.checkpoint_dir(root, iteration)
     for name, entry in sorted(man["files"].items()):
         path = os.path.join(d, name)
-        why = ck.verify_file(path, entry)
-        if why:
-            raise CheckpointError(why)
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = ck.load_verified(path, entry)
         c = state["coords"]
         for v, sd in enumerate(state["model"]):
             for key, t in sd.items():

@@ -13,8 +13,6 @@ import copy
 import os
 from typing import Optional
 
-import torch
-
 from ..megatron.config import SCHEDULE_FREE
 from ..training import checkpointing as ck
 from ..training.errors import CheckpointError
@@ -48,10 +46,7 @@ def sf_to_x(root: str, out: str, iteration: Optional[int] = None) -> int:
     src = ck.checkpoint_dir(root, iteration)
     for name, entry in sorted(man["files"].items()):
         path = os.path.join(src, name)
-        why = ck.verify_file(path, entry)
-        if why:
-            raise CheckpointError(why)
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = ck.load_verified(path, entry)
         if state.get("model_x") is None:
             raise CheckpointError(f"{path}: no averaged weights (model_x) in this file; it was saved by an older driver")
         state.update(model=state["model_x"], model_x=None, optimizer=None, scheduler=None, topology=topo,

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from .errors import CheckpointError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_latest", "checkpoint_dir", "complete_iterations",
-           "verify_file", "TRACKER", "MANIFEST", "CheckpointError"]
+           "verify_file", "load_verified", "TRACKER", "MANIFEST", "CheckpointError"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
@@ -402,6 +402,15 @@ def _agree(error: Optional[str]) -> None:
     if bad:
         others = sum(1 for _, e in bad[1:] if e != bad[0][1])  # the same message everywhere: said once
         raise CheckpointError(bad[0][1] + (f" (and {others} other rank(s) with other problems)" if others else ""))
+
+
+def load_verified(path: str, entry: dict) -> dict:
+    """``torch.load`` of a rank file after checking it against its manifest ``entry``; a
+    :class:`CheckpointError` naming the file when it does not match (offline tools' reader)."""
+    why = verify_file(path, entry)
+    if why:
+        raise CheckpointError(why)
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def verify_file(path: str, entry: dict) -> Optional[str]:
