@@ -33,6 +33,8 @@ from typing import Optional, Sequence
 REPO = Path(__file__).resolve().parents[2]
 RESULT_COLUMNS = ("run_id", "optimizer", "hidden_size", "train_iters", "lr", "seed", "status", "final_val_loss",
                   "final_train_loss", "eta_eff_last10", "tokens", "wall_s", "skipped_steps", "error", "command")
+#: the driver, relative to the repository (runs have cwd = the repository: commands stay portable)
+SCRIPT = "examples/pretrain_gpt.py"
 #: fraction of the run whose telemetry records give ``eta_eff_last10``
 LAST_FRACTION = 0.1
 
@@ -149,7 +151,7 @@ def driver_command(cfg: SweepConfig, spec: RunSpec, run_dir: Path, data: Sequenc
              "--optimizer", spec.optimizer, "--lr", repr(spec.lr), "--train-iters", str(spec.train_iters),
              "--hidden-size", str(spec.hidden_size), "--seed", str(spec.seed),
              "--log-optimizer-stats-interval", str(interval), "--log-jsonl", _rel(run_dir / "log.jsonl")]
-    script = "examples/pretrain_gpt.py"  # runs with cwd = the repository: commands stay portable
+    script = SCRIPT
     if cfg.nproc == 1:
         return [sys.executable, script, *flags]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cfg.nproc),
@@ -237,6 +239,7 @@ def run_one(cfg: SweepConfig, spec: RunSpec, root: Path, data: Sequence[str], th
         shutil.rmtree(run_dir)  # an interrupted run: start it over
     run_dir.mkdir(parents=True)
     cmd = driver_command(cfg, spec, run_dir, data)
+    flags = cmd[cmd.index(SCRIPT) + 1:]
     _atomic_json(run_dir / "command.json", {"command": cmd, "shell": shlex.join(cmd), "spec": asdict(spec),
                                             "commit": _git_commit(), "nproc": cfg.nproc})
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"),
@@ -244,14 +247,14 @@ def run_one(cfg: SweepConfig, spec: RunSpec, root: Path, data: Sequence[str], th
     t0 = time.perf_counter()
     with open(run_dir / "stdout.txt", "w", encoding="utf-8") as out:
         if cfg.in_process:
-            rc = _run_in_process(cmd[cmd.index("examples/pretrain_gpt.py") + 1:], out, threads)
+            rc = _run_in_process(flags, out, threads)
         else:
             rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO)).returncode
     wall = time.perf_counter() - t0
     events = read_log(run_dir / "log.jsonl")
     summary = next((e for e in reversed(events) if e.get("event") == "summary"), None)
     result = {"run_id": spec.run_id, **asdict(spec), "command": shlex.join(cmd), "wall_s": round(wall, 1),
-              "tokens": _tokens(cmd[cmd.index("examples/pretrain_gpt.py") + 1:], cfg.nproc)}
+              "tokens": _tokens(flags, cfg.nproc)}
     if rc == 0 and summary is not None and summary.get("final_val_loss") is not None:
         eta, by_type = eta_eff_last(events, spec.train_iters)
         result.update(status="ok", final_val_loss=summary["final_val_loss"],

@@ -63,17 +63,11 @@ def _global_names(model_chunks) -> dict[int, str]:
     """Global name of every decoder-layer parameter, ``id(param) → name``: layer numbers are
     global under pipeline parallelism (``layer.layer_number``) and expert indices global under
     expert parallelism (local index + EP rank × local experts)."""
-    from megatron.core import parallel_state as ps
-
     from .model import unwrap
     out = {}
+    off = _expert_offset(model_chunks)
     for chunk in model_chunks:
-        gpt = unwrap(chunk)
-        cfg = gpt.config
-        n_exp = getattr(cfg, "num_moe_experts", None) or 0
-        local = n_exp // ps.get_expert_model_parallel_world_size() if n_exp else 0
-        off = ps.get_expert_model_parallel_rank() * local if n_exp else 0
-        for layer in gpt.decoder.layers:
+        for layer in unwrap(chunk).decoder.layers:
             prefix = f"decoder.layers.{layer.layer_number - 1}."
             for n, p in layer.named_parameters():
                 n = re.sub(r"experts\.local_experts\.(\d+)\.", lambda m: f"experts.{int(m.group(1)) + off}.", n)
