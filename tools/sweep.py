@@ -73,6 +73,7 @@ def parse(argv=None):
     p.add_argument("--hidden-sizes", type=_ints, help="comma list of N (--hidden-size)")
     p.add_argument("--seeds", type=_ints)
     p.add_argument("--jobs", type=int, help="runs at once (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: cores // jobs)")
     p.add_argument("--nproc", type=int, help="ranks per run (torchrun when > 1; default 1)")
     p.add_argument("--stats-interval", type=int, help="--log-optimizer-stats-interval (default D // 40)")
     p.add_argument("--data", help="'corpus' (default: the real-text dataset of tools/preprocess_data.py), "
@@ -87,7 +88,8 @@ def parse(argv=None):
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     kw = load_config(a.config) if a.config else {}
-    for key in ("optimizers", "train_iters", "hidden_sizes", "seeds", "jobs", "nproc", "stats_interval", "data", "in_process"):
+    for key in ("optimizers", "train_iters", "hidden_sizes", "seeds", "jobs", "nproc", "stats_interval", "data", "in_process",
+                "threads"):
         v = getattr(a, key)
         if v is not None:
             kw[key] = v

@@ -77,6 +77,8 @@ class SweepConfig:
     #: run the driver inside this process, one run after another (nproc 1, jobs 1): megatron-core is
     #: imported once instead of once per run; the recorded command is the equivalent command line
     in_process: bool = False
+    #: torch threads per run (default: cores // jobs); 1 leaves a core free on a 2-core machine
+    threads: Optional[int] = None
 
     def validate(self) -> None:
         if not self.optimizers:
@@ -92,6 +94,8 @@ class SweepConfig:
             raise ValueError("sweep: learning rates must be > 0")
         if self.jobs < 1 or self.nproc < 1:
             raise ValueError("sweep: jobs and nproc must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("sweep: threads must be >= 1")
         if self.in_process and (self.jobs != 1 or self.nproc != 1):
             raise ValueError("sweep: in_process runs need jobs = 1 and nproc = 1")
         for flag in ("--lr", "--train-iters", "--hidden-size", "--seed", "--optimizer", "--log-jsonl"):
@@ -326,7 +330,7 @@ def run_sweep(cfg: SweepConfig, root: str, *, retry_failed: bool = False, progre
         write_tables(root)
         return counts
     data = data_flags(cfg)
-    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.jobs)
     lock = threading.Lock()
     bar = None
     if progress:
