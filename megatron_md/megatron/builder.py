@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import torch
 import torch.distributed as dist
 
+from ..optim import AdamMD
 from ..optim.base import nonfinite_flag
+from ..optim.md import project_rows_
 from ..optim.builder import MATRIX_OPTIMIZERS
 from ..shard import Blocks, FlatRange
 from .hybrid import HybridOptimizer, MatrixItem
@@ -175,11 +178,15 @@ def model_matrices(model_chunks, *, router_on_matrix: bool = False) -> list[tupl
             if role_of(n, p, opts) == "matrix"]
 
 
-def _param_groups(model_chunks, config, names, roles, md, expert: bool) -> list[dict]:
+def _param_groups(model_chunks, config, names, roles, md, expert: bool, group_roles=("matrix", "adam")) -> list[dict]:
     """Megatron-style groups (wd_mult / lr_mult / max_lr / min_lr keys), split by role. The
-    group structure is the same on every rank (empty groups are kept)."""
+    group structure is the same on every rank (empty groups are kept): ``group_roles`` comes
+    from the configuration, never from which parameters this rank (pipeline stage) holds."""
     partner_lr = md.partner_lr if getattr(md, "partner_lr", None) is not None else config.lr
-    ratio = partner_lr / config.lr if config.lr else 1.0
+    emb_lr = getattr(md, "md_embedding_lr", None) or partner_lr
+    ratios = {"matrix": 1.0, "adam": partner_lr / config.lr if config.lr else 1.0,
+              "head": partner_lr / config.lr if config.lr else 1.0,
+              "embedding": emb_lr / config.lr if config.lr else 1.0}
     buckets: dict = {}
     for name, p in names:
         if (not getattr(p, "allreduce", True)) != expert:
@@ -188,20 +195,56 @@ def _param_groups(model_chunks, config, names, roles, md, expert: bool) -> list[
         role = roles[name]
         buckets.setdefault((role, no_wd), []).append(p)
     groups = []
-    for role in ("matrix", "adam"):
+    for role in group_roles:
         for no_wd in (False, True):
             params = buckets.get((role, no_wd), [])
-            is_adam = role == "adam"
+            ratio = ratios[role]
             groups.append({
                 "params": params, "md_role": role, "wd_mult": 0.0 if no_wd else 1.0, "lr_mult": 1.0,
                 "is_expert_parallel": expert, "is_decoupled_lr": False,
-                "max_lr": config.lr * (ratio if is_adam else 1.0),
-                "min_lr": (config.min_lr or 0.0) * (ratio if is_adam else 1.0),
+                "max_lr": config.lr * ratio,
+                "min_lr": (config.min_lr or 0.0) * ratio,
                 "default_config": role == "matrix" and not no_wd,
-                "lr": config.lr * (ratio if is_adam else 1.0),
+                "lr": config.lr * ratio,
                 "weight_decay": 0.0 if no_wd else config.weight_decay,
             })
     return groups
+
+
+_WORD_EMBEDDING = re.compile(r"(^|\.)embedding\.word_embeddings\.weight$")
+_OUTPUT_LAYER = re.compile(r"(^|\.)output_layer\.weight$")
+
+
+def _unwrapped(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def md_recipe_roles(model_chunks, names, roles: dict, md) -> tuple[dict, tuple]:
+    """MD's recipe for the word embedding and the output head (``--md-embedding-unit-norm``,
+    ``--md-head-gains``): ``(roles, group_roles)`` with the embedding (and a tied head's
+    pipeline-stage copy, which must stay equal to it) as ``"embedding"`` and an untied head as
+    ``"head"``. ``group_roles`` depends on the configuration and the model's tying only."""
+    tied = any(getattr(_unwrapped(c), "share_embeddings_and_output_weights", False) for c in model_chunks)
+    if model_chunks and dist.is_initialized():  # every pipeline stage must agree, whichever it holds
+        from megatron.core import parallel_state as ps
+        flag = torch.tensor([float(tied)], device="cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
+        tied = bool(flag.item())
+    unit, head = md.md_embedding_unit_norm, md.md_head_gains and not tied
+    if md.md_head_gains and tied:
+        logger.warning("megatron_md: --md-head-gains needs an untied output head "
+                       "(--untie-embeddings-and-output-weights); the tied head follows the embedding%s",
+                       "'s unit-norm rows" if unit else "")
+    out = dict(roles)
+    for n, _ in names:
+        if unit and (_WORD_EMBEDDING.search(n) or (tied and _OUTPUT_LAYER.search(n))):
+            out[n] = "embedding"
+        elif head and _OUTPUT_LAYER.search(n):
+            out[n] = "head"
+    group_roles = ("matrix", "adam") + (("embedding",) if unit else ()) + (("head",) if head else ())
+    return out, group_roles
 
 
 def _wrap(inner, config, model_chunks, buffers, dp_group, dp_group_gloo, dp_idx, mp_group, instance_id,
@@ -277,9 +320,13 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     names = named_params(model_chunks)
     opts = RoutingOptions(router_on_matrix=md.router_on_matrix)
     roles = {n: (role_of(n, p, opts) if matrix_cls is not None else "adam") for n, p in names}
-    layouts = {n: matrix_layout(n, p, ctx) for n, p in names if roles[n] == "matrix"}
+    md_run = matrix_cls is not None and name in ("adam-md", "muon-md")
+    group_roles = ("matrix", "adam")
+    if md_run:
+        roles, group_roles = md_recipe_roles(model_chunks, names, roles, md)
+    layouts = {n: matrix_layout(n, p, ctx) for n, p in names if roles[n] in ("matrix", "head", "embedding")}
     if config.use_distributed_optimizer and md.dp_mode != "layer-wise":
-        bad = [n for n, lay in layouts.items() if isinstance(lay, Blocks)]
+        bad = [n for n, lay in layouts.items() if isinstance(lay, Blocks) and roles[n] == "matrix"]
         if bad:
             raise ValueError(
                 f"--optimizer {name} with --use-distributed-optimizer: ZeRO-1 flat shards of parameters that hold "
@@ -289,8 +336,9 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     radius = {n: (residual_radius_scale(num_layers) if md.md_residual_scaling and residual_output(n) else 1.0)
               for n in layouts}
     kwargs = md.matrix_kwargs() if matrix_cls is not None else {}
-    if matrix_cls is not None and name in ("adam-md", "muon-md"):
-        _project_model_matrices(matrix_cls, kwargs, names, layouts, radius)
+    head_kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    if md_run:
+        _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layouts, radius)
 
     pgs = _process_groups(model_chunks, use_gloo_process_groups)
     partner = "sf-adamw" if name in ("sf-adamw", "sf-normuon") else "adamw"
@@ -301,11 +349,11 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
         partner_kwargs["foreach"] = True
     wrappers = []
     for expert in (False, True):
-        groups = _param_groups(model_chunks, config, names, roles, md, expert)
+        groups = _param_groups(model_chunks, config, names, roles, md, expert, group_roles)
         if expert and not any(g["params"] for g in groups):
             continue
         inner = HybridOptimizer(groups, matrix_cls=matrix_cls, matrix_kwargs=kwargs, partner=partner,
-                                partner_kwargs=partner_kwargs, ns_mode=md.ns_mode)
+                                partner_kwargs=partner_kwargs, ns_mode=md.ns_mode, head_kwargs=head_kwargs)
         model_groups = [list(g["params"]) for g in inner.param_groups]
         dp_group = pgs["intra_expt_dp_group"] if expert else pgs["intra_dp_cp_group"]
         dp_gloo = pgs.get("intra_expt_dp_group_gloo" if expert else "intra_dp_cp_group_gloo")
@@ -320,7 +368,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
         items = []
         flat = config.use_distributed_optimizer and md.dp_mode != "layer-wise"
         for gi, params in enumerate(model_groups):
-            if inner.param_groups[gi]["md_role"] != "matrix":
+            if inner.param_groups[gi]["md_role"] == "adam":
                 continue
             for mp in params:
                 n = by_id[id(mp)]
@@ -335,17 +383,25 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     return wrappers[0] if len(wrappers) == 1 else _chained(wrappers)
 
 
-def _project_model_matrices(matrix_cls, kwargs, names, layouts, radius):
-    """MD: put every hidden model matrix on its sphere before the wrappers copy it into main
-    params (the optimizer's construction does the projection, with TP-complete norms)."""
+def _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layouts, radius):
+    """MD: put every hidden model matrix on its sphere (and the recipe's head rows and embedding
+    rows on theirs) before the wrappers copy them into main params (the optimizers'
+    construction does the projection, with TP-complete norms)."""
     by_r: dict = {}
     for n, p in names:
-        if n in layouts:
+        if roles[n] == "matrix":
             by_r.setdefault(radius[n], []).append(p)
     shards = {p: layouts[n] for n, p in names if n in layouts}
     groups = [{"params": ps, "radius_scale": r} for r, ps in by_r.items()]
+    heads = [p for n, p in names if roles[n] == "head"]
+    emb = [(p, layouts[n]) for n, p in names if roles[n] == "embedding"]
     with torch.no_grad():
-        matrix_cls(groups, shards=shards, **kwargs)
+        if groups:
+            matrix_cls(groups, shards=shards, **kwargs)
+        if heads:
+            AdamMD(heads, shards=shards, sphere="rows", **head_kwargs)
+        if emb:
+            project_rows_([p.data for p, _ in emb], [lay for _, lay in emb])
 
 
 def swap_to_eval(optimizer, model_chunks) -> None:

@@ -78,8 +78,9 @@ WeightDecayAt = Literal["y", "z"]
 #: ``--<method>-ns-dtype`` string → the optimizer's ``ns_dtype`` (None = auto: bf16 on CUDA; on CPU bf16 only where
 #: the CPU has native bf16 and a probe measures it faster — megatron_md.ops.ns_dtype).
 NS_DTYPES: dict[str, Optional[torch.dtype]] = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
-#: Constructor keywords the builder supplies (from Megatron's flags or its own sharding logic).
-BUILDER_SUPPLIED: tuple[str, ...] = ("lr", "weight_decay", "shards", "ns_mode", "nonfinite_group")
+#: Constructor keywords the builder supplies (from Megatron's flags or its own sharding logic; ``sphere``:
+#: AdamMD's rows sphere is the builder's MD output-head rule, never a flag of the hidden matrices).
+BUILDER_SUPPLIED: tuple[str, ...] = ("lr", "weight_decay", "shards", "ns_mode", "nonfinite_group", "sphere")
 SCHEDULE_FREE: tuple[str, ...] = ("sf-adamw", "sf-normuon")
 #: Methods that fix a weight norm and take no weight decay (their classes reject a nonzero one).
 NO_WEIGHT_DECAY: tuple[str, ...] = ("adamh", "muonh", "adam-md", "muon-md")
@@ -355,6 +356,15 @@ class MDConfig:
     router_on_matrix: bool = _f(False, "Give MoE router weights to the matrix optimizer instead of the "
                                        "AdamW partner.")
     md_residual_scaling: bool = _f(False, "MD: shrink the sphere radius of linear_proj/linear_fc2 by √(1/(2L)).")
+    md_embedding_unit_norm: bool = _f(
+        True, "MD (adam-md, muon-md): the word embedding on Adam with every vocabulary row projected back to "
+              "unit norm after each step (no gains). A head tied to the embedding follows this rule.")
+    md_head_gains: bool = _f(
+        True, "MD (adam-md, muon-md): the untied output head on Adam with one unit sphere per row and row and "
+              "column gains (AdamMD with sphere='rows', at the partner LR). Needs "
+              "--untie-embeddings-and-output-weights; a tied head follows --md-embedding-unit-norm.")
+    md_embedding_lr: Optional[float] = _f(None, "MD: LR of the word embedding under --md-embedding-unit-norm "
+                                                "(None = the partner LR).", "positive")
     partner_lr: Optional[float] = _f(None, "LR of the AdamW partner (embeddings, output head, norms, biases); "
                                            "None = --lr.", "positive")
     muon: MuonConfig = _method_field(MuonConfig)

@@ -8,8 +8,12 @@ tagged ``md_role`` (``"matrix"`` or ``"adam"``), the wrapper is built around it,
 all ranks, the local main parameter (or ``None`` where this rank holds no piece) and its
 MatrixShard layout; the matrix optimizer is created then, over the final parameters.
 
+MD's recipe adds two roles: ``"embedding"`` groups are stepped by the Adam partner and then
+have every row projected back to unit norm; ``"head"`` groups (the untied output head) get
+their own :class:`~megatron_md.optim.AdamMD` with one unit sphere per row and row/column gains.
+
 Megatron's LR scheduler writes ``lr``/``weight_decay`` into this optimizer's groups; they are
-forwarded to the matrix optimizer's groups at every step. Optimizer state of local main
+forwarded to the matrix (and head) optimizer's groups at every step. Optimizer state of local main
 params lives in ``self.state`` (so Megatron sees it); ranks with an empty piece of a matrix
 keep a zero-size placeholder parameter, which only takes part in the collectives.
 """
@@ -21,9 +25,15 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..ops import ns_flops
-from ..optim import SFAdamW
+from ..optim import AdamMD, SFAdamW
+from ..optim.md import project_rows_
 from ..shard import FlatRange, comm
 from ..shard.orthogonalize import assign_owners
+
+
+#: param-group roles: hidden matrices, the Adam partner, MD's unit-row embedding and row-sphere head
+ROLES = ("matrix", "adam", "embedding", "head")
+_PARTNER_ROLES = ("adam", "embedding")
 
 
 @dataclass
@@ -46,13 +56,14 @@ class HybridOptimizer(torch.optim.AdamW):
     """
 
     def __init__(self, param_groups: Sequence[dict], *, matrix_cls=None, matrix_kwargs: Optional[dict] = None,
-                 partner: str = "adamw", partner_kwargs: Optional[dict] = None, ns_mode: str = "owner"):
+                 partner: str = "adamw", partner_kwargs: Optional[dict] = None, ns_mode: str = "owner",
+                 head_kwargs: Optional[dict] = None):
         if partner not in ("adamw", "sf-adamw"):
             raise ValueError(f"partner={partner!r}: expected 'adamw' or 'sf-adamw'")
         groups = [dict(g) for g in param_groups]
         for g in groups:
-            if g.get("md_role") not in ("matrix", "adam"):
-                raise ValueError("every param group needs md_role='matrix' or 'adam'")
+            if g.get("md_role") not in ROLES:
+                raise ValueError(f"every param group needs md_role in {ROLES}")
             g.setdefault("lr", 0.0)
             g.setdefault("weight_decay", 0.0)
         torch.optim.Optimizer.__init__(self, groups, dict(lr=0.0, weight_decay=0.0))
@@ -64,25 +75,64 @@ class HybridOptimizer(torch.optim.AdamW):
         dummy = [torch.zeros(1, requires_grad=True)]
         self._partner = (SFAdamW(dummy, **pk) if partner == "sf-adamw" else torch.optim.AdamW(dummy, **pk))
         for g in self.param_groups:
-            if g["md_role"] == "adam":
+            if g["md_role"] in _PARTNER_ROLES:
                 for k, v in self._partner.defaults.items():
                     g.setdefault(k, v)
+        #: MD output head: AdamMD(sphere="rows") keywords (betas, eps: the partner's Adam)
+        self.head_kwargs = dict(head_kwargs or {})
+        self._head = None
+        self._head_links: list[tuple[dict, int]] = []
+        self._unit_rows: list[tuple[torch.Tensor, Any]] = []   # embedding (main or placeholder, layout)
         self._matrix = None
         self._placeholders: list[torch.Tensor] = []
         self._links: list[tuple[dict, int]] = []
         self._local_mains: list[tuple[torch.Tensor, torch.Tensor]] = []  # (wrapper's param, ours)
+        self._head_mains: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._layerwise = None  # (dp_group, [(main, owner)])
         #: the matrix optimizer's params (local main params, ZeRO pieces, placeholders) → model name
         self.matrix_names: dict = {}
 
     # ----------------------------------------------------------------------------- binding
     def bind(self, items: Sequence[MatrixItem], *, layerwise_group=None) -> None:
-        """Create the matrix optimizer over ``items`` (same order on every rank of a group).
+        """Create the matrix optimizer over the ``matrix`` items (same order on every rank of a
+        group), MD's head optimizer over the ``head`` items and the embedding projection over
+        the ``embedding`` items (each item's role is its param group's ``md_role``).
 
         ``layerwise_group``: distribute whole matrices over this data-parallel group instead
         of sharding them: each matrix is updated by one owner (balanced by cost) and
-        broadcast afterwards; optimizer state exists only on the owner.
+        broadcast afterwards; optimizer state exists only on the owner. Head and embedding
+        are small next to the hidden matrices and stay replicated (every rank updates them).
         """
+        by_role: dict = {r: [] for r in ROLES}
+        for it in items:
+            by_role[self.param_groups[it.group_index]["md_role"]].append(it)
+        if by_role["adam"]:
+            raise ValueError(f"bind(): {by_role['adam'][0].name} is in an 'adam' group (the partner needs no binding)")
+        self._bind_matrix(by_role["matrix"], layerwise_group)
+        self._bind_head(by_role["head"])
+        for it in by_role["embedding"]:
+            t = torch.empty(0, dtype=torch.float32) if it.main is None else it.main.detach()
+            self._unit_rows.append((t, it.layout))
+
+    def _local(self, it: MatrixItem, mains: list) -> torch.Tensor:
+        """The tensor a sub-optimizer steps for ``it``: the main param, a detached alias of a
+        ZeRO view (grads mirrored at each step), or a zero-size placeholder of an empty range."""
+        p = it.main
+        if p is None:
+            p = torch.empty(0, dtype=torch.float32)
+            if not isinstance(it.layout, FlatRange):
+                raise ValueError(f"{it.name}: only a FlatRange layout may have an empty local piece")
+            self._placeholders.append(p)
+        elif not p.is_leaf:
+            # ZeRO-1 shards of fp32 params are views into the model param (non-leaf); the
+            # sub-optimizer gets a detached alias of the same storage (grads mirrored)
+            p = p.detach()
+            mains.append((it.main, p))
+        else:
+            mains.append((p, p))
+        return p
+
+    def _bind_matrix(self, items: Sequence[MatrixItem], layerwise_group) -> None:
         if self.matrix_cls is None:
             if items:
                 raise ValueError("bind(): matrix items given but no matrix_cls")
@@ -98,19 +148,7 @@ class HybridOptimizer(torch.optim.AdamW):
         for k, it in enumerate(items):
             if owners is not None and owners[k] != me:
                 continue
-            p = it.main
-            if p is None:
-                p = torch.empty(0, dtype=torch.float32)
-                if not isinstance(it.layout, FlatRange):
-                    raise ValueError(f"{it.name}: only a FlatRange layout may have an empty local piece")
-                self._placeholders.append(p)
-            elif not p.is_leaf:
-                # ZeRO-1 shards of fp32 params are views into the model param (non-leaf); the
-                # matrix optimizer gets a detached alias of the same storage (grads mirrored)
-                p = p.detach()
-                self._local_mains.append((it.main, p))
-            else:
-                self._local_mains.append((p, p))
+            p = self._local(it, self._local_mains)
             shards[p] = it.layout
             self.matrix_names[p] = it.name
             key = (it.group_index, it.radius_scale)
@@ -131,44 +169,63 @@ class HybridOptimizer(torch.optim.AdamW):
         self._sync_hparams()
         self._share_state()
 
+    def _bind_head(self, items: Sequence[MatrixItem]) -> None:
+        sub_groups: dict = {}
+        shards = {}
+        for it in items:
+            p = self._local(it, self._head_mains)
+            shards[p] = it.layout
+            sub_groups.setdefault(it.group_index, {"params": [], "lr": self.param_groups[it.group_index]["lr"]})
+            sub_groups[it.group_index]["params"].append(p)
+        if not sub_groups:
+            return
+        self._head = AdamMD(list(sub_groups.values()), shards=shards, sphere="rows", **self.head_kwargs)
+        self._head.check_finite = False
+        self._head_links = list(zip(self._head.param_groups, sub_groups.keys()))
+        self._sync_hparams()
+        self._share_state()
+
     def _ns_kw(self):
         import inspect
         return {"ns_mode": self.ns_mode} if "ns_mode" in inspect.signature(self.matrix_cls).parameters else {}
 
     def _sync_hparams(self):
-        for g, gi in self._links:
+        for g, gi in self._links + self._head_links:
             hg = self.param_groups[gi]
             g["lr"] = hg["lr"]
             if "weight_decay" in g:  # methods without weight decay have no such key
                 g["weight_decay"] = hg["weight_decay"]
 
     def _share_state(self):
-        """Local main params' matrix state *is* this optimizer's state (Megatron sees it)."""
-        for p, q in self._local_mains:
-            if self.state.get(p):
-                self._matrix.state[q] = self.state[p]
-            else:
-                self.state[p] = self._matrix.state[q]
+        """Local main params' matrix (and head) state *is* this optimizer's state (Megatron sees it)."""
+        for opt, mains in ((self._matrix, self._local_mains), (self._head, self._head_mains)):
+            for p, q in mains:
+                if self.state.get(p):
+                    opt.state[q] = self.state[p]
+                else:
+                    self.state[p] = opt.state[q]
 
     # ------------------------------------------------------------------------------ stepping
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        self._sync_hparams()
+        self._share_state()
+        for p in self._placeholders:
+            p.grad = torch.empty(0, dtype=torch.float32)
+        for p, q in self._local_mains + self._head_mains:
+            if q is not p:
+                q.grad = p.grad
         if self._matrix is not None:
-            self._sync_hparams()
-            self._share_state()
-            for p in self._placeholders:
-                p.grad = torch.empty(0, dtype=torch.float32)
-            for p, q in self._local_mains:
-                if q is not p:
-                    q.grad = p.grad
             self._matrix.step()
+        if self._head is not None:
+            self._head.step()
         if self._layerwise is not None:
             group, pairs = self._layerwise
             with comm.metered("layer-wise"):
                 for p, owner in pairs:
                     comm.broadcast(p.data, owner, group)
-        adam_groups = [g for g in self.param_groups if g["md_role"] == "adam"]
+        adam_groups = [g for g in self.param_groups if g["md_role"] in _PARTNER_ROLES]
         if adam_groups:
             self._partner.param_groups = adam_groups
             self._partner.state = self.state
@@ -176,6 +233,8 @@ class HybridOptimizer(torch.optim.AdamW):
                 self._partner._step()
             else:
                 self._partner.step()
+        if self._unit_rows:  # MD's embedding rule: after its Adam step, every row back to unit norm
+            project_rows_([t for t, _ in self._unit_rows], [lay for _, lay in self._unit_rows])
         return loss
 
     # ------------------------------------------------------------------------ checkpointing
@@ -191,23 +250,32 @@ class HybridOptimizer(torch.optim.AdamW):
         sd = super().state_dict()
         if self._matrix is not None:
             sd["md_matrix"] = self._matrix.state_dict()
+        if self._head is not None:
+            sd["md_head"] = self._head.state_dict()
         return sd
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         matrix_sd = state_dict.pop("md_matrix", None)
+        head_sd = state_dict.pop("md_head", None)
+        for have, sd, what in ((self._matrix, matrix_sd, "matrix-optimizer"), (self._head, head_sd, "MD output-head")):
+            if (have is None) != (sd is None):
+                raise RuntimeError(f"HybridOptimizer.load_state_dict: the checkpoint {'has no' if sd is None else 'has'} "
+                                   f"{what} state but this optimizer {'needs' if sd is None else 'has none'} "
+                                   "(saved by a different optimizer or MD recipe?)")
         super().load_state_dict(state_dict)
-        if self._matrix is None:
-            return
-        if matrix_sd is None:
-            raise RuntimeError("HybridOptimizer.load_state_dict: the checkpoint has no matrix-optimizer state "
-                               "(saved by a different optimizer?)")
-        self._matrix.load_state_dict(matrix_sd)
-        # torch rebuilt the matrix optimizer's group dicts: re-link them, and let the loaded
-        # matrix state be the state Megatron sees
-        self._links = [(g, gi) for g, (_, gi) in zip(self._matrix.param_groups, self._links)]
-        for p, q in self._local_mains:
-            self.state[p] = self._matrix.state[q]
+        # torch rebuilds a sub-optimizer's group dicts: re-link them, and let the loaded state
+        # be the state Megatron sees
+        if self._matrix is not None:
+            self._matrix.load_state_dict(matrix_sd)
+            self._links = [(g, gi) for g, (_, gi) in zip(self._matrix.param_groups, self._links)]
+            for p, q in self._local_mains:
+                self.state[p] = self._matrix.state[q]
+        if self._head is not None:
+            self._head.load_state_dict(head_sd)
+            self._head_links = [(g, gi) for g, (_, gi) in zip(self._head.param_groups, self._head_links)]
+            for p, q in self._head_mains:
+                self.state[p] = self._head.state[q]
 
     # -------------------------------------------------------------------- schedule-free swaps
     def eval(self):
@@ -224,7 +292,7 @@ class HybridOptimizer(torch.optim.AdamW):
             self._share_state()
             out.append(self._matrix)
         if isinstance(self._partner, SFAdamW):
-            self._partner.param_groups = [g for g in self.param_groups if g["md_role"] == "adam"]
+            self._partner.param_groups = [g for g in self.param_groups if g["md_role"] in _PARTNER_ROLES]
             self._partner.state = self.state
             out.append(self._partner)
         return out

@@ -4,10 +4,15 @@ Each hidden matrix is seen by the model as one fused weight
 ``W = diag(softplus(g_r)) · D · diag(softplus(g_c))`` with ``‖D‖_F = R = sqrt(max(m, n))``
 (× ``radius_scale``, a param-group key; e.g. ``sqrt(1/(2L))`` for residual outputs). The gains
 are optimizer state (initialized to softplus⁻¹(1): gains = 1); D is recovered from W.
+
+``sphere="rows"`` (a param-group key) replaces the Frobenius sphere by one unit sphere per row,
+``‖D_i,:‖ = radius_scale``: MD's recipe for the untied output head (Adam base, row-normalized,
+row and column gains).
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +23,11 @@ from .base import (Mat, MatrixOptimizer, adam_direction, batches, check_betas, c
                    check_unit, foreach_vector_adam, momentum_direction, momentum_directions, ns_defaults,
                    put_all, vector_adam)
 
+#: ``sphere`` values: one Frobenius sphere per matrix, or one unit sphere per row
+SPHERES = ("frobenius", "rows")
+#: floor of a squared norm before its inverse square root (a zero row stays zero, not NaN)
+_TINY = 1e-30
+
 
 class _MD(MatrixOptimizer):
     r"""Shared MD machinery. Per step, with the old gains ``s_r = softplus(g_r)``, ``s_c``::
@@ -26,24 +36,43 @@ class _MD(MatrixOptimizer):
         ∇g_r = sigmoid(g_r) ⊙ (P s_c);   ∇g_c = sigmoid(g_c) ⊙ (Pᵀ s_r)
         G_D = G ⊙ (s_r s_cᵀ);   U = base(G_D)
         D ← D − η U;   D ← R · D / ‖D‖_F          (retraction; no tangent projection)
+                       (sphere="rows": D_i,: ← r · D_i,: / ‖D_i,:‖ for every row i)
         g_r, g_c ← Adam(∇g, lr = gains_lr), no weight decay
         W ← softplus(g_r) D softplus(g_c)ᵀ
 
     ``gains_lr`` keeps its ratio to ``lr``, so an LR schedule applied to ``lr`` scales both.
     """
 
-    def _md_defaults(self, lr, gains_lr, betas, eps, weight_decay, radius_scale):
+    def _md_defaults(self, lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere="frobenius"):
         if weight_decay:
             raise ValueError(f"weight_decay={weight_decay!r}: MD decoupling uses no weight decay (the sphere fixes ‖D‖_F)")
         lr = check_lr("lr", lr)
         gains_lr = lr if gains_lr is None else check_lr("gains_lr", gains_lr)
         if lr == 0 and gains_lr != 0:
             raise ValueError("gains_lr: must be 0 (or None) when lr=0 (it is kept as a ratio of lr)")
+        if sphere not in SPHERES:
+            raise ValueError(f"sphere={sphere!r}: expected one of {SPHERES}")
         return dict(lr=lr, gains_lr_ratio=(gains_lr / lr) if lr else 1.0, betas=check_betas(betas),
-                    eps=check_positive("eps", eps), radius_scale=check_positive("radius_scale", radius_scale))
+                    eps=check_positive("eps", eps), radius_scale=check_positive("radius_scale", radius_scale),
+                    sphere=sphere)
 
     def radius(self, m: Mat) -> float:
+        """R of the Frobenius sphere, or each row's radius for ``sphere="rows"``."""
+        if m.group.get("sphere", "frobenius") == "rows":
+            return m.group["radius_scale"]
         return math.sqrt(max(m.d_out, m.d_in)) * m.group["radius_scale"]
+
+    def _retraction(self, m: Mat, sq) -> torch.Tensor:
+        """The factor that puts D back on its sphere, given ``sq``: ‖D‖²_F (a scalar) or, for
+        ``sphere="rows"``, the local rows' ‖D_i,:‖² (broadcast over the rows' elements)."""
+        if m.group.get("sphere", "frobenius") == "rows":
+            return m.shard.rows(self.radius(m) / sq.clamp_min(_TINY).sqrt())
+        return self.radius(m) / sq.sqrt()
+
+    def _sq_norm(self, m: Mat, D: torch.Tensor) -> torch.Tensor:
+        if m.group.get("sphere", "frobenius") == "rows":
+            return m.shard.row_sum(D * D)
+        return m.shard.total_sum(D * D)
 
     def _init_mat_state(self, m: Mat) -> None:
         r0, r1 = m.shard.row_range
@@ -57,7 +86,7 @@ class _MD(MatrixOptimizer):
             v[name + "_exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=dev)
         # project onto the sphere (gains are 1, so W = D)
         W = m.W
-        W.mul_(self.radius(m) / m.shard.total_sum(W * W).sqrt())
+        W.mul_(self._retraction(m, self._sq_norm(m, W)))
         m.put(m.param, W)
 
     # -- the MD step, split around the base update ----------------------------------------
@@ -77,7 +106,7 @@ class _MD(MatrixOptimizer):
         W = m.W
         D = W / S
         D.sub_(U, alpha=g["lr"])
-        D.mul_(self.radius(m) / sh.total_sum(D * D).sqrt())
+        D.mul_(self._retraction(m, self._sq_norm(m, D)))
         t, gains_lr = v["step"], g["lr"] * g["gains_lr_ratio"]
         vector_adam(v, "g_r", m.scratch.pop("grad_g_r"), gains_lr, g["betas"], g["eps"], t)
         vector_adam(v, "g_c", m.scratch.pop("grad_g_c"), gains_lr, g["betas"], g["eps"], t)
@@ -106,7 +135,8 @@ class _MD(MatrixOptimizer):
     def _md_finish(self, mats: list[Mat], prep: list[dict], Ds: list[torch.Tensor], red: Reductions) -> None:
         """Given the unretracted new directions D' (pending ‖D'‖² in ``red``): flush, gains Adam,
         ``W ← (R/‖D'‖_F) · softplus(g_r) D' softplus(g_c)ᵀ``."""
-        norms = [red.total_sums(m.shard, [D], square=True) for m, D in zip(mats, Ds)]
+        norms = [red.row_sum(m.shard, D, square=True) if m.group.get("sphere", "frobenius") == "rows"
+                 else red.total_sums(m.shard, [D], square=True) for m, D in zip(mats, Ds)]
         red.flush()
         for g, t, idx in batches(mats):
             vecs, names, grads = [], [], []
@@ -120,7 +150,9 @@ class _MD(MatrixOptimizer):
             foreach_vector_adam(vecs, names, grads, g["lr"] * g["gains_lr_ratio"], g["betas"], g["eps"], t)
         for m, d, D, n in zip(mats, prep, Ds, norms):
             v, sh = m.vec, m.shard
-            s_r = F.softplus(v["g_r"]).mul_(self.radius(m) / n.value.sqrt())
+            # the retraction folds into the row gains: one factor per row (rows sphere) or one for all
+            r = n.value.reshape(-1) if m.group.get("sphere", "frobenius") == "rows" else n.value
+            s_r = F.softplus(v["g_r"]).mul_(self.radius(m) / r.clamp_min(_TINY).sqrt())
             torch.mul(D, sh.rows(s_r) * sh.cols(F.softplus(v["g_c"])), out=d["W"])
             m.put(m.param, d["W"])
 
@@ -140,11 +172,13 @@ class _MD(MatrixOptimizer):
 
 class AdamMD(_MD):
     r"""AdamMD: MD decoupling over an Adam base (``U`` = bias-corrected Adam direction of G_D,
-    betas (0.9, 0.99), ε 1e-8); the gains use Adam with the same betas. See :class:`_MD`."""
+    betas (0.9, 0.99), ε 1e-8); the gains use Adam with the same betas. See :class:`_MD`.
+    ``sphere="rows"``: each row of D on its own sphere (MD's output-head rule)."""
 
     def __init__(self, params, *, lr: float = 3e-3, gains_lr=None, betas=(0.9, 0.99), eps: float = 1e-8,
-                 weight_decay: float = 0.0, radius_scale: float = 1.0, shards=None, nonfinite_group=None):
-        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale)
+                 weight_decay: float = 0.0, radius_scale: float = 1.0, sphere: str = "frobenius", shards=None,
+                 nonfinite_group=None):
+        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere)
         super().__init__(params, defaults, shards=shards, nonfinite_group=nonfinite_group)
 
     def _init_param_state(self, p, group, state):
@@ -225,3 +259,18 @@ class MuonMD(_MD):
         torch._foreach_add_(Ds, torch._foreach_mul(outs, [-m.group["lr"] * scale_factor(m.group["scale"], m.d_out, m.d_in)
                                                           for m in mats]))
         self._md_finish(mats, prep, Ds, red)
+
+
+@torch.no_grad()
+def project_rows_(tensors: Sequence[torch.Tensor], shards: Sequence, radius: float = 1.0) -> None:
+    """In place: every row of every matrix to norm ``radius`` (MD's embedding rule, applied
+    after the embedding's Adam step): ``W_i,: ← radius · W_i,: / ‖W_i,:‖``.
+
+    ``shards``: each tensor's MatrixShard (rows split by a ZeRO flat range are completed by one
+    bucketed round of reductions for all tensors). Rows are local under vocab-parallel TP.
+    """
+    red = Reductions()
+    sums = [red.row_sum(sh, W, square=True) for W, sh in zip(tensors, shards)]
+    red.flush()
+    for W, sh, sq in zip(tensors, shards, sums):
+        W.mul_(sh.rows(radius / sq.value.clamp_min(_TINY).sqrt()))

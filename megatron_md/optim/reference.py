@@ -509,10 +509,12 @@ class _MDBase(_Reference):
 
     ``radius_scale`` is a float (all params) or a sequence with one value per param.
     The parameter W is what is stored; D is recovered as W / (s_r s_cᵀ) (as in the spec).
+    ``sphere="rows"``: every row of D has norm ``radius_scale`` instead (the output-head rule).
     """
 
-    def __init__(self, params, *, lr, gains_lr, betas, eps, weight_decay, radius_scale):
+    def __init__(self, params, *, lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere="frobenius"):
         super().__init__(params)
+        self.sphere = sphere
         if weight_decay != 0:
             raise ValueError(f"weight_decay={weight_decay!r}: MD optimizers have no weight decay")
         self.lr = lr
@@ -528,13 +530,18 @@ class _MDBase(_Reference):
         g0 = inverse_softplus_of_one()
         for i, W in enumerate(self._params):
             m, n = W.shape
-            R = math.sqrt(max(m, n)) * radius_scales[i]
+            R = radius_scales[i] if sphere == "rows" else math.sqrt(max(m, n)) * radius_scales[i]
             state = self.state[i]
             state["R"] = R
             # Project onto the sphere (gains are 1 at this point, so D = W).
-            self._params[i] = R * W / _frobenius(W)
+            self._params[i] = self._retract(W, R)
             state["g_r"] = torch.full((m,), g0, dtype=W.dtype)
             state["g_c"] = torch.full((n,), g0, dtype=W.dtype)
+
+    def _retract(self, D: torch.Tensor, R: float) -> torch.Tensor:
+        if self.sphere == "rows":
+            return R * D / D.norm(dim=1, keepdim=True)
+        return R * D / _frobenius(D)
 
     def gains(self, i: int):
         state = self.state[i]
@@ -574,7 +581,7 @@ class _MDBase(_Reference):
 
         U = self._base_update(i, G_D, t)
         D = D - self.lr * U
-        D = R * D / _frobenius(D)
+        D = self._retract(D, R)
 
         m_r, v_r, u_r = _adam_direction(
             state["g_r_exp_avg"], state["g_r_exp_avg_sq"], grad_g_r, beta1, beta2, self.eps, t
@@ -607,6 +614,7 @@ class AdamMD(_MDBase):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         radius_scale=1.0,
+        sphere: str = "frobenius",
     ):
         super().__init__(
             params,
@@ -616,6 +624,7 @@ class AdamMD(_MDBase):
             eps=eps,
             weight_decay=weight_decay,
             radius_scale=radius_scale,
+            sphere=sphere,
         )
 
     def _base_update(self, i, G_D, t):
@@ -904,3 +913,26 @@ class AdamW(_Reference):
         state["exp_avg_sq"] = v
         W = W - self.lr * u
         self._params[i] = W
+
+
+# ---------------------------------------------------------------------------------------------
+# MD's embedding rule: Adam, then every vocabulary row back to unit norm
+# ---------------------------------------------------------------------------------------------
+
+
+def unit_rows(W: torch.Tensor) -> torch.Tensor:
+    """Each row of ``W`` divided by its L2 norm (MD's embedding projection)."""
+    return W / W.norm(dim=1, keepdim=True)
+
+
+class UnitRowAdam(AdamW):
+    """MD's embedding rule: rows projected to unit norm at construction, then per step the
+    AdamW update (no weight decay) followed by ``W_i,: ← W_i,: / ‖W_i,:‖`` for every row."""
+
+    def __init__(self, params, *, lr: float = 3e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        self._params = [unit_rows(W) for W in self._params]
+
+    def _step_param(self, i, G):
+        super()._step_param(i, G)
+        self._params[i] = unit_rows(self._params[i])

@@ -51,6 +51,7 @@ OPTIMIZERS = {
     "AdamH": ("AdamH", dict(lr=0.05)),
     "MuonH": ("MuonH", dict(lr=0.05)),
     "AdamMD": ("AdamMD", dict(lr=0.01)),
+    "AdamMD_rows": ("AdamMD", dict(lr=0.01, sphere="rows")),   # MD's output-head rule
     "MuonMD": ("MuonMD", dict(lr=0.02)),
     "SFNorMuon": ("SFNorMuon", dict(lr=0.01, weight_decay=0.05)),
 }

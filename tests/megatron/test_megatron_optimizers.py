@@ -46,7 +46,7 @@ def _config(tp=1, ep=1, moe=False, bf16=False):
                              params_dtype=torch.bfloat16 if bf16 else torch.float32, **extra)
 
 
-def _build(name, tp=1, ep=1, moe=False, dist_opt=False, md_kw=None, bf16=False):
+def _build(name, tp=1, ep=1, moe=False, dist_opt=False, md_kw=None, bf16=False, tied=False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -58,7 +58,7 @@ def _build(name, tp=1, ep=1, moe=False, dist_opt=False, md_kw=None, bf16=False):
     cfg = _config(tp, ep, moe, bf16)
     torch.manual_seed(1234)  # CPU init draws the full weights: identical at any TP/EP
     spec = get_gpt_layer_local_spec(num_experts=4 if moe else None)
-    gpt = GPTModel(cfg, spec, vocab_size=VOCAB, max_sequence_length=SEQ, share_embeddings_and_output_weights=False)
+    gpt = GPTModel(cfg, spec, vocab_size=VOCAB, max_sequence_length=SEQ, share_embeddings_and_output_weights=tied)
     _reinit_by_global_name(gpt, ep)
     if bf16:
         gpt = gpt.bfloat16()
@@ -169,6 +169,26 @@ def _compare(ref, got):
     return worst
 
 
+#: MD recipe variants checked at TP=2 (and ZeRO-1) against their TP=1 reference: residual-output
+#: scaling α = sqrt(1/(2L)); a head tied to the embedding (it follows the unit-norm rows)
+RECIPE_VARIANTS = {"adam-md-alpha": dict(md_residual_scaling=True), "adam-md-tied": dict()}
+
+
+def _check_recipe(model, opt):
+    from megatron_md.megatron.builder import hybrid_optimizers
+
+    params = dict(model.module.named_parameters())
+    emb = params["embedding.word_embeddings.weight"].detach()
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(emb.shape[0]), rtol=1e-5, atol=1e-5)
+    head_opt = hybrid_optimizers(opt)[0]._head
+    assert head_opt is not None and head_opt.defaults["sphere"] == "rows"
+    (p,) = [q for g in head_opt.param_groups for q in g["params"]]
+    torch.testing.assert_close(head_opt.direction(p).norm(dim=1), torch.ones(p.shape[0]), rtol=1e-5, atol=1e-5)
+    s_r, s_c = head_opt.gains(p)
+    assert (s_r - 1).abs().max() > 1e-4 and (s_c - 1).abs().max() > 1e-4, "head gains did not move"
+    torch.testing.assert_close(p, params["output_layer.weight"].detach())  # the model sees W = s_r D s_c
+
+
 def _checks(ctx):
     """Runs grouped by parallel layout: every (re)initialisation of megatron's parallel state
     creates gloo groups (and their threads) that are never freed, so there are three of them."""
@@ -203,7 +223,34 @@ def _checks(ctx):
             model, opt = _build(name, moe=True)
             moe_refs[name] = (_train(model, opt, split_data=False), _full_params(model, 4))
 
+    for name in ("adam-md", "muon-md"):
+        with ctx.check(f"{name}/recipe-rows"):
+            # MD's recipe (the defaults): unit-norm embedding rows after every step, the head on
+            # one unit sphere per row with row and column gains that moved away from 1
+            model, opt = _build(name)
+            _train(model, opt, split_data=False, steps=2)
+            _check_recipe(model, opt)
+    for key, kw in RECIPE_VARIANTS.items():
+        with ctx.check(f"{key}/reference"):
+            model, opt = _build("adam-md", md_kw=kw, tied=key.endswith("tied"))
+            losses = _train(model, opt, split_data=False)
+            refs[(key, True)] = (losses, _full_params(model))
+            if key.endswith("alpha"):
+                model, opt = _build("adam-md", md_kw=dict(kw, split_qkv=False))
+                refs[(key, False)] = (_train(model, opt, split_data=False), _full_params(model))
+        if key.endswith("alpha"):
+            with ctx.check(f"{key}/zero1"):
+                model, opt = _build("adam-md", dist_opt=True, md_kw=dict(kw, split_qkv=False))
+                ctx.record(f"{key}/zero1", _compare(refs[(key, False)], (_train(model, opt, split_data=True),
+                                                                            _full_params(model))))
+
     ctx.init_model_parallel(tp=2)
+    for key, kw in RECIPE_VARIANTS.items():
+        with ctx.check(f"{key}/tp2"):
+            assert (key, True) in refs, "reference failed"
+            model, opt = _build("adam-md", tp=2, md_kw=kw, tied=key.endswith("tied"))
+            ctx.record(f"{key}/tp2", _compare(refs[(key, True)], (_train(model, opt, split_data=False),
+                                                                 _full_params(model))))
     for name in OPTIMIZERS:
         with ctx.check(f"{name}/tp2"):
             ref = reference(name, True)
@@ -265,7 +312,8 @@ group = group_fixture(2, _checks, megatron=True, timeout=1800)
 CHECKS = [f"{n}/{s}" for n in OPTIMIZERS
           for s in ["reference", *(["reference-nosplit"] if n in PER_BLOCK else []), *MODES, "moe-ep1", "moe-ep2"]] + \
     ["muon-md/bf16", "rmnp/bf16", "nonfinite-skips-on-every-rank", "sf-normuon/state-dict-resume",
-     "muon-md/state-dict-resume"]
+     "muon-md/state-dict-resume", "adam-md/recipe-rows", "muon-md/recipe-rows"] + \
+    [f"{k}/{s}" for k in RECIPE_VARIANTS for s in ("reference", "tp2", *(["zero1"] if k.endswith("alpha") else []))]
 
 
 @pytest.mark.parametrize("check", CHECKS)

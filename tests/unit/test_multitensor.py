@@ -21,6 +21,7 @@ CASES = {
     "AdamH": dict(),
     "MuonH": dict(),
     "AdamMD": dict(gains_lr=1e-2),
+    "AdamMD-rows": dict(gains_lr=1e-2, sphere="rows"),
     "MuonMD": dict(),
     "SFNorMuon": dict(weight_decay=0.05, warmup_steps=2),
     "SFNorMuon-nesterov": dict(nesterov=True),

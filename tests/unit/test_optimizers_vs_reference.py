@@ -18,6 +18,7 @@ CASES = {
     "AdamH": dict(lr=0.01),
     "MuonH": dict(lr=0.01),
     "AdamMD": dict(lr=3e-3, gains_lr=1e-2),
+    "AdamMD-rows": dict(lr=3e-3, gains_lr=1e-2, sphere="rows"),  # MD's output-head rule
     "MuonMD": dict(lr=0.01),
     "SFAdamW": dict(lr=0.01, weight_decay=0.1, warmup_steps=3),
     "SFNorMuon": dict(lr=0.01, weight_decay=0.05, warmup_steps=4),
@@ -65,3 +66,46 @@ def test_matches_reference(case):
             for a, b in zip(opt.gains(p), oracle.gains(i)):
                 torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
             torch.testing.assert_close(opt.direction(p), oracle.direction(i), rtol=RTOL, atol=ATOL)
+
+
+def test_unit_row_embedding_matches_reference():
+    """MD's embedding rule as the Megatron builder runs it (torch AdamW foreach + project_rows_)
+    equals the reference UnitRowAdam; every row has unit norm after every step."""
+    from megatron_md.optim.md import project_rows_
+    from megatron_md.shard import Whole
+
+    torch.manual_seed(0)
+    init = [torch.randn(s) * 0.1 for s in SHAPES]
+    params = [torch.nn.Parameter(w.clone()) for w in init]
+    shards = [Whole(s) for s in SHAPES]
+    with torch.no_grad():
+        project_rows_(params, shards)
+    opt = torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=True)
+    oracle = ref.UnitRowAdam([w.clone() for w in init], lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    for t in range(STEPS):
+        grads = _grads(2, t)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        project_rows_(params, shards)
+        oracle.step([g.clone() for g in grads])
+        for p, q in zip(params, oracle.params):
+            torch.testing.assert_close(p.detach(), q, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(p.detach().norm(dim=1), torch.ones(p.shape[0]), rtol=1e-6, atol=1e-6)
+    assert all((p.detach() - w / w.norm(dim=1, keepdim=True)).abs().max() > 1e-4 for p, w in zip(params, init))
+
+
+def test_rows_sphere_head_keeps_unit_rows_and_moves_gains():
+    """AdamMD(sphere="rows"): D's rows stay unit-norm, the fused W = s_r D s_c changes row norms."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(24, 16))
+    opt = optim.AdamMD([p], lr=3e-3, sphere="rows")
+    for t in range(5):
+        p.grad = torch.randn(24, 16)
+        opt.step()
+        torch.testing.assert_close(opt.direction(p).norm(dim=1), torch.ones(24), rtol=1e-5, atol=1e-6)
+    s_r, s_c = opt.gains(p)
+    assert (s_r - 1).abs().max() > 1e-3 and (s_c - 1).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="sphere"):
+        optim.AdamMD([torch.nn.Parameter(torch.randn(4, 4))], sphere="ball")
+

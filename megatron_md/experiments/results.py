@@ -1,0 +1,200 @@
+"""The quality table of docs/RESULTS.md, computed from ``tools/sweep.py`` directories.
+
+Per optimizer (one width, one token budget): the final validation loss at every LR (mean over
+the seeds run at that LR), the best LR, whether it lies at an end of the grid (then the grid must
+be extended before the row counts), the seeds at the best LR (mean and half-range), and the
+fraction of the baseline's steps that the optimizer needs to reach the baseline's final training
+loss (its logged training-loss curve, linearly interpolated between log points; ``None``: not
+reached within the run). A difference from the baseline no larger than the two half-ranges
+together is reported as within seed noise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .sweep import collect, read_log
+
+
+@dataclass
+class Row:
+    optimizer: str
+    lrs: list[float]
+    losses: list[float]                  # mean final val loss per LR (all seeds at that LR)
+    best_lr: Optional[float] = None
+    edge: bool = False                   # best LR at an end of the grid
+    seeds: list[int] = field(default_factory=list)
+    seed_losses: list[float] = field(default_factory=list)
+    fraction_of_baseline_steps: Optional[float] = None   # mean over seeds at the best LR
+    reached: int = 0                     # seeds that reached the baseline's final train loss
+    train_iters: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def mean(self) -> Optional[float]:
+        return sum(self.seed_losses) / len(self.seed_losses) if self.seed_losses else None
+
+    @property
+    def half_range(self) -> Optional[float]:
+        if len(self.seed_losses) < 2:
+            return None
+        return (max(self.seed_losses) - min(self.seed_losses)) / 2
+
+
+def train_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """``(iteration, train loss)`` of a run's log (each point the mean over its log interval)."""
+    return [(e["iteration"], e["loss"]) for e in read_log(Path(run_dir) / "log.jsonl")
+            if e.get("event") == "train" and isinstance(e.get("loss"), (int, float)) and math.isfinite(e["loss"])]
+
+
+def steps_to_reach(curve: Sequence[tuple[int, float]], target: float) -> Optional[float]:
+    """First iteration at which the curve reaches ``target`` (linear interpolation between log
+    points); None if it never does."""
+    prev = None
+    for it, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return float(it)
+            (i0, l0) = prev
+            return i0 + (l0 - target) / (l0 - loss) * (it - i0)
+        prev = (it, loss)
+    return None
+
+
+def quality_rows(sweep_dir: Path, optimizers: Sequence[str], baseline: str = "adam") -> list[Row]:
+    """One :class:`Row` per optimizer present in the sweep, in ``optimizers`` order."""
+    sweep_dir = Path(sweep_dir)
+    runs = collect(sweep_dir)
+    rows: dict[str, Row] = {}
+    for name in optimizers:
+        mine = [r for r in runs if r["optimizer"] == name]
+        if not mine:
+            continue
+        ok = [r for r in mine if r["status"] == "ok" and r.get("final_val_loss") is not None
+              and math.isfinite(r["final_val_loss"])]
+        by_lr: dict[float, list[dict]] = {}
+        for r in ok:
+            by_lr.setdefault(float(r["lr"]), []).append(r)
+        lrs = sorted(by_lr)
+        losses = [sum(r["final_val_loss"] for r in by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
+        row = Row(name, lrs, losses, failed=[r["run_id"] for r in mine if r not in ok],
+                  train_iters=max((int(r["train_iters"]) for r in mine), default=0))
+        if lrs:
+            k = min(range(len(lrs)), key=losses.__getitem__)
+            row.best_lr, row.edge = lrs[k], len(lrs) < 3 or k in (0, len(lrs) - 1)
+            best = sorted(by_lr[lrs[k]], key=lambda r: r["seed"])
+            row.seeds = [int(r["seed"]) for r in best]
+            row.seed_losses = [float(r["final_val_loss"]) for r in best]
+        rows[name] = row
+    base = rows.get(baseline)
+    if base is not None and base.best_lr is not None:
+        base_runs = [r for r in runs if r["optimizer"] == baseline and r["status"] == "ok"
+                     and float(r["lr"]) == base.best_lr]
+        finals = [c[-1][1] for c in (train_curve(sweep_dir / "runs" / r["run_id"]) for r in base_runs) if c]
+        if finals:
+            target = sum(finals) / len(finals)
+            for row in rows.values():
+                if row.best_lr is None:
+                    continue
+                fr = []
+                for r in runs:
+                    if r["optimizer"] == row.optimizer and r["status"] == "ok" and float(r["lr"]) == row.best_lr:
+                        s = steps_to_reach(train_curve(sweep_dir / "runs" / r["run_id"]), target)
+                        if s is not None:
+                            fr.append(s / int(r["train_iters"]))
+                row.reached = len(fr)
+                row.fraction_of_baseline_steps = sum(fr) / len(fr) if fr and len(fr) == len(row.seeds) else None
+    return [rows[n] for n in optimizers if n in rows]
+
+
+def noise_verdict(row: Row, base: Row) -> str:
+    """"better" / "worse" / "within seed noise" / "one seed" against the baseline row."""
+    if row.mean is None or base.mean is None:
+        return "—"
+    if row.half_range is None or base.half_range is None:
+        return "one seed"
+    diff = row.mean - base.mean
+    if abs(diff) <= row.half_range + base.half_range:
+        return "within seed noise"
+    return "better" if diff < 0 else "worse"
+
+
+def markdown_table(rows: Sequence[Row], baseline: str = "adam") -> str:
+    base = next((r for r in rows if r.optimizer == baseline), None)
+    out = ["| optimizer | LRs swept | best LR | final val loss (mean ± half-range, seeds) | vs "
+           f"{baseline} | fraction of {baseline}'s steps to its final train loss | note |",
+           "|---|---|---:|---|---|---:|---|"]
+    for r in rows:
+        grid = ", ".join(f"{lr:g}" for lr in r.lrs)
+        if r.mean is None:
+            loss = "—"
+        elif r.half_range is None:
+            loss = f"{r.mean:.4f} (1 seed)"
+        else:
+            loss = f"{r.mean:.4f} ± {r.half_range:.4f} ({len(r.seeds)} seeds)"
+        frac = ("—" if r.fraction_of_baseline_steps is None and not r.reached
+                else "not reached" if r.fraction_of_baseline_steps is None
+                else f"{r.fraction_of_baseline_steps:.2f}")
+        if r.reached == 0 and r.best_lr is not None and base is not None:
+            frac = "not reached"
+        notes = []
+        if r.edge:
+            notes.append("best LR at the grid's edge: extend the grid")
+        if r.failed:
+            notes.append(f"{len(r.failed)} failed run(s)")
+        verdict = noise_verdict(r, base) if base is not None and r is not base else "—"
+        out.append(f"| {r.optimizer} | {grid} | {r.best_lr:g} | {loss} | {verdict} | {frac} | {'; '.join(notes)} |"
+                   if r.best_lr is not None else f"| {r.optimizer} | {grid} | — | — | — | — | no finished run |")
+    return "\n".join(out)
+
+
+def plot_quality(rows: Sequence[Row], sweep_dir: Path, out_dir: Path) -> list[Path]:
+    """``loss_vs_step.png`` (training loss at each optimizer's best LR, every seed) and
+    ``loss_vs_lr.png`` (final validation loss against LR, one panel per optimizer)."""
+    from .plots import _plt
+
+    plt = _plt()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = collect(sweep_dir)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    cmap = plt.get_cmap("tab10")
+    for i, r in enumerate(rows):
+        if r.best_lr is None:
+            continue
+        for j, run in enumerate(x for x in runs if x["optimizer"] == r.optimizer and x["status"] == "ok"
+                                and float(x["lr"]) == r.best_lr):
+            c = train_curve(sweep_dir / "runs" / run["run_id"])
+            if c:
+                ax.plot(*zip(*c), color=cmap(i % 10), alpha=0.9 if j == 0 else 0.45,
+                        label=f"{r.optimizer} (lr {r.best_lr:g})" if j == 0 else None)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss (mean over the log interval)")
+    ax.set_ylim(top=min(7.5, ax.get_ylim()[1]))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    p1 = out_dir / "loss_vs_step.png"
+    fig.tight_layout()
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+    n = len(rows)
+    cols = min(5, n) or 1
+    fig, axes = plt.subplots((n + cols - 1) // cols or 1, cols, figsize=(3.4 * cols, 3 * ((n + cols - 1) // cols or 1)),
+                             squeeze=False, sharey=True)
+    for ax, r in zip(axes.flat, rows):
+        ax.plot(r.lrs, r.losses, "o-")
+        if r.best_lr is not None:
+            ax.plot([r.best_lr], [min(r.losses)], "*", ms=12, color="C3")
+        ax.set_xscale("log")
+        ax.set_title(r.optimizer, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("final val loss")
+    p2 = out_dir / "loss_vs_lr.png"
+    fig.tight_layout()
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]

@@ -1,0 +1,83 @@
+"""The quality table (megatron_md.experiments.results, tools/results_table.py) on a sweep
+directory written here with known losses and curves."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_md.experiments import results as res
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(root, opt, lr, seed, final, curve, iters=100, status="ok"):
+    rid = f"{opt}-N64-D{iters}-lr{lr:g}-s{seed}"
+    d = root / "runs" / rid
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps(dict(run_id=rid, optimizer=opt, lr=lr, seed=seed, train_iters=iters,
+                                                   hidden_size=64, status=status, final_val_loss=final)))
+    (d / "log.jsonl").write_text("".join(json.dumps({"event": "train", "iteration": it, "loss": loss}) + "\n"
+                                         for it, loss in curve))
+
+
+def _curve(scale, iters=100):
+    # loss 8 - scale·log(1 + it/10): monotone; a larger scale reaches any target earlier
+    return [(it, 8 - scale * math.log1p(it / 10)) for it in range(10, iters + 1, 10)]
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for lr, loss in ((1e-3, 5.5), (2e-3, 5.2), (4e-3, 5.3)):
+        _run(tmp_path, "adam", lr, 1, loss, _curve(1.0))
+    _run(tmp_path, "adam", 2e-3, 2, 5.22, _curve(1.0))
+    for lr, loss in ((5e-3, 5.0), (1e-2, 4.8), (2e-2, 4.9)):
+        _run(tmp_path, "muon", lr, 1, loss, _curve(2.0))
+    _run(tmp_path, "muon", 1e-2, 2, 4.84, _curve(2.0))
+    for lr, loss in ((1e-3, 5.6), (2e-3, 5.4)):          # best at the edge
+        _run(tmp_path, "rmnp", lr, 1, loss, _curve(0.5))
+    _run(tmp_path, "rmnp", 4e-3, 1, float("nan"), [], status="failed")
+    for lr, loss in ((1e-3, 5.24), (2e-3, 5.19), (4e-3, 5.3)):   # within noise of adam
+        _run(tmp_path, "adamh", lr, 1, loss, _curve(1.0))
+    _run(tmp_path, "adamh", 2e-3, 2, 5.25, _curve(1.0))
+    return tmp_path
+
+
+def test_steps_to_reach_interpolates():
+    assert res.steps_to_reach([(10, 6.0), (20, 5.0), (30, 4.0)], 4.5) == pytest.approx(25.0)
+    assert res.steps_to_reach([(10, 6.0), (20, 5.0)], 6.5) == 10.0
+    assert res.steps_to_reach([(10, 6.0), (20, 5.0)], 4.0) is None
+
+
+def test_quality_rows(sweep):
+    rows = {r.optimizer: r for r in res.quality_rows(sweep, ["adam", "muon", "rmnp", "adamh", "absent"])}
+    assert set(rows) == {"adam", "muon", "rmnp", "adamh"}
+    a, m, r, h = rows["adam"], rows["muon"], rows["rmnp"], rows["adamh"]
+    # the LR point's loss is the mean over its seeds; the best LR is an interior point
+    assert a.lrs == [1e-3, 2e-3, 4e-3] and a.losses[1] == pytest.approx(5.21) and a.best_lr == 2e-3 and not a.edge
+    assert a.seed_losses == [5.2, 5.22] and a.half_range == pytest.approx(0.01)
+    assert a.fraction_of_baseline_steps == pytest.approx(1.0)
+    # muon's curve (scale 2) reaches adam's final loss 8 - log(11) at 8 - 2 log1p(t/10): t = 10(√11 − 1)
+    assert m.fraction_of_baseline_steps == pytest.approx(10 * (math.sqrt(11) - 1) / 100, rel=0.08)
+    assert res.noise_verdict(m, a) == "better"
+    assert r.edge and r.failed == ["rmnp-N64-D100-lr0.004-s1"] and r.reached == 0
+    assert res.noise_verdict(r, a) == "one seed"
+    assert res.noise_verdict(h, a) == "within seed noise"
+    md = res.markdown_table(list(rows.values()))
+    assert "extend the grid" in md and "1 failed run(s)" in md and "not reached" in md
+    assert "within seed noise" in md and "better" in md
+
+
+def test_results_table_tool(sweep, tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(REPO / "tools" / "results_table.py"), str(sweep), "--out", str(out),
+                    "--optimizers", "adam,muon,rmnp"], check=True, capture_output=True, cwd=REPO)
+    text = (out / "quality.md").read_text()
+    assert "| muon | 0.005, 0.01, 0.02 | 0.01 |" in text
+    assert (out / "plots" / "quality" / "loss_vs_step.png").stat().st_size > 1000
+    assert (out / "plots" / "quality" / "loss_vs_lr.png").stat().st_size > 1000
+    bad = subprocess.run([sys.executable, str(REPO / "tools" / "results_table.py"), str(tmp_path / "none"),
+                          "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "not a sweep directory" in bad.stderr

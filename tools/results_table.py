@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""The quality table of docs/RESULTS.md from a ``tools/sweep.py`` directory.
+
+Per optimizer: LRs swept, best LR (flagged when it lies at the grid's edge), final validation
+loss at the best LR (mean ± half-range over its seeds), the verdict against the baseline
+(better / worse / within seed noise), and the fraction of the baseline's steps needed to reach
+the baseline's final training loss. Writes ``<out>/quality.md`` and the plots
+``loss_vs_step.png`` and ``loss_vs_lr.png``.
+
+    python tools/results_table.py docs/results/quality --out docs/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from megatron_md.experiments import results as res  # noqa: E402
+
+ORDER = ["adam", "muon", "normuon", "rmnp", "adamh", "muonh", "adam-md", "muon-md", "sf-adamw", "sf-normuon"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", type=Path, help="sweep directory (tools/sweep.py --out)")
+    p.add_argument("--out", type=Path, required=True, help="folder for quality.md and the plots")
+    p.add_argument("--baseline", default="adam")
+    p.add_argument("--optimizers", default=",".join(ORDER), help="row order (comma list)")
+    p.add_argument("--name", default="quality", help="basename of the markdown file")
+    a = p.parse_args(argv)
+    if not (a.sweep / "runs").is_dir():
+        p.error(f"{a.sweep}: not a sweep directory (no runs/)")
+    rows = res.quality_rows(a.sweep, [o.strip() for o in a.optimizers.split(",") if o.strip()], a.baseline)
+    if not rows:
+        p.error(f"{a.sweep}: no runs of {a.optimizers}")
+    plots = res.plot_quality(rows, a.sweep, a.out / "plots" / a.name)
+    meta = json.loads((a.sweep / "sweep.json").read_text()) if (a.sweep / "sweep.json").exists() else {}
+    iters = sorted({r.train_iters for r in rows})
+    lines = [f"# Quality table: {a.sweep}", "",
+             f"Command: `python tools/results_table.py {shlex.join(sys.argv[1:] if argv is None else argv)}` "
+             f"({time.strftime('%Y-%m-%d %H:%M')}); sweep commit {meta.get('commit', '?')}; "
+             f"{iters} iterations per run. Every run's command and log: `{a.sweep}/runs/<run>/`.", "",
+             res.markdown_table(rows, a.baseline), "",
+             "Final validation loss: the driver's evaluation at the last iteration. Seeds at the best LR: mean ± "
+             "half-range; a difference from the baseline within both half-ranges together is *within seed noise*. "
+             f"Fraction of steps: first iteration whose logged training loss (mean over its log interval) reaches "
+             f"{a.baseline}'s final logged training loss at its best LR, over the run length, mean over seeds.", ""]
+    for p_ in plots:
+        lines.append(f"![{p_.stem}]({p_.relative_to(a.out).as_posix()})")
+    out = a.out / f"{a.name}.md"
+    a.out.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
