@@ -8,6 +8,7 @@ the baseline's final training loss. Writes ``<out>/quality.md`` and the plots
 ``loss_vs_step.png`` and ``loss_vs_lr.png``.
 
     python tools/results_table.py docs/results/quality --out docs/results
+    python tools/results_table.py docs/results/quality --out docs/results --best-lrs --optimizers adam,muon-md
 """
 from __future__ import annotations
 
@@ -35,12 +36,18 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", default="adam")
     p.add_argument("--optimizers", default=",".join(ORDER), help="row order (comma list)")
     p.add_argument("--name", default="quality", help="basename of the markdown file")
+    p.add_argument("--best-lrs", action="store_true",
+                   help="only print each optimizer's best LR as tools/sweep.py --lrs ('adam=0.004;muon=0.02'), "
+                   "leaving out optimizers whose best lies at the grid's edge (extend those first)")
     a = p.parse_args(argv)
     if not (a.sweep / "runs").is_dir():
         p.error(f"{a.sweep}: not a sweep directory (no runs/)")
     rows = res.quality_rows(a.sweep, [o.strip() for o in a.optimizers.split(",") if o.strip()], a.baseline)
     if not rows:
         p.error(f"{a.sweep}: no runs of {a.optimizers}")
+    if a.best_lrs:
+        print(";".join(f"{r.optimizer}={r.best_lr:g}" for r in rows if r.best_lr is not None and not r.edge))
+        return 0
     plots = res.plot_quality(rows, a.sweep, a.out / "plots" / a.name)
     meta = json.loads((a.sweep / "sweep.json").read_text()) if (a.sweep / "sweep.json").exists() else {}
     iters = sorted({r.train_iters for r in rows})
