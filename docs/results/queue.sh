@@ -21,4 +21,32 @@ seeds "$(best adam,muon-md)"
 sweep --config docs/results/quality.toml --out "$Q"
 ALL=adam,muon,normuon,rmnp,adamh,muonh,adam-md,muon-md,sf-adamw,sf-normuon
 seeds "$(best $ALL)"
+
+# 3. the claims of docs/RESULTS.md (each a separate directory: the run ids do not encode the flags)
+lr_of() { best "$1" | sed 's/.*=//'; }
+MD=$(lr_of muon-md); MU=$(lr_of muon); AD=$(lr_of adam); SFN=$(lr_of sf-normuon); SFA=$(lr_of sf-adamw)
+C="--config docs/results/quality.toml"
+R=docs/results/claims
+# MD: the sphere alone (hidden-matrix gains frozen at 1) swept like MuonMD
+sweep $C --out $R/md_sphere_only --optimizers muon-md --lrs "muon-md=2.5e-3,5e-3,1e-2,2e-2,4e-2" \
+  --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --muon-md-gains-lr 0"
+# MD without warmup (the quality runs) vs with it; Muon with weight decay (the quality runs) vs without
+[ -n "$MD" ] && sweep $C --out $R/md_warmup --optimizers muon-md --lrs "muon-md=$MD" --seeds 1,2,3 \
+  --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 30 --partner-lr 3e-3"
+[ -n "$MU" ] && sweep $C --out $R/muon_no_wd --optimizers muon --lrs "muon=$MU" --seeds 1,2,3 \
+  --optimizer-args "muon=--weight-decay 0 --lr-warmup-iters 30 --partner-lr 3e-3"
+# SF-AdamW: no weight decay, and decay at z (the quality runs decay at y)
+[ -n "$SFA" ] && sweep $C --out $R/sf_adamw_no_wd --optimizers sf-adamw --lrs "sf-adamw=$SFA" --seeds 1,2 \
+  --optimizer-args "sf-adamw=--weight-decay 0 --lr-decay-style constant --sf-adamw-warmup-steps 30"
+[ -n "$SFA" ] && sweep $C --out $R/sf_adamw_wd_z --optimizers sf-adamw --lrs "sf-adamw=$SFA" --seeds 1,2 \
+  --optimizer-args "sf-adamw=--weight-decay 0.1 --lr-decay-style constant --sf-adamw-warmup-steps 30 --sf-adamw-weight-decay-at z"
+# SF-NorMuon without momentum
+[ -n "$SFN" ] && sweep $C --out $R/sf_normuon_no_momentum --optimizers sf-normuon --lrs "sf-normuon=$SFN" --seeds 1,2 \
+  --optimizer-args "sf-normuon=--weight-decay 0.05 --lr-decay-style constant --sf-normuon-warmup-steps 30 --sf-adamw-warmup-steps 30 --partner-lr 3e-3 --sf-normuon-momentum 0"
+# SF-NorMuon, one configuration, vs cosine AdamW tuned per horizon: 1x, 2x, 4x the base budget
+sweep $C --out $R/horizons --optimizers adam --train-iters 300,600,1200 --lrs "adam=2e-3,4e-3,8e-3,1.6e-2" \
+  --optimizer-args "adam=--weight-decay 0.1 --lr-warmup-iters 30 --lr-decay-style cosine"
+[ -n "$SFN" ] && sweep $C --out $R/horizons --optimizers sf-normuon --train-iters 300,600,1200 --lrs "sf-normuon=$SFN"
+# MD's LR transfer across width: MuonMD and AdamW at hidden 64 and 256 (128: the quality runs)
+sweep $C --out $R/width --optimizers adam,muon-md --hidden-sizes 64,256
 echo "queue: done"

@@ -74,18 +74,22 @@ def check_ns(ns_coefficients, ns_steps, ns_dtype, ns_mode):
 
 def nonfinite_flag(param_groups) -> torch.Tensor:
     """``[1.0]`` if any gradient in ``param_groups`` has a NaN/Inf, else ``[0.0]`` — a float
-    tensor on the gradients' device, ready to be all-reduced with MAX."""
+    tensor on the gradients' device, ready to be all-reduced with MAX.
+
+    One sum per gradient (in fp32 for low-precision grads): a NaN or ±Inf element makes the
+    sum NaN/±Inf, so none is missed; a sum can also overflow for finite elements beyond ~1e34,
+    which counts as non-finite too (such a step would overflow the grad norm anyway). A sum is
+    one vectorized read pass; ``max |g|`` (the inf-norm) costs ~60× more on CPU (2.9 ms vs
+    0.05 ms on 2048×512) and ``isfinite().all()`` ~30×."""
     grads = [p.grad for g in param_groups for p in g["params"] if p.grad is not None and p.grad.numel()]
     if not grads:
         dev = next((p.device for g in param_groups for p in g["params"]), torch.device("cpu"))
         return torch.zeros(1, device=dev)
-    # max |g| per tensor: one read pass, no temporaries, NaN and ±Inf propagate (isfinite().all()
-    # costs four full passes); grouped by dtype/device so the foreach call can fuse
-    by_kind: dict = {}
-    for t in grads:
-        by_kind.setdefault((t.dtype, t.device), []).append(t)
-    maxes = [m.float().reshape(1) for ts in by_kind.values() for m in torch._foreach_norm(ts, float("inf"))]
-    return (~torch.cat(maxes).isfinite().all()).to(torch.float32).reshape(1)
+    low = (torch.float16, torch.bfloat16)
+    sums = torch.stack([(t.sum(dtype=torch.float32) if t.dtype in low else t.sum()).to(grads[0].device,
+                                                                                        torch.float64)
+                        for t in grads])
+    return (~sums.isfinite().all()).to(torch.float32).reshape(1)
 
 
 # ------------------------------------------------------------------------------ logical matrix

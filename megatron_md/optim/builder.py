@@ -73,6 +73,17 @@ class OptimizerSet:
             o.load_state_dict(sd[k])
 
 
+def fused_adamw_kwargs() -> dict:
+    """``torch.optim.AdamW`` keywords of the Adam partner: the fused kernel where this torch has
+    it for CPU and CUDA (torch >= 2.4: about 5× the foreach path on CPU, the same update), else
+    the foreach path (torch's CPU default is the per-tensor loop)."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return {"foreach": True}
+    return {"fused": True}
+
+
 def build_optimizer(model: torch.nn.Module, name: str, *, lr: float, adam_lr: float | None = None,
                     weight_decay: float = 0.0, adam_weight_decay: float | None = None,
                     adam_betas=(0.9, 0.95), adam_eps: float = 1e-8, rules=DEFAULT_RULES,
@@ -101,7 +112,7 @@ def build_optimizer(model: torch.nn.Module, name: str, *, lr: float, adam_lr: fl
 
     if name in ("adam", "adamw"):
         groups = partner_groups(ROLES_ALL, lr, weight_decay)
-        return OptimizerSet({"adamw": torch.optim.AdamW(groups, lr=lr, betas=adam_betas, eps=adam_eps, foreach=True)})
+        return OptimizerSet({"adamw": torch.optim.AdamW(groups, lr=lr, betas=adam_betas, eps=adam_eps, **fused_adamw_kwargs())})
     if name == "sf-adamw":
         groups = partner_groups(ROLES_ALL, lr, weight_decay)
         return OptimizerSet({"sf-adamw": SFAdamW(groups, lr=lr, **matrix_kwargs)})
@@ -119,7 +130,7 @@ def build_optimizer(model: torch.nn.Module, name: str, *, lr: float, adam_lr: fl
         if name == "sf-normuon":
             opts["sf-adamw"] = SFAdamW(rest, lr=adam_lr)
         else:
-            opts["adamw"] = torch.optim.AdamW(rest, lr=adam_lr, betas=adam_betas, eps=adam_eps, foreach=True)
+            opts["adamw"] = torch.optim.AdamW(rest, lr=adam_lr, betas=adam_betas, eps=adam_eps, **fused_adamw_kwargs())
     return OptimizerSet(opts)
 
 

@@ -75,7 +75,8 @@ class AdamH(_Hyperball):
             # retraction only uses u/‖u‖_F, so the positive factor in front is dropped
             denom = torch._foreach_sqrt(Vs)
             torch._foreach_add_(denom, g["eps"] * math.sqrt(1 - b2 ** t))
-            u_param = dict(zip((id(p) for p, _ in states), torch._foreach_div(Ms, denom)))
+            # u = m / denom written over denom (no second matrix-sized temporary)
+            u_param = dict(zip((id(p) for p, _ in states), [torch.div(M, d, out=d) for M, d in zip(Ms, denom)]))
             for i, m in zip(idx, ms):
                 us[i] = m.get(u_param[id(m.param)])
         hyperball_retract_many(mats, us)

@@ -118,19 +118,28 @@ class _MD(MatrixOptimizer):
     # (and the column analogue), so the gains' gradients need one product W⊙G and no D; the new
     # direction D' does not depend on them, so ‖D'‖_F joins the same round of collectives.
     def _md_prepare(self, mats: list[Mat], red: Reductions) -> list[dict]:
-        """Per matrix: old gains, S = s_r s_cᵀ, G_D = G ⊙ S and the pending gain-gradient sums."""
+        """Per matrix: old gains, G_D = G ⊙ s_r s_cᵀ and the pending gain-gradient sums.
+
+        One matrix-sized temporary per matrix and no other (on CPU a fresh matrix-sized buffer
+        costs as much in page faults as the arithmetic): G_D overwrites W ⊙ G once its row and
+        column sums are taken (local sums are computed when issued); S = s_r s_cᵀ is never
+        materialized (two broadcast passes instead); the caller reuses G_D, and D is formed in
+        the matrix's own storage (W is rewritten from D at the end of the step anyway)."""
         out = []
         Ws, Gs = [m.W for m in mats], [m.G for m in mats]
         WG = torch._foreach_mul(Ws, Gs)
-        for m, wg in zip(mats, WG):
+        for m, W, G, wg in zip(mats, Ws, Gs, WG):
             v, sh = m.vec, m.shard
             s_r, s_c = F.softplus(v["g_r"]), F.softplus(v["g_c"])
-            out.append(dict(W=None, s_r=s_r, s_c=s_c, S=sh.rows(s_r) * sh.cols(s_c),
-                            rows=red.row_sum(sh, wg), cols=red.col_sum(sh, wg)))
-        GD = torch._foreach_mul(Gs, [d["S"] for d in out])
-        for d, W, gd in zip(out, Ws, GD):
-            d["W"], d["G_D"] = W, gd
+            d = dict(W=W, s_r=s_r, s_c=s_c, rows=red.row_sum(sh, wg), cols=red.col_sum(sh, wg))
+            d["G_D"] = torch.mul(G, sh.rows(s_r), out=wg).mul_(sh.cols(s_c))
+            out.append(d)
         return out
+
+    @staticmethod
+    def _direction_in_place(m: Mat, d: dict) -> torch.Tensor:
+        """D = W / (s_r s_cᵀ), written over ``d["W"]`` (returned)."""
+        return d["W"].div_(m.shard.rows(d["s_r"])).div_(m.shard.cols(d["s_c"]))
 
     def _md_finish(self, mats: list[Mat], prep: list[dict], Ds: list[torch.Tensor], red: Reductions) -> None:
         """Given the unretracted new directions D' (pending ‖D'‖² in ``red``): flush, gains Adam,
@@ -153,7 +162,7 @@ class _MD(MatrixOptimizer):
             # the retraction folds into the row gains: one factor per row (rows sphere) or one for all
             r = n.value.reshape(-1) if m.group.get("sphere", "frobenius") == "rows" else n.value
             s_r = F.softplus(v["g_r"]).mul_(self.radius(m) / r.clamp_min(_TINY).sqrt())
-            torch.mul(D, sh.rows(s_r) * sh.cols(F.softplus(v["g_c"])), out=d["W"])
+            torch.mul(D, sh.rows(s_r), out=d["W"]).mul_(sh.cols(F.softplus(v["g_c"])))  # D may be d["W"]
             m.put(m.param, d["W"])
 
     # -- introspection -------------------------------------------------------------------
@@ -203,10 +212,10 @@ class AdamMD(_MD):
             torch._foreach_addcmul_(Vs, GD, GD, value=1 - b2)
             put_all(ms, "exp_avg", Ms)
             put_all(ms, "exp_avg_sq", Vs)
-            denom = torch._foreach_sqrt(Vs)
+            denom = [torch.sqrt(V, out=gd) for V, gd in zip(Vs, GD)]       # G_D is consumed: reuse it
             torch._foreach_div_(denom, math.sqrt(1 - b2 ** t))
             torch._foreach_add_(denom, g["eps"])
-            D = torch._foreach_div([prep[i]["W"] for i in idx], [prep[i]["S"] for i in idx])
+            D = [self._direction_in_place(mats[i], prep[i]) for i in idx]
             torch._foreach_addcdiv_(D, Ms, denom, value=-g["lr"] / (1 - b1 ** t))
             for i, d in zip(idx, D):
                 Ds[i] = d
@@ -255,9 +264,9 @@ class MuonMD(_MD):
     def _post_ns_many(self, mats: list[Mat], outs: list[torch.Tensor]) -> None:
         red, prep = self._md_pending
         del self._md_pending
-        Ds = torch._foreach_div([d["W"] for d in prep], [d["S"] for d in prep])
-        torch._foreach_add_(Ds, torch._foreach_mul(outs, [-m.group["lr"] * scale_factor(m.group["scale"], m.d_out, m.d_in)
-                                                          for m in mats]))
+        Ds = [self._direction_in_place(m, d) for m, d in zip(mats, prep)]
+        for D, o, m in zip(Ds, outs, mats):
+            D.add_(o, alpha=-m.group["lr"] * scale_factor(m.group["scale"], m.d_out, m.d_in))
         self._md_finish(mats, prep, Ds, red)
 
 

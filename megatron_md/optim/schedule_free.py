@@ -126,7 +126,7 @@ class SFAdamW(ScheduleFreeMixin, SkippingOptimizer):
             rb = math.sqrt(bias2)
             denom = torch._foreach_sqrt(vs)
             torch._foreach_add_(denom, g["eps"] * rb)
-            us = torch._foreach_div(grads, denom)
+            us = [torch.div(gr, d, out=d) for gr, d in zip(grads, denom)]   # over denom: no second temporary
             if g["weight_decay"]:
                 torch._foreach_add_(us, ys if g["weight_decay_at"] == "y" else zs, alpha=g["weight_decay"] / rb)
             torch._foreach_lerp_(ys, zs, c)
