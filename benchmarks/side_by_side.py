@@ -5,8 +5,8 @@
   weight decay 0.1, jordan × 5, ``adjust_lr_fn="original"`` = our ``shape_scaling``, bf16 NS — torch's
   NS is always bf16); our Muon with this machine's automatic NS dtype as a third column;
 * our ``SFAdamW`` vs ``schedulefree.AdamWScheduleFree(foreach=True)``;
-* the AdamW partner as ``build_optimizer`` makes it (``torch.optim.AdamW(foreach=True)``) vs
-  ``foreach=False`` (torch's CPU default) and ``fused=True``.
+* the AdamW partner as the builders make it (``torch.optim.AdamW(fused=True)`` where torch has the
+  fused kernel) vs ``foreach=True`` and ``foreach=False`` (torch's CPU default).
 
 Parameters: the four weight matrices of one GPT layer of hidden ``h`` (QKV 1.5h × h as one
 matrix, proj h × h, fc1 4h × h, fc2 h × 4h), fp32, the same gradients every step. All variants of
@@ -79,11 +79,13 @@ def main(argv=None) -> int:
     except ImportError:
         print("schedulefree not installed: SF-AdamW row skipped", file=sys.stderr)
     kw = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    from megatron_md.optim.builder import fused_adamw_kwargs
+    partner = ", ".join(f"{k}={v}" for k, v in fused_adamw_kwargs().items())
     rows_spec.append(("AdamW", {
-        "partner (foreach=True)": torch.optim.AdamW(fresh(), foreach=True, **kw).step,
+        f"partner ({partner}, as the builders make it)": torch.optim.AdamW(fresh(), **fused_adamw_kwargs(), **kw).step,
+        "torch AdamW foreach=True": torch.optim.AdamW(fresh(), foreach=True, **kw).step,
         "torch AdamW foreach=False": torch.optim.AdamW(fresh(), foreach=False, **kw).step,
-        "torch AdamW fused=True": torch.optim.AdamW(fresh(), fused=True, **kw).step,
-    }, "torch AdamW foreach=False"))
+    }, "torch AdamW foreach=True"))
     body = [f"Parameters: the 4 matrices of one hidden-{args.hidden} layer ({sum(a * b for a, b in shapes(args.hidden)) / 1e6:.2f} M "
             f"weights, fp32). Median (min) of {args.repeats} steps after {args.warmup} warm-up rounds, the variants of "
             f"a row interleaved; *ratio* = variant / the row's reference (last column named). Automatic NS dtype "
