@@ -223,8 +223,7 @@ class HybridOptimizer(torch.optim.AdamW):
         if self._layerwise is not None:
             group, pairs = self._layerwise
             with comm.metered("layer-wise"):
-                for p, owner in pairs:
-                    comm.broadcast(p.data, owner, group)
+                _broadcast_coalesced(pairs, group)
         adam_groups = [g for g in self.param_groups if g["md_role"] in _PARTNER_ROLES]
         if adam_groups:
             self._partner.param_groups = adam_groups
@@ -300,6 +299,37 @@ class HybridOptimizer(torch.optim.AdamW):
     @property
     def matrix_optimizer(self):
         return self._matrix
+
+
+#: layer-wise DP: the updated matrices of one owner travel in broadcasts of at most this many elements
+BROADCAST_BUCKET_NUMEL = 1 << 24
+
+
+def _broadcast_coalesced(pairs, group) -> None:
+    """Every ``(param, owner)``: the owner's updated value to every rank of ``group`` — one
+    broadcast per owner and dtype (a flat buffer of up to :data:`BROADCAST_BUCKET_NUMEL`
+    elements) instead of one per matrix. Order and bucketing depend only on ``pairs``, which is
+    the same on every rank."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    me = comm.group_rank(group)
+    buckets: dict = {}
+    for p, owner in pairs:
+        t = p.data
+        lst = buckets.setdefault((owner, t.dtype), [[]])
+        if lst[-1] and sum(x.numel() for x in lst[-1]) + t.numel() > BROADCAST_BUCKET_NUMEL:
+            lst.append([])
+        lst[-1].append(t)
+    for (owner, _), lists in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        for ts in lists:
+            if len(ts) == 1:
+                comm.broadcast(ts[0], owner, group)
+                continue
+            flat = _flatten_dense_tensors(ts)
+            comm.broadcast(flat, owner, group)
+            if me != owner:
+                for t, v in zip(ts, _unflatten_dense_tensors(flat, ts)):
+                    t.copy_(v)
 
 
 def _cost(it: MatrixItem) -> int:

@@ -202,3 +202,69 @@ def scatter_pieces(pieces: list[torch.Tensor] | None, numels: list[int], like: t
         dist.recv(out, src=dist.get_global_rank(group, src), group=group)
     METER.add(_TAG[-1], "scatter", 0, numels[me] * es)
     return out
+
+
+class PieceExchange:
+    """Point-to-point pieces of many matrices at once: every :meth:`gather` / :meth:`scatter`
+    of one round is posted, then :meth:`run` issues them as one ``batch_isend_irecv`` per process
+    group (all groups posted before any is waited on, so their order cannot deadlock) and waits.
+
+    Sends and receives between a pair of ranks match in posting order, so every rank must post
+    the matrices of a round in the same order (the caller's matrix order). Metered like
+    :func:`gather_pieces` / :func:`scatter_pieces`: one record per matrix, its exact bytes.
+    """
+
+    def __init__(self):
+        self._ops: dict = {}       # id(group) -> (group, [P2POp])
+        self._done: list = []      # callbacks after the wait (assembling received pieces)
+
+    def _op(self, group, fn, t, peer):
+        g = self._ops.setdefault(id(group), (group, []))
+        g[1].append(dist.P2POp(fn, t, dist.get_global_rank(group, peer), group))
+
+    def gather(self, piece: torch.Tensor, numels: list[int], dst: int, group, done) -> None:
+        """Post the pieces of one matrix to ``dst``; there, after :meth:`run`, ``done(pieces)``
+        receives the flat pieces in rank order (``done`` is not called elsewhere)."""
+        flat = piece.reshape(-1)
+        me, es = group_rank(group), flat.element_size()
+        if me != dst:
+            if numels[me]:
+                self._op(group, dist.isend, flat.contiguous(), dst)
+            METER.add(_TAG[-1], "gather", numels[me] * es, 0)
+            return
+        out = [flat if r == me else flat.new_empty(numels[r]) for r in range(len(numels))]
+        for r in range(len(numels)):
+            if r != me and numels[r]:
+                self._op(group, dist.irecv, out[r], r)
+        METER.add(_TAG[-1], "gather", 0, sum(n for r, n in enumerate(numels) if r != me) * es)
+        self._done.append(lambda: done(out))
+
+    def scatter(self, pieces: list[torch.Tensor] | None, numels: list[int], like: torch.Tensor, src: int, group,
+                done) -> None:
+        """The mirror of :meth:`gather`: ``done(flat piece of this rank)`` after :meth:`run`."""
+        me, es = group_rank(group), like.element_size()
+        if me == src:
+            for r in range(len(numels)):
+                if r != me and numels[r]:
+                    self._op(group, dist.isend, pieces[r].reshape(-1).contiguous(), r)
+            METER.add(_TAG[-1], "scatter", sum(n for r, n in enumerate(numels) if r != me) * es, 0)
+            mine = pieces[me].reshape(-1)
+            self._done.append(lambda: done(mine))
+            return
+        out = like.new_empty(numels[me])
+        if numels[me]:
+            self._op(group, dist.irecv, out, src)
+        METER.add(_TAG[-1], "scatter", 0, numels[me] * es)
+        self._done.append(lambda: done(out))
+
+    def run(self) -> None:
+        works = []
+        for group, ops in self._ops.values():
+            if ops:
+                works.extend(dist.batch_isend_irecv(ops))
+        for w in works:
+            w.wait()
+        for cb in self._done:
+            cb()
+        self._ops.clear()
+        self._done.clear()

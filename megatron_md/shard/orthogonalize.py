@@ -125,40 +125,45 @@ def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coeffici
             holders = [lv.piece_numels() if key[0] == len(levels[i]) - 1 else None for i, lv in lst]
             for (i, _), o in zip(lst, assign_owners(costs, w, holders)):
                 owner[(i, key[0])] = o
-        # up: pieces travel to the owners, level by level
-        reached = {}
-        fulls = {}
-        for i in sharded:
-            cur = items[i][1]
-            depth = 0
-            for d, lv in enumerate(levels[i]):
-                o = owner[(i, d)]
-                numels = lv.piece_numels()
-                got = comm.gather_pieces(cur, numels, o, lv.level_group)
-                if got is None:
-                    break
-                cur = lv.assemble(got)
-                depth = d + 1
-            reached[i] = depth
-            if depth == len(levels[i]):
-                fulls[i] = cur
+        # up: pieces travel to the owners, level by level; one batch of point-to-point messages
+        # per level and group, in the NS dtype (the cast is elementwise: casting the pieces and
+        # then assembling equals assembling and then casting, so the result is unchanged)
+        cur = {i: items[i][1].to(dtype) for i in sharded}
+        reached = {i: 0 for i in sharded}
+        for d in range(max((len(levels[i]) for i in sharded), default=0)):
+            ex = comm.PieceExchange()
+            for i in sharded:
+                if reached[i] != d or len(levels[i]) <= d:
+                    continue
+                lv = levels[i][d]
+
+                def arrived(got, i=i, lv=lv):
+                    cur[i] = lv.assemble(got)
+                    reached[i] += 1
+                ex.gather(cur[i], lv.piece_numels(), owner[(i, d)], lv.level_group, arrived)
+            ex.run()
+        fulls = {i: cur[i] for i in sharded if reached[i] == len(levels[i])}
         # compute: every owner orthogonalizes what it owns, batched by shape
         own = list(fulls)
         outs = _ns_batched([fulls[i] for i in own], coefficients, dtype, eps) if batch else \
             [newton_schulz(fulls[i], coefficients, dtype=dtype, eps=eps) for i in own]
-        done = dict(zip(own, outs))
-        # down: pieces travel back, level by level (same order as up in every group)
+        back = dict(zip(own, outs))
+        # down: pieces travel back, level by level from the innermost (still in the NS dtype)
+        for d in range(max((len(levels[i]) for i in sharded), default=0) - 1, -1, -1):
+            ex = comm.PieceExchange()
+            for i in sharded:
+                if len(levels[i]) <= d or reached[i] < d:
+                    continue
+                lv = levels[i][d]
+                pieces = lv.split(back[i]) if reached[i] > d else None
+
+                def returned(piece, i=i, lv=lv):
+                    back[i] = piece.view(lv.local_shape)
+                ex.scatter(pieces, lv.piece_numels(), cur[i], owner[(i, d)], lv.level_group, returned)
+            ex.run()
         for i in sharded:
             x = items[i][1]
-            depth = reached[i]
-            cur = done.get(i)
-            for d in range(min(depth, len(levels[i]) - 1), -1, -1):
-                lv = levels[i][d]
-                numels = lv.piece_numels()
-                o = owner[(i, d)]
-                pieces = lv.split(cur) if d < depth else None
-                cur = comm.scatter_pieces(pieces, numels, x, o, lv.level_group).view(lv.local_shape)
-            results[i] = cur.reshape(x.shape)
+            results[i] = back[i].reshape(x.shape).to(x.dtype)
     if local:
         mats = [items[i][1] for i in local]
         outs = _ns_batched(mats, coefficients, dtype, eps) if batch else \

@@ -9,6 +9,10 @@
 * ``count-<optimizer>``: the collectives of one step, counted by ``comm.METER``: with bucketing the
   count is the same for 1 and for 3 copies of that set (it no longer grows with the number of
   matrices), while the per-matrix path's count grows — and the bytes moved are the same for both.
+* ``ns-transport``: owner-mode Newton–Schulz, whose pieces travel in batched point-to-point
+  rounds in the NS dtype, equals gather mode (every rank all-gathers in fp32 and orthogonalizes)
+  bitwise in bf16 and in fp32 on the same mixed layouts (one NS call per matrix in both), and
+  moves exactly half the bytes in bf16.
 """
 from __future__ import annotations
 
@@ -154,6 +158,37 @@ def _rank_main(ctx):
     for name in COUNTED:
         with ctx.check(f"count-{name}", timeout=60):
             _check_count(env, name, ctx.rank, ctx)
+    with ctx.check("ns-transport", timeout=60):
+        _check_ns_transport(env)
+
+
+def _check_ns_transport(env):
+    import torch
+
+    from megatron_md.ops import resolve_coefficients
+    from megatron_md.shard import METER, Blocks
+    from megatron_md.shard.orthogonalize import orthogonalize
+
+    items = []
+    for x, lay in _layer(env, 7) + _layer(env, 8):
+        if isinstance(lay, Blocks):
+            items += [(v.shard, v.get(x)) for v in lay.views]
+        else:
+            items.append((lay, x))
+    coeffs = resolve_coefficients("jordan", None)
+    for lay, _ in items:
+        lay.validate()  # construction-time metadata exchange: not part of the metered NS traffic
+    owner_bytes = {}
+    for dt in (torch.bfloat16, torch.float32):
+        METER.reset()
+        # batch=False: one NS call per matrix in both modes (a batched call may round differently)
+        got = orthogonalize(items, coefficients=coeffs, dtype=dt, mode="owner", batch=False)
+        owner_bytes[dt] = METER.total()
+        ref = orthogonalize(items, coefficients=coeffs, dtype=dt, mode="gather", batch=False)
+        for k, (a, b) in enumerate(zip(got, ref)):
+            assert a.dtype == b.dtype == items[k][1].dtype and torch.equal(a, b), (dt, k, (a - b).abs().max())
+    (s16, r16), (s32, r32) = owner_bytes[torch.bfloat16], owner_bytes[torch.float32]
+    assert s32 > 0 and 2 * s16 == s32 and 2 * r16 == r32, owner_bytes
 
 
 bucketed_w4 = group_fixture(4, _rank_main, timeout=300, stuck_grace=10.0, preload=("torch._dynamo",))
@@ -162,6 +197,10 @@ bucketed_w4 = group_fixture(4, _rank_main, timeout=300, stuck_grace=10.0, preloa
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_bucketed_equals_per_matrix(bucketed_w4, name):
     bucketed_w4.assert_ok(f"equal-{name}")
+
+
+def test_owner_ns_transport_in_ns_dtype_equals_gather(bucketed_w4):
+    bucketed_w4.assert_ok("ns-transport")
 
 
 @pytest.mark.parametrize("name", COUNTED)
