@@ -82,7 +82,8 @@ def newton_schulz(
     if X.ndim > 3:
         X = X.reshape(-1, *shape[-2:])
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-    X = X / (norm + eps)
+    # in place when X is already our own copy (the dtype cast made one); never on the caller's x
+    X = X.div_(norm + eps) if X.data_ptr() != x.data_ptr() else X / (norm + eps)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
