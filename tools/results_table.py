@@ -58,8 +58,9 @@ def main(argv=None) -> int:
              res.markdown_table(rows, a.baseline), "",
              "Final validation loss: the driver's evaluation at the last iteration. Seeds at the best LR: mean ± "
              "half-range; a difference from the baseline within both half-ranges together is *within seed noise*. "
-             f"Fraction of steps: first iteration whose logged training loss (mean over its log interval) reaches "
-             f"{a.baseline}'s final logged training loss at its best LR, over the run length, mean over seeds.", ""]
+             f"Fraction of steps: first iteration at which the training loss (logged as the mean over each log "
+             f"interval, averaged over the seeds at the best LR, interpolated between log points) reaches "
+             f"{a.baseline}'s final one at its best LR, over the run length.", ""]
     for p_ in plots:
         lines.append(f"![{p_.stem}]({p_.relative_to(a.out).as_posix()})")
     out = a.out / f"{a.name}.md"

@@ -4,8 +4,8 @@ Per optimizer (one width, one token budget): the final validation loss at every 
 the seeds run at that LR), the best LR, whether it lies at an end of the grid (then the grid must
 be extended before the row counts), the seeds at the best LR (mean and half-range), and the
 fraction of the baseline's steps that the optimizer needs to reach the baseline's final training
-loss (its logged training-loss curve, linearly interpolated between log points; ``None``: not
-reached within the run). A difference from the baseline no larger than the two half-ranges
+loss (the training-loss curves averaged over the seeds at the best LR, linearly interpolated
+between log points; ``None``: not reached within the run). A difference from the baseline no larger than the two half-ranges
 together is reported as within seed noise.
 """
 from __future__ import annotations
@@ -27,8 +27,10 @@ class Row:
     edge: bool = False                   # best LR at an end of the grid
     seeds: list[int] = field(default_factory=list)
     seed_losses: list[float] = field(default_factory=list)
-    fraction_of_baseline_steps: Optional[float] = None   # mean over seeds at the best LR
-    reached: int = 0                     # seeds that reached the baseline's final train loss
+    #: first iteration at which the seed-mean training curve at the best LR reaches the baseline's
+    #: seed-mean final training loss, over the run length (None: not reached)
+    fraction_of_baseline_steps: Optional[float] = None
+    reached: int = 0                     # 1 if that curve reaches the baseline's final loss
     train_iters: int = 0
     failed: list[str] = field(default_factory=list)
 
@@ -63,6 +65,17 @@ def steps_to_reach(curve: Sequence[tuple[int, float]], target: float) -> Optiona
     return None
 
 
+def _mean_curve(sweep_dir: Path, runs: list[dict], optimizer: str, lr: float) -> list[tuple[int, float]]:
+    """The training-loss curve averaged over the seeds run at ``lr`` (log points every run has)."""
+    curves = [dict(train_curve(sweep_dir / "runs" / r["run_id"])) for r in runs
+              if r["optimizer"] == optimizer and r["status"] == "ok" and float(r["lr"]) == lr]
+    curves = [c for c in curves if c]
+    if not curves:
+        return []
+    its = sorted(set.intersection(*(set(c) for c in curves)))
+    return [(it, sum(c[it] for c in curves) / len(curves)) for it in its]
+
+
 def quality_rows(sweep_dir: Path, optimizers: Sequence[str], baseline: str = "adam") -> list[Row]:
     """One :class:`Row` per optimizer present in the sweep, in ``optimizers`` order."""
     sweep_dir = Path(sweep_dir)
@@ -90,22 +103,16 @@ def quality_rows(sweep_dir: Path, optimizers: Sequence[str], baseline: str = "ad
         rows[name] = row
     base = rows.get(baseline)
     if base is not None and base.best_lr is not None:
-        base_runs = [r for r in runs if r["optimizer"] == baseline and r["status"] == "ok"
-                     and float(r["lr"]) == base.best_lr]
-        finals = [c[-1][1] for c in (train_curve(sweep_dir / "runs" / r["run_id"]) for r in base_runs) if c]
-        if finals:
-            target = sum(finals) / len(finals)
+        base_curve = _mean_curve(sweep_dir, runs, baseline, base.best_lr)
+        if base_curve:
+            target = base_curve[-1][1]
             for row in rows.values():
                 if row.best_lr is None:
                     continue
-                fr = []
-                for r in runs:
-                    if r["optimizer"] == row.optimizer and r["status"] == "ok" and float(r["lr"]) == row.best_lr:
-                        s = steps_to_reach(train_curve(sweep_dir / "runs" / r["run_id"]), target)
-                        if s is not None:
-                            fr.append(s / int(r["train_iters"]))
-                row.reached = len(fr)
-                row.fraction_of_baseline_steps = sum(fr) / len(fr) if fr and len(fr) == len(row.seeds) else None
+                curve = _mean_curve(sweep_dir, runs, row.optimizer, row.best_lr)
+                s = steps_to_reach(curve, target) if curve else None
+                row.reached = int(s is not None)
+                row.fraction_of_baseline_steps = None if s is None else s / row.train_iters
     return [rows[n] for n in optimizers if n in rows]
 
 
@@ -134,11 +141,9 @@ def markdown_table(rows: Sequence[Row], baseline: str = "adam") -> str:
             loss = f"{r.mean:.4f} (1 seed)"
         else:
             loss = f"{r.mean:.4f} ± {r.half_range:.4f} ({len(r.seeds)} seeds)"
-        frac = ("—" if r.fraction_of_baseline_steps is None and not r.reached
+        frac = ("—" if base is None or r.best_lr is None
                 else "not reached" if r.fraction_of_baseline_steps is None
                 else f"{r.fraction_of_baseline_steps:.2f}")
-        if r.reached == 0 and r.best_lr is not None and base is not None:
-            frac = "not reached"
         notes = []
         if r.edge:
             notes.append("best LR at the grid's edge: extend the grid")
