@@ -49,4 +49,9 @@ sweep $C --out $R/horizons --optimizers adam --train-iters 300,600,1200 --lrs "a
 [ -n "$SFN" ] && sweep $C --out $R/horizons --optimizers sf-normuon --train-iters 300,600,1200 --lrs "sf-normuon=$SFN"
 # MD's LR transfer across width: MuonMD and AdamW at hidden 64 and 256 (128: the quality runs)
 sweep $C --out $R/width --optimizers adam,muon-md --hidden-sizes 64,256
+# MD at MoE (4 experts, top-2, aux loss, alltoall): MuonMD vs AdamW, tokens to equal loss
+MOE="--num-experts 4 --moe-router-topk 2 --moe-aux-loss-coeff 1e-2 --moe-token-dispatcher-type alltoall"
+sweep $C --out $R/moe --optimizers adam,muon-md --lrs "adam=2e-3,4e-3,8e-3;muon-md=2e-2,4e-2,8e-2" \
+  --optimizer-args "adam=--weight-decay 0.1 --lr-warmup-iters 30 $MOE" \
+  --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 $MOE"
 echo "queue: done"
