@@ -9,6 +9,7 @@ the baseline's final training loss. Writes ``<out>/quality.md`` and the plots
 
     python tools/results_table.py docs/results/quality --out docs/results
     python tools/results_table.py docs/results/quality --out docs/results --best-lrs --optimizers adam,muon-md
+    python tools/results_table.py docs/results/quality --out docs/results --edge-lrs
 """
 from __future__ import annotations
 
@@ -39,12 +40,25 @@ def main(argv=None) -> int:
     p.add_argument("--best-lrs", action="store_true",
                    help="only print each optimizer's best LR as tools/sweep.py --lrs ('adam=0.004;muon=0.02'), "
                    "leaving out optimizers whose best lies at the grid's edge (extend those first)")
+    p.add_argument("--edge-lrs", action="store_true",
+                   help="only print, for each optimizer whose best LR lies at an end of its grid, the next two LRs "
+                   "beyond that end (x2 / /2 steps) as tools/sweep.py --lrs ('muon=0.0025,0.00125'); empty when none")
     a = p.parse_args(argv)
     if not (a.sweep / "runs").is_dir():
         p.error(f"{a.sweep}: not a sweep directory (no runs/)")
     rows = res.quality_rows(a.sweep, [o.strip() for o in a.optimizers.split(",") if o.strip()], a.baseline)
     if not rows:
         p.error(f"{a.sweep}: no runs of {a.optimizers}")
+    if a.edge_lrs:
+        out = []
+        for r in rows:
+            if r.best_lr is None or not r.edge or len(r.lrs) < 2:
+                continue
+            low = r.best_lr == r.lrs[0]
+            step = r.lrs[0] / r.lrs[1] if low else r.lrs[-1] / r.lrs[-2]
+            out.append(f"{r.optimizer}=" + ",".join(f"{r.best_lr * step ** k:.4g}" for k in (1, 2)))
+        print(";".join(out))
+        return 0
     if a.best_lrs:
         print(";".join(f"{r.optimizer}={r.best_lr:g}" for r in rows if r.best_lr is not None and not r.edge))
         return 0

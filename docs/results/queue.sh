@@ -20,6 +20,12 @@ seeds "$(best adam,muon-md)"
 # 2. every optimizer's LR sweep, then its seeds
 sweep --config docs/results/quality.toml --out "$Q"
 ALL=adam,muon,normuon,rmnp,adamh,muonh,adam-md,muon-md,sf-adamw,sf-normuon
+# a best LR at an end of its grid: two more LRs beyond that end (twice, if still at the edge)
+for _ in 1 2; do
+  EXT=$("$PY" tools/results_table.py "$Q" --out docs/results --edge-lrs --optimizers $ALL)
+  [ -z "$EXT" ] || sweep --config docs/results/quality.toml --out "$Q" --seeds 1 --lrs "$EXT" \
+                     --optimizers "$(echo "$EXT" | sed 's/=[^;]*//g; s/;/,/g')"
+done
 seeds "$(best $ALL)"
 
 # 3. the claims of docs/RESULTS.md (each a separate directory: the run ids do not encode the flags)
@@ -30,6 +36,9 @@ R=docs/results/claims
 # MD: the sphere alone (hidden-matrix gains frozen at 1) swept like MuonMD
 sweep $C --out $R/md_sphere_only --optimizers muon-md --lrs "muon-md=2.5e-3,5e-3,1e-2,2e-2,4e-2" \
   --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --muon-md-gains-lr 0"
+# MD's recipe for embedding and head switched off (hidden matrices still MD): what the recipe adds
+sweep $C --out $R/md_no_recipe --optimizers muon-md --lrs "muon-md=2e-2,4e-2,8e-2,1.6e-1" \
+  --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --no-md-embedding-unit-norm --no-md-head-gains"
 # MD without warmup (the quality runs) vs with it; Muon with weight decay (the quality runs) vs without
 [ -n "$MD" ] && sweep $C --out $R/md_warmup --optimizers muon-md --lrs "muon-md=$MD" --seeds 1,2,3 \
   --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 30 --partner-lr 3e-3"
