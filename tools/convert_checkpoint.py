@@ -7,6 +7,15 @@ Subcommands:
           whose model is the averaged iterate x (what the driver evaluates), without optimizer
           state: load it with --no-load-optim, or export it with to-hf.
 
+  to-md   Plain or AdamW-trained checkpoint -> one that MD (--optimizer muon-md|adam-md) resumes with
+          the model unchanged: the same weights (same layout, no optimizer state), resumed with
+          --no-load-optim --md-init factor --no-md-embedding-unit-norm. MD then keeps every hidden
+          matrix and the untied head as they are and factors its gains from their row norms
+          (directions on their spheres, W = diag(s_r) D diag(s_c)): the logits do not change. MD's
+          unit-norm embedding rule cannot keep a trained embedding, so the embedding (and a tied
+          head) continue on the Adam partner. A run that loads the result without these flags
+          stops before training, naming them.
+
   to-hf   Hugging Face safetensors + config.json: LlamaForCausalLM for dense models,
           MixtralForCausalLM for MoE. Works offline on any TP/PP/EP/DP layout (the shards of
           every rank file, verified against the checkpoint's manifest, are merged). The model
@@ -26,10 +35,20 @@ Examples:
   python tools/convert_checkpoint.py sf-to-x --load sf_ckpt/ --save sf_x/
   python tools/convert_checkpoint.py to-hf --load sf_x/ --out hf_model/
 
+  # AdamW-trained -> MuonMD, outputs unchanged (same layout and model flags as the AdamW run)
+  torchrun --nproc-per-node 2 examples/pretrain_gpt.py --tensor-model-parallel-size 2 ... \\
+      --optimizer adam --save adam_ckpt/
+  python tools/convert_checkpoint.py to-md --load adam_ckpt/ --save md_ckpt/
+  torchrun --nproc-per-node 2 examples/pretrain_gpt.py --tensor-model-parallel-size 2 ... \\
+      --weight-decay 0 --load md_ckpt/ --optimizer muon-md \\
+      --no-load-optim --md-init factor --no-md-embedding-unit-norm --save md_run/
+  # schedule-free runs: sf-to-x first, then to-md of its output
+
   # a specific iteration instead of the latest
   python tools/convert_checkpoint.py to-hf --load ckpt/ --ckpt-step 1000 --out hf_model/
 
-Errors (a damaged or incomplete checkpoint, a model Hugging Face cannot represent exactly) are
+Errors (a damaged or incomplete checkpoint, a model Hugging Face cannot represent exactly, to-md
+of a checkpoint that already is MD, an output directory that already holds a checkpoint) are
 printed as one line naming the file or the flags; exit code 1.
 """
 from __future__ import annotations
@@ -58,16 +77,38 @@ def _sf_to_x(a) -> None:
     print(f"wrote the averaged (x) weights of iteration {it} to {a.save} (load with --no-load-optim)")
 
 
+def _to_md(a) -> None:
+    from megatron_md.convert.md import to_md
+    r = to_md(a.load, a.save, a.ckpt_step)
+    lay = r["layout"]
+    print(f"wrote the weights of iteration {r['iteration']} (trained with --optimizer {r['from']}) to {a.save}, MD-ready; "
+          f"resume with the model flags and layout of that run (world size {lay['world_size']}: TP {lay['tp']}, "
+          f"PP {lay['pp']}, EP {lay['ep']}, DP {lay['dp']}) and\n"
+          f"  --load {a.save} --optimizer muon-md (or adam-md) --weight-decay 0 {' '.join(r['resume_flags'])}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sf-to-x,to-hf}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sf-to-x,to-md,to-hf}")
     s = sub.add_parser("sf-to-x", help="schedule-free checkpoint -> model checkpoint at the averaged x",
                        description="schedule-free checkpoint -> model checkpoint at the averaged x")
     s.add_argument("--load", required=True, help="checkpoint directory of a schedule-free run")
     s.add_argument("--ckpt-step", type=int, default=None, help="iteration (default: the latest)")
     s.add_argument("--save", required=True, help="new output checkpoint directory")
     s.set_defaults(func=_sf_to_x)
+    m = sub.add_parser("to-md", help="plain/AdamW checkpoint -> MD-ready checkpoint (outputs unchanged)",
+                       description="plain/AdamW checkpoint -> MD-ready checkpoint: the same weights, resumed with "
+                                   "--no-load-optim --md-init factor --no-md-embedding-unit-norm "
+                                   "(MD factors its gains from them; the model's outputs do not change)",
+                       epilog="example: python tools/convert_checkpoint.py to-md --load adam_ckpt/ --save md_ckpt/ "
+                              "(then: examples/pretrain_gpt.py <the run's model and layout flags> --load md_ckpt/ "
+                              "--optimizer muon-md --weight-decay 0 --no-load-optim --md-init factor "
+                              "--no-md-embedding-unit-norm)")
+    m.add_argument("--load", required=True, help="checkpoint directory of a non-MD, non-schedule-free run")
+    m.add_argument("--ckpt-step", type=int, default=None, help="iteration (default: the latest)")
+    m.add_argument("--save", required=True, help="new output checkpoint directory")
+    m.set_defaults(func=_to_md)
     h = sub.add_parser("to-hf", help="Hugging Face Llama/Mixtral safetensors + config.json",
                        description="Hugging Face Llama (dense) / Mixtral (MoE) safetensors + config.json")
     h.add_argument("--load", required=True, help="checkpoint directory (the driver's --save)")

@@ -14,6 +14,10 @@ megatron-core splits them:
 
 Layers of pipeline stage ``p``, virtual stage ``v`` (``V`` per rank, ``P`` stages, ``Lc`` layers
 per chunk) are global layers ``(v * P + p) * Lc + i`` (megatron-core's even split).
+
+:func:`rewrite_checkpoint` is the writer of the converters that keep the layout (``sf-to-x``,
+``to-md``): every rank file verified, edited and written into a new checkpoint directory with
+its own manifest, published like the driver's saves (staging directory, then the tracker).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import torch
 from ..training import checkpointing as ck
 from ..training.errors import CheckpointError
 
-__all__ = ["load_full_model", "merge_shards"]
+__all__ = ["load_full_model", "merge_shards", "latest_iteration", "rewrite_checkpoint"]
 
 _COL = re.compile(r"(linear_qkv\.(weight|bias)|word_embeddings\.weight|output_layer\.weight)$")
 _FC1 = re.compile(r"linear_fc1\.(weight|bias)$")
@@ -55,13 +59,46 @@ def merge_shards(name: str, shards: list, gated: bool) -> torch.Tensor:
     return shards[0]
 
 
+def latest_iteration(root: str, iteration: Optional[int] = None, flag: str = "--load") -> int:
+    """``iteration``, or the latest one of ``root``; a :class:`CheckpointError` if there is none."""
+    if iteration is not None:
+        return iteration
+    found = ck.read_latest(root)
+    if found is None:
+        what = "does not exist" if not os.path.exists(root) else f"has no {ck.TRACKER}"
+        raise CheckpointError(f"{flag} {root}: {what} (not a checkpoint directory written by the driver)")
+    return found
+
+
+def rewrite_checkpoint(root: str, iteration: int, manifest: dict, out: str, topology: dict, edit) -> None:
+    """Write checkpoint ``out`` (iteration ``iteration``, same rank files and layout as ``root``):
+    each rank file of ``root``, verified against ``manifest``, passed through ``edit(state, path)``
+    (in place) and saved with ``topology``. ``out`` must not hold a checkpoint yet."""
+    if os.path.abspath(out) == os.path.abspath(root) or ck.read_latest(out) is not None:
+        raise CheckpointError(f"--save {out}: already a checkpoint directory; choose a new one (nothing is overwritten)")
+    os.makedirs(out, exist_ok=True)
+    ck._clean_stale(out)
+    final = ck.checkpoint_dir(out, iteration)
+    staging = f"{final}.tmp{os.getpid()}"
+    os.makedirs(staging)
+    files = {}
+    src = ck.checkpoint_dir(root, iteration)
+    for name, entry in sorted(manifest["files"].items()):
+        path = os.path.join(src, name)
+        state = ck.load_verified(path, entry)
+        edit(state, path)
+        state["topology"] = topology
+        dst = os.path.join(staging, name)
+        ck._atomic_torch_save(state, dst)
+        files[name] = {"bytes": os.path.getsize(dst), "sha256": ck._sha256(dst)}
+    ck._publish(out, iteration, staging, final,
+                {"format": ck.FORMAT, "iteration": iteration, "topology": topology, "files": files})
+
+
 def load_full_model(root: str, iteration: Optional[int] = None) -> tuple[dict, dict, int]:
     """``(state, topology, iteration)``: the unsharded model weights of the checkpoint in ``root``
     (the latest one, or ``iteration``), after verifying every rank file against the manifest."""
-    if iteration is None:
-        iteration = ck.read_latest(root)
-        if iteration is None:
-            raise CheckpointError(f"{root}: no {ck.TRACKER} (not a checkpoint directory written by the driver)")
+    iteration = latest_iteration(root, iteration)
     man = ck._read_manifest(root, iteration)
     topo = man["topology"]
     if "info" not in topo:

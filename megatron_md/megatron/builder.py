@@ -338,6 +338,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     kwargs = md.matrix_kwargs() if matrix_cls is not None else {}
     head_kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
     if md_run:
+        kwargs["init"] = head_kwargs["init"] = md.md_init
         _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layouts, radius)
 
     pgs = _process_groups(model_chunks, use_gloo_process_groups)
@@ -386,14 +387,16 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
 def _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layouts, radius):
     """MD: put every hidden model matrix on its sphere (and the recipe's head rows and embedding
     rows on theirs) before the wrappers copy them into main params (the optimizers'
-    construction does the projection, with TP-complete norms)."""
+    construction does the projection, with TP-complete norms). ``init="factor"`` leaves the
+    matrices and the head as they are (their gains are factored by the optimizers themselves)."""
+    project = kwargs.get("init", "project") == "project"
     by_r: dict = {}
     for n, p in names:
-        if roles[n] == "matrix":
+        if roles[n] == "matrix" and project:
             by_r.setdefault(radius[n], []).append(p)
     shards = {p: layouts[n] for n, p in names if n in layouts}
     groups = [{"params": ps, "radius_scale": r} for r, ps in by_r.items()]
-    heads = [p for n, p in names if roles[n] == "head"]
+    heads = [p for n, p in names if roles[n] == "head" and project]
     emb = [(p, layouts[n]) for n, p in names if roles[n] == "embedding"]
     with torch.no_grad():
         if groups:

@@ -28,8 +28,9 @@ under ``md_``-prefixed attribute names, so they never shadow a host attribute (M
 every ``args`` attribute named like an ``OptimizerConfig`` field into its optimizer config).
 
 :func:`validate` rejects unsupported combinations (``--fp16``, schedule-free with a decaying
-LR schedule or Megatron's warmup, MD/hyperball with weight decay, ``--dp-mode layer-wise`` with
-``--use-distributed-optimizer``) before training, naming the flags.
+LR schedule or Megatron's warmup, MD/hyperball with weight decay, ``--md-init factor`` with
+``--md-embedding-unit-norm``, a ``to-md`` checkpoint loaded without the flags it needs,
+``--dp-mode layer-wise`` with ``--use-distributed-optimizer``) before training, naming the flags.
 
 How to add a method
 -------------------
@@ -62,7 +63,7 @@ __all__ = [
     "OptimizerName", "OPTIMIZER_CHOICES", "METHOD_CONFIGS", "SCHEDULE_FREE", "NO_WEIGHT_DECAY",
     "BUILDER_SUPPLIED", "MethodConfig", "MuonConfig", "NorMuonConfig", "RMNPConfig", "AdamHConfig",
     "MuonHConfig", "AdamMDConfig", "MuonMDConfig", "SFAdamWConfig", "SFNorMuonConfig", "MDConfig",
-    "FlagSpec", "flag_specs", "add_md_args", "md_config_from_args", "validate",
+    "FlagSpec", "flag_specs", "add_md_args", "md_config_from_args", "validate", "MD_METHODS",
 ]
 
 OptimizerName = Literal["adam", "muon", "normuon", "rmnp", "adamh", "muonh", "adam-md", "muon-md",
@@ -74,13 +75,17 @@ NsDtype = Literal["auto", "fp32", "bf16"]
 NsCoefficients = Literal["jordan", "quintic"]
 StepForm = Literal["rescale", "rms_match"]
 WeightDecayAt = Literal["y", "z"]
+MdInit = Literal["project", "factor"]
 
 #: ``--<method>-ns-dtype`` string → the optimizer's ``ns_dtype`` (None = auto: bf16 on CUDA; on CPU bf16 only where
 #: the CPU has native bf16 and a probe measures it faster — megatron_md.ops.ns_dtype).
 NS_DTYPES: dict[str, Optional[torch.dtype]] = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 #: Constructor keywords the builder supplies (from Megatron's flags or its own sharding logic; ``sphere``:
-#: AdamMD's rows sphere is the builder's MD output-head rule, never a flag of the hidden matrices).
-BUILDER_SUPPLIED: tuple[str, ...] = ("lr", "weight_decay", "shards", "ns_mode", "nonfinite_group", "sphere")
+#: AdamMD's rows sphere is the builder's MD output-head rule, never a flag of the hidden matrices; ``init``:
+#: --md-init, one flag for the hidden matrices and the head).
+BUILDER_SUPPLIED: tuple[str, ...] = ("lr", "weight_decay", "shards", "ns_mode", "nonfinite_group", "sphere", "init")
+#: The MD methods (their recipe flags --md-* apply to these only).
+MD_METHODS: tuple[str, ...] = ("adam-md", "muon-md")
 SCHEDULE_FREE: tuple[str, ...] = ("sf-adamw", "sf-normuon")
 #: Methods that fix a weight norm and take no weight decay (their classes reject a nonzero one).
 NO_WEIGHT_DECAY: tuple[str, ...] = ("adamh", "muonh", "adam-md", "muon-md")
@@ -356,6 +361,12 @@ class MDConfig:
     router_on_matrix: bool = _f(False, "Give MoE router weights to the matrix optimizer instead of the "
                                        "AdamW partner.")
     md_residual_scaling: bool = _f(False, "MD: shrink the sphere radius of linear_proj/linear_fc2 by √(1/(2L)).")
+    md_init: MdInit = _f(
+        "project", "MD (adam-md, muon-md): how the hidden matrices and the head enter MD. project = onto their "
+                   "spheres with gains 1 (the paper's recipe; changes a trained model); factor = weights unchanged, "
+                   "gains factored from the row norms (D on its sphere, W = diag(s_r)·D·diag(s_c)), also for weights "
+                   "loaded after the optimizer is built: for a model trained with another optimizer "
+                   "(tools/convert_checkpoint.py to-md). Needs --no-md-embedding-unit-norm.")
     md_embedding_unit_norm: bool = _f(
         True, "MD (adam-md, muon-md): the word embedding on Adam with every vocabulary row projected back to "
               "unit norm after each step (no gains). A head tied to the embedding follows this rule.")
@@ -605,6 +616,17 @@ def validate(md: MDConfig, args_or_optimizer_config: Any = None) -> MDConfig:
         raise ValueError(
             f"--optimizer {name} with --weight-decay {wd}: {kind} uses no weight decay; pass --weight-decay 0 "
             f"(Megatron-LM's default is 0.01)")
+    if name in MD_METHODS and md.md_init == "factor" and md.md_embedding_unit_norm:
+        raise ValueError(
+            f"--optimizer {name} with --md-init factor and --md-embedding-unit-norm (on by default): factoring keeps "
+            "the model's outputs, but the embedding rule rescales every vocabulary row to norm 1, which no gain "
+            "absorbs; pass --no-md-embedding-unit-norm (the embedding then trains on the Adam partner)")
+    if get("load"):
+        from ..convert.md import resume_error  # a to-md checkpoint names the flags it must be resumed with
+        why = resume_error(get("load"), get("ckpt_step"), md, no_load_optim=bool(get("no_load_optim", False)),
+                           precision="bf16" if get("bf16", False) else "fp16" if get("fp16", False) else "fp32")
+        if why:
+            raise ValueError(why)
     if md.dp_mode == "layer-wise" and get("use_distributed_optimizer", False):
         raise ValueError(
             "--dp-mode layer-wise with --use-distributed-optimizer: layer-wise distributes whole matrices over "

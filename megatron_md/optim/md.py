@@ -8,6 +8,20 @@ are optimizer state (initialized to softplus⁻¹(1): gains = 1); D is recovered
 ``sphere="rows"`` (a param-group key) replaces the Frobenius sphere by one unit sphere per row,
 ``‖D_i,:‖ = radius_scale``: MD's recipe for the untied output head (Adam base, row-normalized,
 row and column gains).
+
+``init`` (a param-group key) says how a matrix enters MD:
+
+* ``"project"`` (the paper's recipe, default): W is projected onto its sphere at construction
+  (gains = 1, so W = D). Right for a fresh model; it changes a trained one.
+* ``"factor"``: W is left unchanged and the gains are factored from it, ``s_c = 1`` and
+  ``s_r,i = ‖W_i,:‖ / ρ`` with ``ρ = R / ‖Ŵ‖_F`` (Ŵ: W with unit rows; ``sphere="rows"``:
+  ``ρ = radius_scale``), so that ``W = diag(s_r) D diag(s_c)`` holds with every row of D of equal
+  norm and ‖D‖_F = R (unit rows for the rows sphere). A zero row keeps gain 1 (its direction is
+  zero). This keeps a trained model's outputs (``tools/convert_checkpoint.py to-md``). The
+  factoring runs at construction and again, from the then current W, before the first step of
+  every matrix that has not stepped yet: hosts (Megatron-LM, our driver) build the optimizer
+  *before* they load a checkpoint's weights. It is a function of W alone, so repeating it on an
+  unchanged W changes nothing.
 """
 from __future__ import annotations
 
@@ -17,14 +31,16 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ops import UNIT_GAIN, check_scale, scale_factor
-from ..shard import Reductions
+from ..ops import UNIT_GAIN, check_scale, inv_softplus, scale_factor
+from ..shard import Reductions, comm
 from .base import (Mat, MatrixOptimizer, adam_direction, batches, check_betas, check_lr, check_positive,
                    check_unit, foreach_vector_adam, momentum_direction, momentum_directions, ns_defaults,
                    put_all, vector_adam)
 
 #: ``sphere`` values: one Frobenius sphere per matrix, or one unit sphere per row
 SPHERES = ("frobenius", "rows")
+#: ``init`` values: project W onto its sphere (gains 1), or keep W and factor the gains from it
+INITS = ("project", "factor")
 #: floor of a squared norm before its inverse square root (a zero row stays zero, not NaN)
 _TINY = 1e-30
 
@@ -43,7 +59,14 @@ class _MD(MatrixOptimizer):
     ``gains_lr`` keeps its ratio to ``lr``, so an LR schedule applied to ``lr`` scales both.
     """
 
-    def _md_defaults(self, lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere="frobenius"):
+    def __init__(self, params, defaults, **kw):
+        super().__init__(params, defaults, **kw)  # creates all state (init="project": projects W)
+        with torch.no_grad(), comm.metered(type(self).__name__):
+            self._factor([m for g in self.param_groups if g.get("init") == "factor"
+                          for p in g["params"] for m in self.mats_of(p, g)])
+
+    def _md_defaults(self, lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere="frobenius",
+                     init="project"):
         if weight_decay:
             raise ValueError(f"weight_decay={weight_decay!r}: MD decoupling uses no weight decay (the sphere fixes ‖D‖_F)")
         lr = check_lr("lr", lr)
@@ -52,9 +75,11 @@ class _MD(MatrixOptimizer):
             raise ValueError("gains_lr: must be 0 (or None) when lr=0 (it is kept as a ratio of lr)")
         if sphere not in SPHERES:
             raise ValueError(f"sphere={sphere!r}: expected one of {SPHERES}")
+        if init not in INITS:
+            raise ValueError(f"init={init!r}: expected one of {INITS}")
         return dict(lr=lr, gains_lr_ratio=(gains_lr / lr) if lr else 1.0, betas=check_betas(betas),
                     eps=check_positive("eps", eps), radius_scale=check_positive("radius_scale", radius_scale),
-                    sphere=sphere)
+                    sphere=sphere, init=init)
 
     def radius(self, m: Mat) -> float:
         """R of the Frobenius sphere, or each row's radius for ``sphere="rows"``."""
@@ -84,10 +109,57 @@ class _MD(MatrixOptimizer):
             v[name] = torch.full((n,), UNIT_GAIN, dtype=torch.float32, device=dev)
             v[name + "_exp_avg"] = torch.zeros(n, dtype=torch.float32, device=dev)
             v[name + "_exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=dev)
+        if m.group.get("init", "project") == "factor":
+            return  # W stays; the gains are factored from it once all matrices exist (__init__)
         # project onto the sphere (gains are 1, so W = D)
         W = m.W
         W.mul_(self._retraction(m, self._sq_norm(m, W)))
         m.put(m.param, W)
+
+    # -- init="factor": gains from W, W unchanged ------------------------------------------
+    def _factor(self, mats: list[Mat]) -> None:
+        r"""``s_c = 1``, ``s_r,i = ‖W_i,:‖ / ρ`` (zero rows: 1), ``ρ = R / ‖Ŵ‖_F`` with Ŵ the
+        row-normalized W (rows sphere: ``ρ = r``), so D = W / (s_r s_cᵀ) = ρ Ŵ lies on the sphere
+        and W is untouched. Two bucketed rounds of reductions (row norms, then ‖Ŵ‖²_F) for all
+        matrices together; exact on every layout (TP, ZeRO flat ranges, blocks)."""
+        if not mats:
+            return
+        red = Reductions()
+        Ws = [m.W for m in mats]
+        rows = [red.row_sum(m.shard, W, square=True) for m, W in zip(mats, Ws)]
+        red.flush()
+        sqs = [r.value.float() for r in rows]
+        nonzero = [sq > _TINY for sq in sqs]
+        fro = [m.group.get("sphere", "frobenius") != "rows" for m in mats]
+        hat = [red.total_sums(m.shard, [W * m.shard.rows(torch.where(nz, sq.clamp_min(_TINY).rsqrt(), 0.0))],
+                              square=True) if f else None
+               for m, W, sq, nz, f in zip(mats, Ws, sqs, nonzero, fro)]
+        red.flush()
+        for m, sq, nz, h in zip(mats, sqs, nonzero, hat):
+            rho = self.radius(m) if h is None else self.radius(m) / h.value.float().reshape(()).sqrt()
+            s_r = torch.where(nz, sq.sqrt() / rho, 1.0)
+            m.vec["g_r"].copy_(inv_softplus(s_r))
+            m.vec["g_c"].fill_(UNIT_GAIN)
+
+    def factor_gains_(self, params=None) -> None:
+        """``init="factor"`` now: the gains of every matrix of ``params`` (default: all) factored
+        from its current W (W unchanged; the gains' Adam moments are kept). Collective: every rank
+        of a shard group must call it with the same parameters."""
+        wanted = None if params is None else {id(p) for p in params}
+        with torch.no_grad(), comm.metered(type(self).__name__):
+            self._factor([m for g in self.param_groups for p in g["params"]
+                          if wanted is None or id(p) in wanted for m in self.mats_of(p, g)])
+
+    def _step(self):
+        # init="factor": matrices that have not stepped yet are factored again from their W now —
+        # weights loaded after construction (a weights-only --load) are what the gains must fit
+        if any(g.get("init") == "factor" and any(v.get("step", 0) == 0 for p in g["params"]
+                                              for v in self.state[p].get("mats", ()))
+               for g in self.param_groups):
+            fresh = [m for m in self._active_mats() if m.vec["step"] == 0 and m.group.get("init") == "factor"]
+            with comm.metered(type(self).__name__):
+                self._factor(fresh)
+        super()._step()
 
     # -- the MD step, split around the base update ----------------------------------------
     def _gains_and_base_input(self, m: Mat) -> torch.Tensor:
@@ -185,9 +257,9 @@ class AdamMD(_MD):
     ``sphere="rows"``: each row of D on its own sphere (MD's output-head rule)."""
 
     def __init__(self, params, *, lr: float = 3e-3, gains_lr=None, betas=(0.9, 0.99), eps: float = 1e-8,
-                 weight_decay: float = 0.0, radius_scale: float = 1.0, sphere: str = "frobenius", shards=None,
-                 nonfinite_group=None):
-        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere)
+                 weight_decay: float = 0.0, radius_scale: float = 1.0, sphere: str = "frobenius",
+                 init: str = "project", shards=None, nonfinite_group=None):
+        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere, init)
         super().__init__(params, defaults, shards=shards, nonfinite_group=nonfinite_group)
 
     def _init_param_state(self, p, group, state):
@@ -232,8 +304,8 @@ class MuonMD(_MD):
     def __init__(self, params, *, lr: float = 0.01, gains_lr=None, momentum: float = 0.95, nesterov: bool = True,
                  betas=(0.9, 0.99), eps: float = 1e-8, weight_decay: float = 0.0, radius_scale: float = 1.0,
                  ns_coefficients="jordan", ns_steps=None, ns_dtype=None, scale: str = "shape_up",
-                 ns_mode: str = "owner", shards=None, nonfinite_group=None):
-        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale)
+                 ns_mode: str = "owner", init: str = "project", shards=None, nonfinite_group=None):
+        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale, init=init)
         defaults.update(momentum=check_unit("momentum", momentum), nesterov=bool(nesterov), scale=check_scale(scale),
                         **ns_defaults(ns_coefficients, ns_steps, ns_dtype, ns_mode))
         super().__init__(params, defaults, shards=shards, ns_mode=ns_mode, nonfinite_group=nonfinite_group)

@@ -21,7 +21,8 @@ API
 ``NS_COEFFICIENTS``, ``coefficients``, ``newton_schulz``, ``polar``, ``scale_factor`` and the
 classes ``Muon, NorMuon, RMNP, AdamH, MuonH, AdamMD, MuonMD, SFAdamW, SFNorMuon, AdamW``.
 Each class: ``__init__(params, **hyperparameters)``, ``step(grads)``, ``.params``.
-MD classes also have ``gains(i)`` and ``direction(i)``; schedule-free classes also have
+MD classes also have ``gains(i)`` and ``direction(i)`` (and ``init="factor"``: W kept, gains from
+:func:`factor_gains`); schedule-free classes also have
 ``eval_params()`` and keep ``z`` and ``x`` explicitly in ``state[i]``.
 """
 
@@ -41,6 +42,8 @@ __all__ = [
     "scale_factor",
     "softplus",
     "inverse_softplus_of_one",
+    "inverse_softplus",
+    "factor_gains",
     "Muon",
     "NorMuon",
     "RMNP",
@@ -504,19 +507,57 @@ class MuonH(_Reference):
 # ---------------------------------------------------------------------------------------------
 
 
+#: a row whose squared norm is at most this counts as zero (it keeps gain 1)
+ZERO_ROW_SQ = 1e-30
+
+
+def inverse_softplus(s: torch.Tensor) -> torch.Tensor:
+    """softplus⁻¹(s) = log(exp(s) − 1), written as s + log(1 − exp(−s)) for large s."""
+    return s + torch.log(-torch.expm1(-s))
+
+
+def factor_gains(W: torch.Tensor, R: float, sphere: str = "frobenius") -> Tuple[torch.Tensor, torch.Tensor]:
+    """MD's gains of a given W with W unchanged: ``(g_r, g_c)`` with
+    ``W = diag(softplus(g_r)) · D · diag(softplus(g_c))`` and D on the sphere.
+
+    Column gains are 1. Row i's gain is its norm over ρ, so every row of D = ρ · (row i of W)/‖W_i‖
+    has norm ρ; ρ = R/‖Ŵ‖_F puts D on the Frobenius sphere ‖D‖_F = R (Ŵ: the rows of W scaled
+    to unit norm, so ‖Ŵ‖²_F is the number of nonzero rows); ``sphere="rows"``: ρ = R, the
+    radius of each row. A zero row keeps gain 1 (its D row is zero).
+    """
+    m, n = W.shape
+    row_sq = torch.sum(W * W, dim=1)
+    nonzero = row_sq > ZERO_ROW_SQ
+    row_norm = torch.sqrt(row_sq)
+    W_hat = torch.where(nonzero[:, None], W / row_norm[:, None], torch.zeros_like(W))
+    if sphere == "rows":
+        rho = R
+    else:
+        rho = R / _frobenius(W_hat)
+    s_r = torch.where(nonzero, row_norm / rho, torch.ones_like(row_norm))
+    g_r = inverse_softplus(s_r)
+    g_c = torch.full((n,), inverse_softplus_of_one(), dtype=W.dtype)
+    return g_r, g_c
+
+
 class _MDBase(_Reference):
     """W = diag(softplus(g_r)) · D · diag(softplus(g_c)), ‖D‖_F = R = sqrt(max(m, n))·radius_scale.
 
     ``radius_scale`` is a float (all params) or a sequence with one value per param.
     The parameter W is what is stored; D is recovered as W / (s_r s_cᵀ) (as in the spec).
     ``sphere="rows"``: every row of D has norm ``radius_scale`` instead (the output-head rule).
+    ``init="project"``: W is projected onto its sphere, gains 1; ``init="factor"``: W is kept and
+    the gains are factored from it (:func:`factor_gains`).
     """
 
-    def __init__(self, params, *, lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere="frobenius"):
+    def __init__(self, params, *, lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere="frobenius",
+                 init="project"):
         super().__init__(params)
         self.sphere = sphere
         if weight_decay != 0:
             raise ValueError(f"weight_decay={weight_decay!r}: MD optimizers have no weight decay")
+        if init not in ("project", "factor"):
+            raise ValueError(f"init={init!r}: expected 'project' or 'factor'")
         self.lr = lr
         self.gains_lr = lr if gains_lr is None else gains_lr
         self.betas = tuple(betas)
@@ -533,6 +574,10 @@ class _MDBase(_Reference):
             R = radius_scales[i] if sphere == "rows" else math.sqrt(max(m, n)) * radius_scales[i]
             state = self.state[i]
             state["R"] = R
+            if init == "factor":
+                # W stays; W = diag(s_r) D diag(s_c) with D on the sphere
+                state["g_r"], state["g_c"] = factor_gains(W, R, sphere)
+                continue
             # Project onto the sphere (gains are 1 at this point, so D = W).
             self._params[i] = self._retract(W, R)
             state["g_r"] = torch.full((m,), g0, dtype=W.dtype)
@@ -615,6 +660,7 @@ class AdamMD(_MDBase):
         weight_decay: float = 0.0,
         radius_scale=1.0,
         sphere: str = "frobenius",
+        init: str = "project",
     ):
         super().__init__(
             params,
@@ -625,6 +671,7 @@ class AdamMD(_MDBase):
             weight_decay=weight_decay,
             radius_scale=radius_scale,
             sphere=sphere,
+            init=init,
         )
 
     def _base_update(self, i, G_D, t):
@@ -658,6 +705,7 @@ class MuonMD(_MDBase):
         ns_dtype: torch.dtype = torch.float32,
         scale: str = "shape_up",
         radius_scale=1.0,
+        init: str = "project",
     ):
         super().__init__(
             params,
@@ -667,6 +715,7 @@ class MuonMD(_MDBase):
             eps=eps,
             weight_decay=weight_decay,
             radius_scale=radius_scale,
+            init=init,
         )
         self.momentum = momentum
         self.nesterov = nesterov

@@ -10,6 +10,19 @@ attention, fp32) on the same tokens: logits agree to 1e-4 relative (of the large
 A PP=2 checkpoint merges into the same weights as the PP=1 run of the same training (1e-4).
 ``sf-to-x`` of a schedule-free (sf-normuon, DP=2) checkpoint, loaded with ``--no-load-optim``,
 evaluates to the driver's own schedule-free validation loss (1e-6), unlike the raw weights y.
+
+``to-md`` of an AdamW-trained checkpoint (untied head), at TP=2 resumed with muon-md and at DP=2
+with ZeRO-1 (``--use-distributed-optimizer``, flat shards) resumed with adam-md: the model as the
+driver builds it from the converted checkpoint — optimizer constructed first, weights loaded
+after it, as in ``pretrain`` — gives the original checkpoint's logits exactly (fp32), and still
+does (1e-5) after a zero-gradient optimizer step, which is where MD factors the gains of every
+hidden matrix and of the head from the loaded weights: they equal the reference
+(``reference.factor_gains`` of the gathered logical matrix), with D on its sphere. The same
+zero-gradient step with ``--md-init project`` moves the logits by O(1) (the trained matrices are
+pulled onto their spheres). The resumed MD run trains (loss falls over 6 iterations). to-md of
+a missing checkpoint, of its own output, of an MD-trained checkpoint or onto an existing one
+fails with one ``error:`` line; resuming the output without the flags it needs is refused by
+the driver's argument check, naming them.
 """
 from __future__ import annotations
 
@@ -137,6 +150,8 @@ def _convert_checks(ctx):
         assert abs(losses["x"] - ref) <= 1e-6 * abs(ref), (losses, ref)
         assert abs(losses["y"] - ref) > 1e-4 * abs(ref), (losses, ref)  # x is not the training iterate y
 
+    _to_md_checks(ctx, base, tool)
+
     with ctx.check("to_hf_refuses_non_llama_models"):
         if ctx.rank == 0:
             plain = os.path.join(ctx.tmpdir, "pp1")  # its layout is fine; rewrite the topology as a GPT-2 style one
@@ -147,6 +162,204 @@ def _convert_checks(ctx):
                 to_hf_state(state, topo)
             missing = os.path.join(ctx.tmpdir, "nothing_here")
             assert tool.main(["to-hf", "--load", missing, "--out", missing + "_hf"]) == 1
+
+
+TO_MD_CASES = {
+    # name: (layout flags of the AdamW run and of the MD resume, MD optimizer, extra MD flags)
+    "tp2": (["--tensor-model-parallel-size", "2"], "muon-md", []),
+    "dp2_zero": (["--use-distributed-optimizer"], "adam-md", ["--no-split-qkv"]),
+}
+TO_MD_FLAGS = ["--no-load-optim", "--md-init", "factor", "--no-md-embedding-unit-norm"]
+EVAL = ["--eval-iters", "2", "--eval-interval", "100"]  # the validation loss at the end of a run
+TO_MD_CHECKS = [f"to_md_{c}_{what}" for c in TO_MD_CASES
+                for what in ("logits_unchanged", "gains_equal_reference", "resumed_run_trains")] + [
+    "to_md_bad_input_is_one_error_line", "to_md_resume_without_its_flags_is_refused"]
+
+
+def _gather_full(shard, local):
+    """The logical matrix of a MatrixShard's local piece, gathered level by level (a FlatRange
+    → its inner matrix, a TensorParallel piece → the whole matrix)."""
+    import torch
+    import torch.distributed as dist
+    x = local.detach()
+    while shard is not None and shard.level_group is not None:
+        n = max(shard.piece_numels())
+        flat = torch.zeros(n, dtype=x.dtype)
+        flat[:x.numel()] = x.reshape(-1)
+        pieces = [torch.empty_like(flat) for _ in range(dist.get_world_size(shard.level_group))]
+        dist.all_gather(pieces, flat, group=shard.level_group)
+        x, shard = shard.assemble(pieces), shard.inner
+    return x
+
+
+def _md_gain_mismatches(optimizer) -> tuple[list, int]:
+    """Every hidden matrix and head row-sphere of the MD run: (mismatches against
+    ``reference.factor_gains`` of the gathered W and the sphere of D, number of matrices)."""
+    import torch
+    import torch.nn.functional as F
+
+    from megatron_md.megatron.builder import hybrid_optimizers
+    from megatron_md.optim import reference as ref
+    bad, count = [], 0
+    for hyb in hybrid_optimizers(optimizer):
+        for opt in (hyb.matrix_optimizer, hyb._head):  # _head: the MD output head's AdamMD(sphere="rows")
+            if opt is None:
+                continue
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    for k, m in enumerate(opt.mats_of(p, g)):
+                        count += 1
+                        rows = g["sphere"] == "rows"
+                        W = _gather_full(m.shard, m.W)
+                        g_r, g_c = ref.factor_gains(W, opt.radius(m), g["sphere"])
+                        s_r, s_c = opt.gains(p, k)
+                        (r0, r1), (c0, c1) = m.shard.row_range, m.shard.col_range
+                        D = _gather_full(m.shard, opt.direction(p, k))
+                        norm = D.norm(dim=1) if rows else D.norm()
+                        for what, a, b in (("row gains", s_r, F.softplus(g_r)[r0:r1]),
+                                           ("col gains", s_c, F.softplus(g_c)[c0:c1]),
+                                           ("sphere", norm, torch.full_like(norm, opt.radius(m)))):
+                            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+                                bad.append(f"{hyb.matrix_names.get(p, tuple(p.shape))}[{k}] {what}: "
+                                           f"max err {(a - b).abs().max().item():.3g}")
+    return bad, count
+
+
+def _logits(model, tokens):
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    model[0].eval()
+    with torch.no_grad():
+        out = model[0](tokens, pos, None)
+    model[0].train()
+    parts = [torch.empty_like(out) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def _md_model_after_zero_step(args, path, tokens):
+    """The driver's order (optimizer built, then the weights-only load), logits, one optimizer
+    step on zero gradients, logits again; returns (before, after, gain mismatches, matrices)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_md.megatron.builder import get_megatron_optimizer
+    from megatron_md.training import checkpointing as ck
+    from megatron_md.training import model as M
+    from megatron_md.training.arguments import optimizer_config
+    M.initialize(args)
+    try:
+        model = M.build_model(args, M.transformer_config(args))
+        optimizer = get_megatron_optimizer(optimizer_config(args), model, args.md)
+        ck.load_checkpoint(path, model, optimizer, None, args, load_optim=False, load_rng=False)
+        before = _logits(model, tokens)
+        for c in model:
+            c.zero_grad_buffer()
+        optimizer.zero_grad()
+        ok, _, _ = optimizer.step()
+        assert ok, "the zero-gradient step was skipped"
+        after = _logits(model, tokens)
+        bad, count = _md_gain_mismatches(optimizer) if args.md.md_init == "factor" else ([], 0)
+        return before, after, bad, count
+    finally:
+        ps.destroy_model_parallel()
+
+
+def _to_md_checks(ctx, base, tool):
+    import contextlib
+    import io
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_md.training import checkpointing as ck
+    from megatron_md.training import model as M
+    from megatron_md.training.arguments import ArgumentError, parse_args
+    from megatron_md.training.pretrain import pretrain
+
+    base = base + ["--untie-embeddings-and-output-weights", "--log-interval", "1"]
+    tokens = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(5))
+    for name, (layout, opt, extra) in TO_MD_CASES.items():
+        orig, out = os.path.join(ctx.tmpdir, f"adam_{name}"), os.path.join(ctx.tmpdir, f"md_{name}")
+        md = base + layout + extra + ["--optimizer", opt, "--weight-decay", "0"]
+        with ctx.check(f"to_md_{name}_logits_unchanged"):
+            trained = pretrain(parse_args(base + layout + EVAL + ["--train-iters", "6", "--weight-decay", "0.1",
+                                                                  "--save", orig]))
+            if ctx.rank == 0:
+                assert tool.main(["to-md", "--load", orig, "--save", out]) == 0
+            dist.barrier()
+            args = parse_args(base + layout)
+            M.initialize(args)
+            try:
+                model = M.build_model(args, M.transformer_config(args))
+                ck.load_checkpoint(orig, model, None, None, args, load_optim=False)
+                ref = _logits(model, tokens)
+            finally:
+                ps.destroy_model_parallel()
+            before, after, bad, count = _md_model_after_zero_step(parse_args(md + ["--load", out] + TO_MD_FLAGS),
+                                                                  out, tokens)
+            scale = ref.abs().max().item()
+            err0, err1 = ((before - ref).abs().max().item() / scale, (after - ref).abs().max().item() / scale)
+            ctx.record(f"to_md_{name}_logit_err", {"after_load": err0, "after_zero_step": err1, "matrices": count})
+            assert err0 <= 1e-6 and err1 <= 1e-5, (err0, err1)
+        with ctx.check(f"to_md_{name}_gains_equal_reference"):
+            assert count > 0 and not bad, (count, bad[:5])
+            # the same zero-gradient step with the paper's projection moves a trained model's outputs
+            proj = parse_args(md + ["--load", orig, "--no-load-optim", "--no-md-embedding-unit-norm"])
+            _, moved, _, _ = _md_model_after_zero_step(proj, orig, tokens)
+            err = (moved - ref).abs().max().item() / scale
+            ctx.record(f"to_md_{name}_project_logit_change", err)
+            assert err > 1e-2, err
+        with ctx.check(f"to_md_{name}_resumed_run_trains"):
+            # validation loss of the converted model (= the AdamW run's last one) → after 8 MD iterations;
+            # the same 8 iterations after the paper's projection start from a pulled-apart model
+            runs = {"factor": pretrain(parse_args(md + EVAL + ["--load", out, "--train-iters", "8", "--save",
+                                                              out + "_run"] + TO_MD_FLAGS)),
+                    "project": pretrain(parse_args(md + EVAL + ["--load", orig, "--no-load-optim", "--train-iters",
+                                                                "8", "--no-md-embedding-unit-norm"]))}
+            got = {k: {"train": [round(r["train_loss_history"][str(i)], 4) for i in range(1, 9)],
+                       "val": r["final_val_loss"]} for k, r in runs.items()}
+            ctx.record(f"to_md_{name}_losses", {"adam_val": trained["final_val_loss"], **got})
+            assert got["factor"]["val"] < trained["final_val_loss"] < got["project"]["val"], got
+            assert got["factor"]["train"][1] < got["project"]["train"][1], got  # the first step keeps the model
+
+    with ctx.check("to_md_bad_input_is_one_error_line"):
+        if ctx.rank == 0:
+            d = ctx.tmpdir
+            never = os.path.join(d, "never_written")
+            for load, save, needle in ((os.path.join(d, "nothing_here"), never, "does not exist"),
+                                       (os.path.join(d, "md_tp2"), never, "already MD-ready"),
+                                       (os.path.join(d, "md_tp2_run"), never, "already MD"),
+                                       (os.path.join(d, "adam_tp2"), os.path.join(d, "md_tp2"), "already a checkpoint")):
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    rc = tool.main(["to-md", "--load", load, "--save", save])
+                lines = err.getvalue().strip().splitlines()
+                assert rc == 1 and len(lines) == 1 and "to-md: error:" in lines[0] and needle in lines[0], (load, lines)
+            assert not os.path.exists(os.path.join(never, ck.TRACKER))
+
+    with ctx.check("to_md_resume_without_its_flags_is_refused"):
+        if ctx.rank == 0:
+            layout, opt, extra = TO_MD_CASES["tp2"]
+            md = base + layout + ["--optimizer", opt, "--weight-decay", "0", "--load", os.path.join(ctx.tmpdir, "md_tp2")]
+            for drop, needles in ((["--md-init", "factor"], ["--md-init factor"]),
+                                  (["--no-load-optim"], ["--no-load-optim"]),
+                                  (["--no-md-embedding-unit-norm"], ["--no-md-embedding-unit-norm"]),
+                                  (TO_MD_FLAGS, ["--no-load-optim", "--md-init factor",
+                                                 "--no-md-embedding-unit-norm"])):
+                flags = [f for f in TO_MD_FLAGS if f not in drop]
+                try:
+                    parse_args(md + flags)
+                except ArgumentError as exc:
+                    msg = str(exc)
+                else:
+                    raise AssertionError(f"accepted without {drop}")
+                assert all(n in msg for n in needles) and "\n" not in msg, (drop, msg)
+            parse_args(md + TO_MD_FLAGS)  # the right flags pass
+            parse_args(base + layout + ["--optimizer", "adam", "--load", os.path.join(ctx.tmpdir, "md_tp2"),
+                                        "--no-load-optim"])  # plain Adam needs only --no-load-optim
 
 
 def _sibling_tool():
@@ -162,7 +375,7 @@ convert_group = group_fixture(2, _convert_checks, megatron=True, timeout=400)
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", [f"to_hf_logits_{c}" for c in CASES]
                          + ["pp2_merges_to_the_pp1_weights", "sf_to_x_gives_the_driver_eval_loss",
-                            "to_hf_refuses_non_llama_models"])
+                            "to_hf_refuses_non_llama_models"] + TO_MD_CHECKS)
 def test_convert(convert_group, name):
     convert_group.assert_ok(name)
 
@@ -173,3 +386,4 @@ def test_help_lists_subcommands_with_examples(capsys):
         tool.main(["--help"])
     text = capsys.readouterr().out
     assert "to-hf" in text and "sf-to-x" in text and "Examples:" in text and "--position-embedding-type rope" in text
+    assert "to-md" in text and "--md-init factor --no-md-embedding-unit-norm" in text
