@@ -86,19 +86,13 @@ def _to_md_record(load: str, ckpt_step: Optional[int]) -> Optional[dict]:
     return rec if isinstance(rec, dict) else None
 
 
-def resume_error(load: str, ckpt_step: Optional[int], md, *, no_load_optim: bool,
-                 precision: str = "fp32") -> Optional[str]:
+def resume_error(load: str, ckpt_step: Optional[int], md, *, no_load_optim: bool) -> Optional[str]:
     """Why a run with ``--load load`` (``--ckpt-step ckpt_step``) and MD config ``md`` must not
     start from a to-md checkpoint (None: fine, or not a to-md checkpoint)."""
     rec = _to_md_record(load, ckpt_step)
     if rec is None:
         return None
     where = f"--load {load} was converted by tools/convert_checkpoint.py to-md (from --optimizer {rec.get('from')})"
-    if precision != "fp32":
-        # a weights-only load does not refresh the fp32 main copies that the bf16/fp16 wrappers
-        # made of the freshly built model (measured: the first step brings those back)
-        return (f"{where}: its weights-only load (--no-load-optim) is not yet supported with --{precision}: the "
-                "optimizer's fp32 main parameters would keep the freshly initialised model; resume in fp32")
     missing, reasons = [], []
     if not no_load_optim:
         missing.append("--no-load-optim")

@@ -623,8 +623,7 @@ def validate(md: MDConfig, args_or_optimizer_config: Any = None) -> MDConfig:
             "absorbs; pass --no-md-embedding-unit-norm (the embedding then trains on the Adam partner)")
     if get("load"):
         from ..convert.md import resume_error  # a to-md checkpoint names the flags it must be resumed with
-        why = resume_error(get("load"), get("ckpt_step"), md, no_load_optim=bool(get("no_load_optim", False)),
-                           precision="bf16" if get("bf16", False) else "fp16" if get("fp16", False) else "fp32")
+        why = resume_error(get("load"), get("ckpt_step"), md, no_load_optim=bool(get("no_load_optim", False)))
         if why:
             raise ValueError(why)
     if md.dp_mode == "layer-wise" and get("use_distributed_optimizer", False):

@@ -544,6 +544,10 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, iterati
 
     for c, sd in zip(model_chunks, state["model"]):
         c.load_state_dict(sd, strict=True)
+    if not load_optim and optimizer is not None:
+        # weights only: the bf16/fp16 wrappers' fp32 main copies (and ZeRO shards) were made from
+        # the freshly built model and would overwrite the loaded weights at the first step
+        optimizer.reload_model_params()
     if load_optim and optimizer is not None:
         _load_opt_state(optimizer, state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:

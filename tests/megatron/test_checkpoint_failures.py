@@ -196,6 +196,14 @@ def _failure_checks(ctx):
         # it starts from the trained weights: below the fresh model's first loss
         assert hist["1"] < full["train_loss_history"]["1"] - 0.05, (hist, full["train_loss_history"])
 
+    with ctx.check("bf16_weights_only_load_keeps_the_loaded_weights"):
+        # the bf16 wrapper's fp32 main params must be refreshed from the loaded weights; an LR of
+        # ~0 leaves them unchanged, so every loss stays at the trained model's level
+        res = pretrain(parse_args(base + ["--load", good, "--no-load-optim", "--bf16", "--lr", "1e-12",
+                                          "--min-lr", "0", "--train-iters", "3"]))
+        hist, fresh = res["train_loss_history"], full["train_loss_history"]["1"]
+        assert all(hist[k] < fresh - 0.05 for k in ("1", "2", "3")), (hist, fresh)
+
     # ----------------------------------------------------------------- interrupted save
     inter = os.path.join(ctx.tmpdir, "interrupted")
     with ctx.check("interrupted_save_keeps_previous_latest"):
@@ -302,6 +310,7 @@ CHECKS = ["setup_run_saves_manifests", "corrupted_bytes_refused", "truncated_fil
           "other_model_shape_refused", "other_ffn_size_refused", "other_layout_refused",
           "other_zero1_setting_refused", "missing_step_refused", "main_prints_one_line_and_exits_1",
           "undamaged_checkpoint_resumes_exactly", "other_optimizer_with_no_load_optim_continues_from_weights",
+          "bf16_weights_only_load_keeps_the_loaded_weights",
           "interrupted_save_keeps_previous_latest", "resume_after_interrupted_save_is_exact_and_cleans_leftovers",
           "loss_spike_stops_before_saving"] + [
           f"grad_norm_overflow_skips_step_{v}" for v in ("fp32_muon", "bf16_adam", "zero1_adam", "moe_chained_muon")]

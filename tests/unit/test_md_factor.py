@@ -308,14 +308,17 @@ def test_other_load_directories_are_left_to_their_loaders(tmp_path):
     validate(md, _ns(str(tmp_path)))
 
 
-def test_a_to_md_checkpoint_is_refused_in_bf16(tmp_path):
-    """A weights-only load under --bf16 keeps the fp32 main copies of the freshly built model
-    (the driver's load does not refresh them), so the converted weights would be lost."""
+def test_a_to_md_checkpoint_resumes_in_bf16_with_its_flags(tmp_path):
+    """A weights-only load refreshes the bf16 wrapper's fp32 main copies (checkpointing calls
+    reload_model_params; tests/megatron/test_checkpoint_failures.py shows the weights survive),
+    so bf16 needs no extra flag; the to-md flags are still required."""
     from megatron_md.convert.md import to_md
     from megatron_md.megatron.config import MDConfig, validate
     src, out = str(tmp_path / "adam"), str(tmp_path / "md")
     _fake_checkpoint(src)
     to_md(src, out)
     ok = MDConfig(optimizer="muon-md", md_init="factor", md_embedding_unit_norm=False)
-    with pytest.raises(ValueError, match="--bf16"):
-        validate(ok, argparse.Namespace(load=out, ckpt_step=None, no_load_optim=True, bf16=True))
+    validate(ok, argparse.Namespace(load=out, ckpt_step=None, no_load_optim=True, bf16=True))
+    with pytest.raises(ValueError, match="--md-init factor"):
+        validate(MDConfig(optimizer="muon-md", md_embedding_unit_norm=False),
+                 argparse.Namespace(load=out, ckpt_step=None, no_load_optim=True, bf16=True))
