@@ -300,6 +300,11 @@ class HybridOptimizer(torch.optim.AdamW):
     def matrix_optimizer(self):
         return self._matrix
 
+    @property
+    def head_optimizer(self):
+        """MD's output-head optimizer (``AdamMD(sphere="rows")``), or None."""
+        return self._head
+
 
 #: layer-wise DP: the updated matrices of one owner travel in broadcasts of at most this many elements
 BROADCAST_BUCKET_NUMEL = 1 << 24

@@ -180,7 +180,7 @@ def _check_recipe(model, opt, trained=True):
     params = dict(model.module.named_parameters())
     emb = params["embedding.word_embeddings.weight"].detach()
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(emb.shape[0]), rtol=1e-5, atol=1e-5)
-    head_opt = hybrid_optimizers(opt)[0]._head
+    head_opt = hybrid_optimizers(opt)[0].head_optimizer
     assert head_opt is not None and head_opt.defaults["sphere"] == "rows"
     (p,) = [q for g in head_opt.param_groups for q in g["params"]]
     torch.testing.assert_close(head_opt.direction(p).norm(dim=1), torch.ones(p.shape[0]), rtol=1e-5, atol=1e-5)
