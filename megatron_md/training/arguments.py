@@ -99,6 +99,15 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
     g.add_argument("--expert-model-parallel-size", type=_positive_int, default=1)
     g.add_argument("--sequence-parallel", action="store_true", help="needs --tensor-model-parallel-size > 1")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="ZeRO-1 over data parallel")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap DDP's gradient all-reduce (reduce-scatter with --use-distributed-optimizer) with "
+                   "the backward pass: each bucket's collective starts as soon as its gradients are ready")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the distributed optimizer's all-gather of the updated parameters with the next "
+                   "forward pass (needs --use-distributed-optimizer and --overlap-grad-reduce)")
+    g.add_argument("--ddp-bucket-size", type=_positive_int, default=None,
+                   help="elements per gradient bucket (needs --overlap-grad-reduce; default max(40M, 1M x data-parallel "
+                   "size), as Megatron-LM); without overlap all gradients form one bucket")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl with CUDA, else gloo")
     g.add_argument("--distributed-timeout-minutes", type=_positive_int, default=10)
@@ -253,6 +262,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                 f"cannot be split into Q, K and V; pass --no-split-qkv (or --dp-mode layer-wise without "
                 f"--use-distributed-optimizer)")
 
+    _validate_overlap(args)
+
     ws = world_size if world_size is not None else world_size_from_env()
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     if args.num_layers % pp:
@@ -401,6 +412,26 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     return args
 
 
+def _validate_overlap(args: argparse.Namespace) -> None:
+    """``--overlap-grad-reduce`` / ``--overlap-param-gather`` / ``--ddp-bucket-size``, as Megatron-LM
+    allows them. Overlapped parameter gathering exists only where the optimizer step leaves each
+    rank with its own shard of the updated weights, i.e. the distributed optimizer; plain DDP and
+    ``--dp-mode layer-wise`` (which broadcasts whole matrices inside the step) have no all-gather
+    to overlap."""
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        layer_wise = " (--dp-mode layer-wise broadcasts inside the optimizer step and is plain DDP)" \
+            if args.md.dp_mode == "layer-wise" else ""
+        raise ArgumentError("--overlap-param-gather needs --use-distributed-optimizer: it overlaps the distributed "
+                            "optimizer's all-gather of updated parameters with the next forward pass, and plain DDP "
+                            f"has no such all-gather{layer_wise}; use --overlap-grad-reduce alone")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        raise ArgumentError("--overlap-param-gather needs --overlap-grad-reduce (as Megatron-LM requires: without it "
+                            "all parameters form one bucket, whose all-gather the first layer's forward waits for)")
+    if args.ddp_bucket_size is not None and not args.overlap_grad_reduce:
+        raise ArgumentError(f"--ddp-bucket-size {args.ddp_bucket_size} has no effect without --overlap-grad-reduce "
+                            "(megatron-core then puts all gradients in one bucket)")
+
+
 def optimizer_config(args):
     """megatron-core ``OptimizerConfig`` from the parsed flags."""
     import torch
@@ -410,7 +441,7 @@ def optimizer_config(args):
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, loss_scale=args.loss_scale,
         params_dtype=torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32),
-        use_distributed_optimizer=args.use_distributed_optimizer)
+        use_distributed_optimizer=args.use_distributed_optimizer, overlap_param_gather=args.overlap_param_gather)
 
 
 def md_config(args):

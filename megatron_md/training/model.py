@@ -4,20 +4,29 @@ On a machine without CUDA, :func:`initialize` applies :mod:`megatron_md.megatron
 (megatron-core then runs on CPU tensors over gloo) and forces fp32-friendly settings:
 ``use_cpu_initialization`` (every rank draws the full weights from the same seed, so a
 TP=2 model starts from the same weights as TP=1) and no fused kernels.
+
+Communication overlap (``--overlap-grad-reduce``, ``--overlap-param-gather``) is megatron-core's
+own, configured in :func:`build_model`'s ``DistributedDataParallelConfig``. With overlapped
+parameter gathering the distributed optimizer's step updates only this rank's shard of each
+weight; the other ranks' shards arrive during the next forward pass (DDP's forward pre-hooks
+wait for them). Anything that reads the weights between a step and the next forward must call
+:func:`sync_params` first; :class:`ParamGatherHooks` is the hooks' lifecycle in the training loop.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
 import socket
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["initialize", "set_seed", "transformer_config", "layer_spec", "build_model", "unwrap"]
+__all__ = ["initialize", "set_seed", "transformer_config", "layer_spec", "build_model", "unwrap",
+           "align_param_gather", "overlaps_param_gather", "sync_params", "ParamGatherHooks"]
 
 
 def _free_port() -> int:
@@ -50,6 +59,7 @@ def initialize(args) -> bool:
     from megatron.core import parallel_state as ps
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    before = set(_live_groups())
     ps.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -57,8 +67,38 @@ def initialize(args) -> bool:
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         create_gloo_process_groups=True)
+    _MODEL_PARALLEL_GROUPS[:] = [g for g in _live_groups() if g not in before]
     set_seed(args.seed)
     return created
+
+
+#: the process groups megatron's ``initialize_model_parallel`` created in :func:`initialize`
+_MODEL_PARALLEL_GROUPS: list = []
+
+
+def _live_groups() -> list:
+    """Every process group torch.distributed holds. Its registry has no public listing; should a
+    torch release rename it, :func:`shutdown` frees nothing more than before (no error)."""
+    from torch.distributed import distributed_c10d
+    world = getattr(distributed_c10d, "_world", None)
+    return list(getattr(world, "pg_map", None) or ())
+
+
+def shutdown(created: bool) -> None:
+    """Undo :func:`initialize`: megatron's model-parallel state, the process groups it created
+    (``destroy_model_parallel`` frees only the gloo data-parallel ones; each other group keeps
+    its gloo threads, about 50 per run, which a process that trains many times in a row — the
+    tests — would accumulate by the thousand) and, if ``created``, the default group."""
+    from megatron.core import parallel_state as ps
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    live = set(_live_groups()) if dist.is_initialized() else set()
+    for g in _MODEL_PARALLEL_GROUPS:
+        if g in live:
+            dist.destroy_process_group(g)
+    _MODEL_PARALLEL_GROUPS.clear()
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def set_seed(seed: int) -> None:
@@ -180,9 +220,22 @@ def _copy_from_unpipelined(args, config, chunks) -> None:
                 p.copy_(q)
 
 
+def align_param_gather(args) -> bool:
+    """Megatron-LM's ``align_param_gather``: with overlapped parameter gathering and the
+    interleaved schedule, the schedule starts each model chunk's all-gather itself
+    (``config.param_sync_func``) and the forward pre-hooks only wait; otherwise the hooks chain
+    the buckets' all-gathers (Megatron-LM turns the flag off without virtual stages)."""
+    return bool(args.overlap_param_gather and args.virtual_pipeline_model_parallel_size)
+
+
 def build_model(args, config) -> list:
     """``[DistributedDataParallel(GPTModel), ...]``: this rank's model chunks (one, or one per
-    virtual pipeline stage), as Megatron's schedules and ``finalize_model_grads`` take them."""
+    virtual pipeline stage), as Megatron's schedules and ``finalize_model_grads`` take them.
+
+    ``--overlap-grad-reduce`` buckets the gradients (``--ddp-bucket-size``; megatron-core's
+    default otherwise) and starts each bucket's all-reduce / reduce-scatter from the backward
+    hooks; ``--overlap-param-gather`` makes DDP register the forward pre-hooks that wait for
+    the all-gathered parameters."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     chunks = _stage_models(args, config)
@@ -190,7 +243,9 @@ def build_model(args, config) -> list:
         _copy_from_unpipelined(args, config, chunks)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer,
-        overlap_grad_reduce=False, overlap_param_gather=False, check_for_nan_in_grad=False)
+        overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+        align_param_gather=align_param_gather(args), bucket_size=args.ddp_bucket_size,
+        check_for_nan_in_grad=False)
     out = []
     for i, model in enumerate(chunks):
         if torch.cuda.is_available():
@@ -212,3 +267,80 @@ def unwrap(chunk):
     while hasattr(m, "module"):
         m = m.module
     return m
+
+
+# ------------------------------------------------------------------------------- overlapped param gather
+def overlaps_param_gather(model_chunks) -> bool:
+    """True if the model's parameters are all-gathered during the forward pass
+    (``--use-distributed-optimizer --overlap-param-gather``): after an optimizer step only this
+    rank's shard of each weight is current until :func:`sync_params` or the next forward."""
+    return any(getattr(c, "use_forward_hook", False) for c in model_chunks)
+
+
+def sync_params(model_chunks) -> None:
+    """Make every rank's model parameters the updated, all-gathered ones now (megatron-core's
+    ``start_param_sync(force_sync=True)``: a synchronous all-gather, or a wait on one already in
+    flight). A no-op without overlapped parameter gathering, where the optimizer step gathers.
+    It never changes training: the next forward pass finds the buckets gathered and skips them."""
+    for c in model_chunks:
+        if getattr(c, "use_forward_hook", False):
+            c.start_param_sync(force_sync=True)
+
+
+class ParamGatherHooks:
+    """The forward pre-hooks of ``--overlap-param-gather`` across the training loop, as
+    Megatron-LM's ``train()`` handles them.
+
+    * :meth:`start` (before the first iteration): hooks off without gathering, and the
+      schedule's ``param_sync_func`` removed, so that the first iteration runs on the weights as
+      built or loaded on each rank (an error there cannot spread through a first all-gather);
+    * :meth:`after_step` re-enables both after the first *successful* step (a skipped one
+      changed no weight);
+    * :meth:`paused` (evaluation): weights gathered, hooks off, and back on afterwards;
+    * :meth:`finish` (end of training): weights gathered, hooks off.
+
+    Without overlapped parameter gathering every method does nothing."""
+
+    def __init__(self, model_chunks, config):
+        self.chunks = model_chunks
+        self.config = config
+        self.active = overlaps_param_gather(model_chunks)
+        self.on = self.active  # DDP registers the hooks when it is built
+        self._param_sync_func = None
+
+    def _disable(self, param_sync: bool) -> None:
+        for c in self.chunks:
+            c.disable_forward_pre_hook(param_sync=param_sync)
+        self.on = False
+
+    def _enable(self) -> None:
+        for c in self.chunks:
+            c.enable_forward_pre_hook()
+        self.on = True
+
+    def start(self) -> None:
+        if self.active and self.on:
+            self._disable(param_sync=False)
+            self._param_sync_func, self.config.param_sync_func = self.config.param_sync_func, None
+
+    def after_step(self, ok: bool) -> None:
+        if self.active and not self.on and ok:
+            self._enable()
+            self.config.param_sync_func = self._param_sync_func
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        was_on = self.on
+        if was_on:
+            self._disable(param_sync=True)
+        else:
+            sync_params(self.chunks)
+        try:
+            yield
+        finally:
+            if was_on:
+                self._enable()
+
+    def finish(self) -> None:
+        if self.on:
+            self._disable(param_sync=True)

@@ -7,6 +7,14 @@ optimizer (:func:`megatron_md.megatron.builder.get_megatron_optimizer`) and Mega
 iterations), the GPTDataset data, and runs Megatron's ``get_forward_backward_func()`` schedule
 with ``finalize_model_grads`` as the config's grad-finalisation hook.
 
+``--overlap-grad-reduce`` / ``--overlap-param-gather`` are wired as Megatron-LM's ``train()``
+wires them (:func:`_set_sync_funcs`, :class:`~megatron_md.training.model.ParamGatherHooks`):
+the schedule's ``no_sync_func`` / ``grad_sync_func`` / ``param_sync_func``, the forward pre-hooks
+off for the first iteration and during evaluation, and the weights all-gathered before anything
+reads them after a step (evaluation, the optimizer telemetry, checkpoint saves, schedule-free
+x/y swaps). Every optimizer and DP mode gives the losses and weights of the same run without
+overlap (``tests/megatron/test_overlap.py``).
+
 Every ``--log-interval`` iterations rank 0 prints iteration, loss (mean over the interval),
 LR, tokens/s, grad norm and skipped steps (and the MoE load-balancing loss), and writes them to
 TensorBoard with ``--tensorboard-dir`` when ``tensorboard`` is installed. Every
@@ -135,8 +143,47 @@ def _canonical_lr(optimizer) -> float:
     return groups[0]["lr"] if groups else 0.0
 
 
+def _set_sync_funcs(args, config, model) -> None:
+    """The schedule's DDP hooks, as Megatron-LM sets them (``align_grad_reduce`` on, its default).
+
+    With ``--overlap-grad-reduce``: ``no_sync_func`` (no bucket is reduced before the last
+    micro-batch's backward) and ``grad_sync_func`` (pipeline schedules start each chunk's
+    reduction themselves: after its last backward under the interleaved schedule, on the later
+    stages at the end); with aligned param gathering (``--overlap-param-gather`` under the
+    interleaved schedule) ``param_sync_func`` (the schedule starts each chunk's all-gather).
+    ``finalize_model_grads`` waits for the reductions (or runs them, without overlap)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from .model import align_param_gather
+
+    def per_chunk(name: str):
+        funcs = [getattr(c, name) for c in model]
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    if args.overlap_grad_reduce:
+        config.no_sync_func = per_chunk("no_sync")
+        config.grad_sync_func = per_chunk("start_grad_sync")
+    if align_param_gather(args):
+        config.param_sync_func = per_chunk("start_param_sync")
+    config.finalize_model_grads_func = finalize_model_grads
+
+
+def _release(config) -> None:
+    """Drop the config's references to the model and the optimizer at the end of a run.
+
+    ZeRO-1 shards of fp32 weights are views of the model parameters, so their autograd history
+    leads to the parameters' grad accumulators, whose DDP backward hooks reach the model and,
+    through ``config.grad_scale_func``, the optimizer again: a cycle through C++ that Python's
+    collector cannot free, which kept every run's process groups (and their threads) alive in a
+    process that trains several times, e.g. the tests."""
+    for name in ("no_sync_func", "grad_sync_func", "param_sync_func", "finalize_model_grads_func", "grad_scale_func"):
+        setattr(config, name, None)
+
+
 # ------------------------------------------------------------------------------- evaluation
 def evaluate(args, model, optimizer, valid_ds, fwd_bwd) -> float:
+    """Validation loss over ``--eval-iters`` fixed batches. The caller makes the weights
+    current first (``ParamGatherHooks.paused`` with ``--overlap-param-gather``)."""
     from megatron.core.transformer.moe import moe_utils
 
     from ..megatron.builder import swap_to_eval, swap_to_train
@@ -175,20 +222,18 @@ def _tensorboard(args):
 # ------------------------------------------------------------------------------- the run
 def pretrain(args) -> dict:
     """Train as configured by validated ``args``; returns the summary dict (printed by rank 0)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ..megatron.builder import get_megatron_optimizer, skipped_steps
     from . import checkpointing
     from .data import build_datasets
-    from .model import build_model, initialize, transformer_config
+    from .model import ParamGatherHooks, build_model, initialize, shutdown, sync_params, transformer_config
     from .telemetry import JsonlLog, OptimizerTelemetry
 
     t_start = time.perf_counter()
     created = initialize(args)
-    writer = runlog = None
+    writer = runlog = config = None
     try:
         _print0(f"> world {args.world_size}: TP {args.tensor_model_parallel_size}, PP {args.pipeline_model_parallel_size}"
                 + (f" (x{args.virtual_pipeline_model_parallel_size} virtual)" if args.virtual_pipeline_model_parallel_size else "")
@@ -211,8 +256,7 @@ def pretrain(args) -> dict:
             lr_decay_steps=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
             start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
             wd_incr_style="constant")
-        config.no_sync_func = model[0].no_sync if len(model) == 1 else [c.no_sync for c in model]
-        config.finalize_model_grads_func = finalize_model_grads
+        _set_sync_funcs(args, config, model)
         config.grad_scale_func = optimizer.scale_loss
 
         iteration, extra = 0, {}
@@ -251,9 +295,15 @@ def pretrain(args) -> dict:
         last_saved = last_eval = None
         val_loss = None
         recent_losses = collections.deque(maxlen=args.loss_spike_window)
+        hooks = ParamGatherHooks(model, config)
+        hooks.start()
+        buckets = sum(len(c.bucket_groups) + len(c.expert_parallel_bucket_groups) for c in model)
         _print0(f"> training iterations {iteration + 1}..{last_it} (global batch {args.global_batch_size} = "
                 f"{args.num_microbatches} x {args.micro_batch_size} x DP {args.data_parallel_size}; "
-                f"{tokens_per_iter} tokens/iteration) — setup {time.perf_counter() - t_start:.1f}s")
+                f"{tokens_per_iter} tokens/iteration; {buckets} gradient bucket(s) on rank 0"
+                + (", reduced during backward" if args.overlap_grad_reduce else "")
+                + (", parameters gathered during forward" if args.overlap_param_gather else "")
+                + f") — setup {time.perf_counter() - t_start:.1f}s")
 
         while iteration < last_it:
             for c in model:
@@ -267,6 +317,7 @@ def pretrain(args) -> dict:
                 t_stats, stats_lr = time.perf_counter(), _canonical_lr(optimizer)
                 stats.before_step()
             ok, grad_norm, _ = optimizer.step()
+            hooks.after_step(ok)
             if stats_due:
                 rec = stats.after_step(iteration + 1, ok, stats_lr)
                 if rec is not None:
@@ -323,7 +374,8 @@ def pretrain(args) -> dict:
 
             if valid_ds is not None and (iteration % args.eval_interval == 0 or iteration == last_it):
                 t0 = time.perf_counter()
-                val_loss = evaluate(args, model, optimizer, valid_ds, fwd_bwd)
+                with hooks.paused():
+                    val_loss = evaluate(args, model, optimizer, valid_ds, fwd_bwd)
                 history["valid"][iteration] = val_loss
                 last_eval = iteration
                 _print0(f" validation at iteration {iteration}: lm loss {val_loss:.4f} | ppl "
@@ -335,6 +387,7 @@ def pretrain(args) -> dict:
 
             if args.save and ((args.save_interval and iteration % args.save_interval == 0) or iteration == last_it):
                 t0 = time.perf_counter()
+                sync_params(model)  # the saved weights are the updated ones on every rank
                 checkpointing.save_checkpoint(args.save, iteration, model, optimizer, scheduler, args,
                                               extra={"train": history["train"], "valid": history["valid"],
                                                      "skipped": skipped})
@@ -342,6 +395,7 @@ def pretrain(args) -> dict:
                 _print0(f" saved checkpoint of iteration {iteration} to {args.save} ({time.perf_counter() - t0:.1f}s)")
                 t_interval += time.perf_counter() - t0
 
+        hooks.finish()  # the model left behind holds the final weights on every rank
         train_s = time.perf_counter() - t_train
         train_hist = history["train"]
         summary = {
@@ -356,7 +410,7 @@ def pretrain(args) -> dict:
             "world_size": args.world_size, "tp": args.tensor_model_parallel_size,
             "pp": args.pipeline_model_parallel_size,
             "ep": args.expert_model_parallel_size, "dp": args.data_parallel_size,
-            "last_checkpoint": last_saved, "last_eval": last_eval,
+            "last_checkpoint": last_saved, "last_eval": last_eval, "grad_buckets": buckets,
         }
         _print0(json.dumps(summary))
         runlog.write(summary)
@@ -366,10 +420,9 @@ def pretrain(args) -> dict:
             writer.close()
         if runlog is not None:
             runlog.close()
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
+        if config is not None:  # the config's hooks would keep the optimizer and model alive (see _release)
+            _release(config)
+        shutdown(created)
 
 
 def main(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None, prog: Optional[str] = None) -> int:

@@ -16,7 +16,10 @@ layouts, the gain and RMNP statistics on the optimizer's own shards; rank 0 coll
 Cost: on a telemetry iteration one copy of the model's hidden matrices (the weights before
 the step), a few reductions per matrix, and for RMNP one gathered Newton–Schulz per sampled
 matrix; other iterations do nothing (``benchmarks/telemetry_cost.py``). Reading never changes
-the training trajectory (tested bit for bit).
+the training trajectory (tested bit for bit). With ``--overlap-param-gather`` the step leaves
+only this rank's shard of each weight updated until the next forward pass, so a telemetry step
+all-gathers the weights right after the step (:func:`~megatron_md.training.model.sync_params`;
+the next forward then has nothing left to gather).
 
 :class:`JsonlLog` is the run's machine-readable log: ``train``, ``valid``,
 ``optimizer_stats`` and ``summary`` events, one JSON object per line (``tools/plot_run.py``,
@@ -115,6 +118,7 @@ class OptimizerTelemetry:
     def __init__(self, args, model_chunks, optimizer):
         from ..megatron.builder import hybrid_optimizers, model_matrices
         from ..megatron.routing import named_params
+        self.model_chunks = model_chunks
         self.interval = int(args.log_optimizer_stats_interval)
         self.samples = int(args.log_optimizer_stats_samples)
         self.optimizer = optimizer
@@ -136,9 +140,11 @@ class OptimizerTelemetry:
 
     @torch.no_grad()
     def after_step(self, iteration: int, ok: bool, lr: float) -> Optional[dict]:
+        from .model import sync_params
         prev, self._prev = self._prev, None
         if prev is None or not ok:
             return None
+        sync_params(self.model_chunks)  # overlapped param gather: the updated weights of every shard
         local: dict[str, dict] = {}
         for (name, p, lay), before in zip(self.matrices, prev):
             labels = _block_labels(name, lay, self._offset)
