@@ -280,10 +280,21 @@ class HybridOptimizer(torch.optim.AdamW):
     def eval(self):
         for o in self._sf_parts():
             o.eval()
+        self._sync_layerwise_swap()
 
     def train(self):
         for o in self._sf_parts():
             o.train()
+        self._sync_layerwise_swap()
+
+    def _sync_layerwise_swap(self):
+        """Layer-wise DP: only a matrix's owner holds its schedule-free state and swaps it, so
+        the swapped values travel to the other replicas like an update does (without this an
+        evaluation would mix x on owned matrices with y on all others)."""
+        if self._layerwise is not None and hasattr(self.matrix_cls, "eval"):
+            group, pairs = self._layerwise
+            with comm.metered("layer-wise"):
+                _broadcast_coalesced(pairs, group)
 
     def _sf_parts(self):
         out = []

@@ -10,6 +10,11 @@ micro-batch gradients across ranks, PP=2 accumulates them on each stage). The in
 schedule (4 layers, ``--num-layers-per-virtual-pipeline-stage 1``: 2 virtual stages per rank) and an
 untied output layer are checked the same way, and a PP=2 run saved at iteration 2 and resumed
 reproduces the uninterrupted iterations 3..4 bit for bit.
+
+A second group of 4 ranks runs PP=2 × DP=2 with ZeRO-1 (``--use-distributed-optimizer``) and
+with layer-wise DP (``--dp-mode layer-wise``) for every optimizer against PP=1 × DP=4 (the same
+global batch of 8; plain DDP; ``--no-split-qkv`` on both sides for ZeRO-1, whose flat shards of a
+fused QKV are served as one matrix), to the same 1e-5.
 """
 from __future__ import annotations
 
@@ -100,6 +105,51 @@ def _pipeline_checks(ctx):
 
 
 pipeline_group = group_fixture(2, _pipeline_checks, megatron=True, timeout=500)
+
+#: methods whose math sees Q, K, V separately (ZeRO-1 runs them with --no-split-qkv)
+PER_BLOCK = {"muon", "normuon", "adamh", "muonh", "adam-md", "muon-md", "sf-normuon"}
+
+
+def _pipeline_dp_checks(ctx):
+    import torch.distributed as dist
+
+    from megatron_md.training.arguments import parse_args
+    from megatron_md.training.pretrain import pretrain
+
+    drv = _sibling("test_driver")
+    prefix = os.path.join(ctx.tmpdir, "synthetic")
+    if ctx.rank == 0:
+        drv._write_synthetic(prefix)
+    dist.barrier()
+    base = [a for a in drv.TINY if a != "--mock-data"] + [
+        "--data-path", prefix, "--train-iters", "3", "--global-batch-size", "8",
+        "--log-interval", "1", "--eval-interval", "3", "--eval-iters", "1", "--make-vocab-size-divisible-by", "64",
+        "--seed", "7"]
+    pp2 = ["--pipeline-model-parallel-size", "2"]
+
+    def run(extra):
+        return pretrain(parse_args(base + extra))
+
+    for opt in OPTIMIZERS:
+        nosplit = ["--no-split-qkv"] if opt in PER_BLOCK else []
+        refs = {}
+        with ctx.check(f"pp2_dp2_zero1_{opt}"):
+            refs["zero1"] = run(["--optimizer", opt] + nosplit)
+            got = run(["--optimizer", opt, "--use-distributed-optimizer"] + nosplit + pp2)
+            assert got["pp"] == 2 and got["dp"] == 2 and refs["zero1"]["dp"] == 4
+            _compare(refs["zero1"], got)
+        with ctx.check(f"pp2_dp2_layerwise_{opt}"):
+            ref = run(["--optimizer", opt]) if nosplit or "zero1" not in refs else refs["zero1"]
+            _compare(ref, run(["--optimizer", opt, "--dp-mode", "layer-wise"] + pp2))
+
+
+pipeline_w4 = group_fixture(4, _pipeline_dp_checks, megatron=True, timeout=900)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", [f"pp2_dp2_{mode}_{o}" for mode in ("zero1", "layerwise") for o in OPTIMIZERS])
+def test_pipeline_with_data_parallel_modes(pipeline_w4, name):
+    pipeline_w4.assert_ok(name)
 
 
 @pytest.mark.distributed
