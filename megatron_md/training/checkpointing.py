@@ -63,7 +63,10 @@ _LAYOUT_FLAGS = {
 _OPTIM_FLAGS = {
     "optimizer": "--optimizer", "use_distributed_optimizer": "--use-distributed-optimizer",
     "dp_mode": "--dp-mode", "split_qkv": "--split-qkv/--no-split-qkv", "precision": "--bf16/--fp16",
+    "zero_buckets": "--overlap-grad-reduce/--ddp-bucket-size (ZeRO-1 shards follow the gradient buckets)",
 }
+#: optimizer-setup keys compared only when the checkpoint records them (older checkpoints do not)
+_OPTIONAL_OPTIM_KEYS = ("zero_buckets",)
 _MODEL_FLAGS = {
     "num_layers": "--num-layers", "hidden_size": "--hidden-size", "num_attention_heads": "--num-attention-heads",
     "num_query_groups": "--num-query-groups", "ffn_hidden_size": "--ffn-hidden-size", "kv_channels": "--kv-channels",
@@ -179,7 +182,11 @@ def _topology(args) -> dict:
                    "dp": args.data_parallel_size},
         "optim": {"optimizer": args.optimizer, "use_distributed_optimizer": args.use_distributed_optimizer,
                   "dp_mode": getattr(md, "dp_mode", None), "split_qkv": getattr(md, "split_qkv", None),
-                  "precision": prec},
+                  "precision": prec,
+                  # ZeRO-1 flat ranges are cut per gradient bucket: another bucket layout, other shards
+                  "zero_buckets": ([bool(getattr(args, "overlap_grad_reduce", False)),
+                                    getattr(args, "ddp_bucket_size", None)]
+                                   if args.use_distributed_optimizer else None)},
         "model": {"num_layers": args.num_layers, "hidden_size": args.hidden_size,
                   "num_attention_heads": args.num_attention_heads,
                   "num_query_groups": args.num_query_groups or args.num_attention_heads,
@@ -210,7 +217,8 @@ def _coords() -> dict:
 def _topology_error(where: str, have: dict, want: dict, load_optim: bool) -> Optional[str]:
     def diffs(group, flags):
         a, b = have.get(group, {}), want[group]
-        return [f"{flags[k]}: checkpoint {a.get(k)!r}, this run {b[k]!r}" for k in flags if a.get(k) != b[k]]
+        return [f"{flags[k]}: checkpoint {a.get(k)!r}, this run {b[k]!r}" for k in flags
+                if a.get(k) != b[k] and not (k in _OPTIONAL_OPTIM_KEYS and k not in a)]
 
     model = diffs("model", _MODEL_FLAGS)
     if model:

@@ -160,6 +160,20 @@ def _failure_checks(ctx):
             ["--use-distributed-optimizer: checkpoint False, this run True"])
     refused("missing_step_refused", ["--ckpt-step", "3"], [ck.checkpoint_dir(good, 3), "does not exist", "[2, 4]"])
 
+    with ctx.check("other_zero1_bucket_layout_refused"):
+        # ZeRO-1 shards follow the gradient buckets: another bucket layout is refused, flags named
+        zdir = os.path.join(ctx.tmpdir, "zero1")
+        zero = base + ["--use-distributed-optimizer"]
+        pretrain(parse_args(zero + ["--train-iters", "2", "--save", zdir, "--save-interval", "2"]))
+        try:
+            pretrain(parse_args(zero + ["--overlap-grad-reduce", "--ddp-bucket-size", "1000", "--load", zdir]))
+        except CheckpointError as exc:
+            assert "--overlap-grad-reduce/--ddp-bucket-size" in str(exc) and "--no-load-optim" in str(exc), str(exc)
+        else:
+            raise AssertionError("a ZeRO-1 checkpoint loaded with another bucket layout")
+        res = pretrain(parse_args(zero + ["--load", zdir]))   # the same layout resumes
+        assert res["iterations"] == 4, res
+
     with ctx.check("main_prints_one_line_and_exits_1"):
         try:
             if ctx.rank == 0:
@@ -308,7 +322,7 @@ failure_group = group_fixture(2, _failure_checks, megatron=True, timeout=400)
 CHECKS = ["setup_run_saves_manifests", "corrupted_bytes_refused", "truncated_file_refused",
           "missing_rank_file_refused", "missing_manifest_refused", "other_optimizer_refused",
           "other_model_shape_refused", "other_ffn_size_refused", "other_layout_refused",
-          "other_zero1_setting_refused", "missing_step_refused", "main_prints_one_line_and_exits_1",
+          "other_zero1_setting_refused", "missing_step_refused", "other_zero1_bucket_layout_refused", "main_prints_one_line_and_exits_1",
           "undamaged_checkpoint_resumes_exactly", "other_optimizer_with_no_load_optim_continues_from_weights",
           "bf16_weights_only_load_keeps_the_loaded_weights",
           "interrupted_save_keeps_previous_latest", "resume_after_interrupted_save_is_exact_and_cleans_leftovers",
