@@ -84,14 +84,8 @@ def _failure_checks(ctx):
     from megatron_md.training.pretrain import main, pretrain
 
     drv = _sibling("test_driver")
-    prefix = os.path.join(ctx.tmpdir, "synthetic")
-    if ctx.rank == 0:
-        drv._write_synthetic(prefix)
-    dist.barrier()
-    base = [a for a in drv.TINY if a != "--mock-data"] + [
-        "--data-path", prefix, "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1",
-        "--make-vocab-size-divisible-by", "64", "--seed", "7", "--train-iters", "4", "--optimizer", "adam",
-        "--global-batch-size", "4"]
+    base = drv.synthetic_base(ctx, "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1",
+                              "--train-iters", "4", "--optimizer", "adam", "--global-batch-size", "4")
     good = os.path.join(ctx.tmpdir, "good")
     it4 = ck.checkpoint_dir(good, 4)
     pristine = os.path.join(ctx.tmpdir, "pristine")

@@ -142,6 +142,20 @@ CONFIGS = {
 }
 
 
+def synthetic_base(ctx, *extra: str) -> list:
+    """The driver flags of the spawned-group driver tests: :data:`TINY` on the synthetic indexed
+    dataset (written by rank 0 into the group's shared ``ctx.tmpdir``; every rank waits for it),
+    a vocabulary padded to 64, seed 7, then ``extra``."""
+    import torch.distributed as dist
+
+    prefix = os.path.join(ctx.tmpdir, "synthetic")
+    if ctx.rank == 0:
+        _write_synthetic(prefix)
+    dist.barrier()
+    return [a for a in TINY if a != "--mock-data"] + [
+        "--data-path", prefix, "--make-vocab-size-divisible-by", "64", "--seed", "7", *extra]
+
+
 def _write_synthetic(prefix: str) -> None:
     """A small learnable token stream (noisy counting) as train/valid indexed datasets."""
     import numpy as np

@@ -143,19 +143,11 @@ def _stats_records(path: str) -> list:
 
 
 def _overlap_checks(ctx):
-    import torch.distributed as dist
-
     from megatron_md.training.pretrain import pretrain
 
     drv = _sibling("test_driver")
-    prefix = os.path.join(ctx.tmpdir, "synthetic")
-    if ctx.rank == 0:
-        drv._write_synthetic(prefix)
-    dist.barrier()
-    base = [a for a in drv.TINY if a != "--mock-data"] + [
-        "--data-path", prefix, "--num-layers", "1", "--train-iters", str(ITERS), "--micro-batch-size", "1",
-        "--global-batch-size", "4", "--log-interval", "1",
-        "--eval-iters", "0", "--make-vocab-size-divisible-by", "64", "--seed", "7"]
+    base = drv.synthetic_base(ctx, "--num-layers", "1", "--train-iters", str(ITERS), "--micro-batch-size", "1",
+                              "--global-batch-size", "4", "--log-interval", "1", "--eval-iters", "0")
     runs = iter(range(10**6))
 
     def run(extra):

@@ -62,20 +62,12 @@ def _compare(ref: dict, got: dict) -> None:
 
 
 def _pipeline_checks(ctx):
-    import torch.distributed as dist
-
     from megatron_md.training.arguments import parse_args
     from megatron_md.training.pretrain import pretrain
 
-    drv = _sibling("test_driver")
-    prefix = os.path.join(ctx.tmpdir, "synthetic")
-    if ctx.rank == 0:
-        drv._write_synthetic(prefix)
-    dist.barrier()
-    base = [a for a in drv.TINY if a != "--mock-data"] + [
-        "--data-path", prefix, "--train-iters", "4", "--global-batch-size", "4",
-        "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1", "--make-vocab-size-divisible-by", "64",
-        "--seed", "7"]
+    base = _sibling("test_driver").synthetic_base(
+        ctx, "--train-iters", "4", "--global-batch-size", "4", "--log-interval", "1", "--eval-interval", "4",
+        "--eval-iters", "1")
     pp2 = ["--pipeline-model-parallel-size", "2"]
 
     def run(extra):
@@ -111,20 +103,12 @@ PER_BLOCK = {"muon", "normuon", "adamh", "muonh", "adam-md", "muon-md", "sf-norm
 
 
 def _pipeline_dp_checks(ctx):
-    import torch.distributed as dist
-
     from megatron_md.training.arguments import parse_args
     from megatron_md.training.pretrain import pretrain
 
-    drv = _sibling("test_driver")
-    prefix = os.path.join(ctx.tmpdir, "synthetic")
-    if ctx.rank == 0:
-        drv._write_synthetic(prefix)
-    dist.barrier()
-    base = [a for a in drv.TINY if a != "--mock-data"] + [
-        "--data-path", prefix, "--train-iters", "3", "--global-batch-size", "8",
-        "--log-interval", "1", "--eval-interval", "3", "--eval-iters", "1", "--make-vocab-size-divisible-by", "64",
-        "--seed", "7"]
+    base = _sibling("test_driver").synthetic_base(
+        ctx, "--train-iters", "3", "--global-batch-size", "8", "--log-interval", "1", "--eval-interval", "3",
+        "--eval-iters", "1")
     pp2 = ["--pipeline-model-parallel-size", "2"]
 
     def run(extra):
