@@ -40,7 +40,7 @@ sweep $C --out $R/md_sphere_only --optimizers muon-md --lrs "muon-md=2.5e-3,5e-3
 sweep $C --out $R/md_no_recipe --optimizers muon-md --lrs "muon-md=2e-2,4e-2,8e-2,1.6e-1" \
   --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --no-md-embedding-unit-norm --no-md-head-gains"
 # MD's sphere radius: the paper's R = sqrt(max(d_out, d_in)) is ~4x the norm of the usual init here
-sweep $C --out $R/md_radius_quarter --optimizers muon-md --lrs "muon-md=1e-2,2e-2,4e-2,8e-2" \
+sweep $C --out $R/md_radius_quarter --optimizers muon-md --lrs "muon-md=2.5e-3,5e-3,1e-2,2e-2,4e-2,8e-2" \
   --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --muon-md-radius-scale 0.25"
 # MD without warmup (the quality runs) vs with it; Muon with weight decay (the quality runs) vs without
 [ -n "$MD" ] && sweep $C --out $R/md_warmup --optimizers muon-md --lrs "muon-md=$MD" --seeds 1,2,3 \
