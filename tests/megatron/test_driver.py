@@ -30,6 +30,8 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
 
 # ============================================================================ validation (in-process)
 @pytest.mark.parametrize("extra, needles", [
+    (["--ckpt-format", "torch_dist"], ["--ckpt-format torch_dist", "--ckpt-format torch"]),
+    (["--async-save"], ["--async-save", "--ckpt-format torch_dist"]),
     (["--optimizer", "muon-md", "--fp16", "--loss-scale", "1024"], ["--optimizer muon-md", "--fp16"]),
     (["--optimizer", "sf-normuon", "--lr-decay-style", "cosine"], ["--optimizer sf-normuon", "--lr-decay-style"]),
     (["--optimizer", "sf-adamw", "--lr-warmup-iters", "2"], ["--optimizer sf-adamw", "--lr-warmup-iters"]),
