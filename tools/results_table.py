@@ -10,6 +10,7 @@ the baseline's final training loss. Writes ``<out>/quality.md`` and the plots
     python tools/results_table.py docs/results/quality --out docs/results
     python tools/results_table.py docs/results/quality --out docs/results --best-lrs --optimizers adam,muon-md
     python tools/results_table.py docs/results/quality --out docs/results --edge-lrs
+    python tools/results_table.py docs/results --out docs/results --claims docs/results/claims.toml
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ ORDER = ["adam", "muon", "normuon", "rmnp", "adamh", "muonh", "adam-md", "muon-m
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep", type=Path, help="sweep directory (tools/sweep.py --out)")
+    p.add_argument("sweep", type=Path, help="sweep directory (tools/sweep.py --out); with --claims: the folder "
+                   "the claims' directories are relative to")
     p.add_argument("--out", type=Path, required=True, help="folder for quality.md and the plots")
     p.add_argument("--baseline", default="adam")
     p.add_argument("--optimizers", default=",".join(ORDER), help="row order (comma list)")
@@ -43,7 +45,24 @@ def main(argv=None) -> int:
     p.add_argument("--edge-lrs", action="store_true",
                    help="only print, for each optimizer whose best LR lies at an end of its grid, the next two LRs "
                    "beyond that end (x2 / /2 steps) as tools/sweep.py --lrs ('muon=0.0025,0.00125'); empty when none")
+    p.add_argument("--claims", type=Path, metavar="TOML",
+                   help="instead: the pairwise claims of this file ([[claim]] tables), written to <out>/claims.md")
     a = p.parse_args(argv)
+    if a.claims is not None:
+        import tomllib
+        claims = tomllib.loads(a.claims.read_text()).get("claim", [])
+        if not claims:
+            p.error(f"{a.claims}: no [[claim]] tables")
+        text = (f"# Claims: {a.claims}\n\nCommand: `python tools/results_table.py "
+                f"{shlex.join(sys.argv[1:] if argv is None else argv)}` ({time.strftime('%Y-%m-%d %H:%M')}). "
+                "Each side: the optimizer's best-LR final validation loss in its directory (mean ± half-range over "
+                "seeds). Verdicts: *pending* (no finished run), *inconclusive* (a best LR at the grid's edge, or "
+                "the difference within both seed half-ranges), *holds* / *does not hold*.\n\n"
+                + res.claims_table(a.sweep, claims) + "\n")
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "claims.md").write_text(text)
+        print(text)
+        return 0
     if not (a.sweep / "runs").is_dir():
         p.error(f"{a.sweep}: not a sweep directory (no runs/)")
     rows = res.quality_rows(a.sweep, [o.strip() for o in a.optimizers.split(",") if o.strip()], a.baseline)

@@ -203,3 +203,72 @@ def plot_quality(rows: Sequence[Row], sweep_dir: Path, out_dir: Path) -> list[Pa
     fig.savefig(p2, dpi=110)
     plt.close(fig)
     return [p1, p2]
+
+
+# ----------------------------------------------------------------------------------- claims
+@dataclass
+class Side:
+    """One side of a claim: an optimizer in a sweep directory (``fixed_lr``: a single-LR run
+    set, e.g. seeds at a chosen LR — no grid-edge check)."""
+
+    dir: str
+    optimizer: str
+    fixed_lr: bool = False
+
+
+def claim_verdict(root: Path, treatment: Side, control: Side, expect: str = "lower",
+                  baseline: str = "adam") -> dict:
+    """Compare the best-LR final validation loss of two sides; ``expect="lower"``: the claim is
+    that the treatment's loss is lower. Returns the rows and a verdict: ``pending`` (a side has
+    no finished run), ``inconclusive`` (a best LR at a grid edge, or the difference within both
+    seed half-ranges), ``holds`` / ``does not hold`` (with ``one seed`` noted when a side has a
+    single seed)."""
+    rows = []
+    for side in (treatment, control):
+        found = quality_rows(Path(root) / side.dir, [side.optimizer], baseline)
+        rows.append(found[0] if found and found[0].best_lr is not None else None)
+    out = {"rows": rows, "diff": None, "verdict": "pending", "why": "no finished run"}
+    a, b = rows
+    if a is None or b is None:
+        return out
+    out["diff"] = diff = a.mean - b.mean
+    edges = [s.optimizer for s, r in zip((treatment, control), rows) if r.edge and not s.fixed_lr]
+    if edges:
+        out.update(verdict="inconclusive", why=f"best LR at the grid's edge ({', '.join(edges)})")
+        return out
+    noise = (a.half_range or 0.0) + (b.half_range or 0.0)   # the seed spread measured so far
+    single = a.half_range is None or b.half_range is None
+    if noise and abs(diff) <= noise:
+        out.update(verdict="inconclusive", why=f"within seed noise (|Δ| {abs(diff):.3f} ≤ {noise:.3f})")
+        return out
+    good = diff < 0 if expect == "lower" else diff > 0
+    verdict = "holds" if good else "does not hold"
+    if single:
+        out.update(verdict=verdict + " (preliminary)", why="one seed on a side"
+                   + (f"; |Δ| beyond the other side's spread {noise:.3f}" if noise else ""))
+    else:
+        out.update(verdict=verdict, why=f"beyond seed noise ({noise:.3f})")
+    return out
+
+
+def _describe(r: Optional[Row]) -> str:
+    if r is None:
+        return "—"
+    if r.half_range is None:
+        return f"{r.mean:.3f} (LR {r.best_lr:g}, 1 seed)"
+    return f"{r.mean:.3f} ± {r.half_range:.3f} (LR {r.best_lr:g}, {len(r.seeds)} seeds)"
+
+
+def claims_table(root: Path, claims: Sequence[dict]) -> str:
+    """Markdown rows for claims given as dicts with ``id``, ``claim``, ``treatment``, ``control``
+    (each ``{"dir", "optimizer", "fixed_lr"?}``) and optional ``expect``."""
+    lines = ["| # | claim | treatment | control | Δ (treatment − control) | verdict |",
+             "|---|---|---|---|---:|---|"]
+    for c in claims:
+        t, k = Side(**c["treatment"]), Side(**c["control"])
+        v = claim_verdict(root, t, k, c.get("expect", "lower"))
+        a, b = v["rows"]
+        diff = "—" if v["diff"] is None else f"{v['diff']:+.3f}"
+        lines.append(f"| {c['id']} | {c['claim']} | {t.optimizer} in `{t.dir}`: {_describe(a)} | "
+                     f"{k.optimizer} in `{k.dir}`: {_describe(b)} | {diff} | **{v['verdict']}** ({v['why']}) |")
+    return "\n".join(lines)

@@ -78,6 +78,29 @@ def test_results_table_tool(sweep, tmp_path):
     assert "| muon | 0.005, 0.01, 0.02 | 0.01 |" in text
     assert (out / "plots" / "quality" / "loss_vs_step.png").stat().st_size > 1000
     assert (out / "plots" / "quality" / "loss_vs_lr.png").stat().st_size > 1000
+    claims = tmp_path / "claims.toml"
+    claims.write_text('[[claim]]\nid = "C1"\nclaim = "muon beats adam"\n'
+                      'treatment = {dir = ".", optimizer = "muon"}\ncontrol = {dir = ".", optimizer = "adam"}\n')
+    subprocess.run([sys.executable, str(REPO / "tools" / "results_table.py"), str(sweep), "--out", str(out),
+                    "--claims", str(claims)], check=True, capture_output=True, cwd=REPO)
+    assert "| C1 | muon beats adam |" in (out / "claims.md").read_text()
     bad = subprocess.run([sys.executable, str(REPO / "tools" / "results_table.py"), str(tmp_path / "none"),
                           "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "not a sweep directory" in bad.stderr
+
+
+def test_claim_verdicts(sweep):
+    Side = res.Side
+    v = res.claim_verdict(sweep, Side(".", "muon"), Side(".", "adam"))            # 4.82 vs 5.21, 2 seeds each
+    assert v["verdict"] == "holds" and v["diff"] == pytest.approx(4.82 - 5.21) and "beyond seed noise" in v["why"]
+    assert res.claim_verdict(sweep, Side(".", "adam"), Side(".", "muon"))["verdict"] == "does not hold"
+    assert res.claim_verdict(sweep, Side(".", "adamh"), Side(".", "adam"))["verdict"] == "inconclusive"
+    edge = res.claim_verdict(sweep, Side(".", "rmnp"), Side(".", "adam"))
+    assert edge["verdict"] == "inconclusive" and "edge (rmnp)" in edge["why"]
+    # a single-LR set of seeds is not an edge when declared fixed_lr
+    fixed = res.claim_verdict(sweep, Side(".", "rmnp", fixed_lr=True), Side(".", "muon"))
+    assert fixed["verdict"] == "does not hold (preliminary)" and "one seed" in fixed["why"]
+    assert res.claim_verdict(sweep, Side("none", "muon"), Side(".", "adam"))["verdict"] == "pending"
+    table = res.claims_table(sweep, [dict(id="X", claim="muon beats adam", treatment=dict(dir=".", optimizer="muon"),
+                                          control=dict(dir=".", optimizer="adam"))])
+    assert "| X | muon beats adam |" in table and "**holds**" in table
