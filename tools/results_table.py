@@ -11,6 +11,7 @@ the baseline's final training loss. Writes ``<out>/quality.md`` and the plots
     python tools/results_table.py docs/results/quality --out docs/results --best-lrs --optimizers adam,muon-md
     python tools/results_table.py docs/results/quality --out docs/results --edge-lrs
     python tools/results_table.py docs/results --out docs/results --claims docs/results/claims.toml
+    python tools/results_table.py docs/results/quality --out docs/results --fill docs/RESULTS.md   # refresh the page
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--edge-lrs", action="store_true",
                    help="only print, for each optimizer whose best LR lies at an end of its grid, the next two LRs "
                    "beyond that end (x2 / /2 steps) as tools/sweep.py --lrs ('muon=0.0025,0.00125'); empty when none")
+    p.add_argument("--fill", type=Path, metavar="MD",
+                   help="also refresh this page's <!-- BEGIN quality/claims --> blocks (with --claims: the claims "
+                   "block, else the quality block)")
     p.add_argument("--claims", type=Path, metavar="TOML",
                    help="instead: the pairwise claims of this file ([[claim]] tables), written to <out>/claims.md")
     a = p.parse_args(argv)
@@ -61,6 +65,8 @@ def main(argv=None) -> int:
                 + res.claims_table(a.sweep, claims) + "\n")
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "claims.md").write_text(text)
+        if a.fill is not None:
+            a.fill.write_text(res.fill_blocks(a.fill.read_text(), {"claims": res.claims_table(a.sweep, claims)}))
         print(text)
         return 0
     if not (a.sweep / "runs").is_dir():
@@ -99,6 +105,10 @@ def main(argv=None) -> int:
     out = a.out / f"{a.name}.md"
     a.out.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
+    if a.fill is not None:
+        rel = __import__("os").path.relpath(a.out, a.fill.parent)
+        block = "\n".join(lines[4:-len(plots)] + [f"![{p_.stem}]({rel}/{p_.relative_to(a.out).as_posix()})" for p_ in plots])
+        a.fill.write_text(res.fill_blocks(a.fill.read_text(), {"quality": block}))
     print(out.read_text())
     return 0
 

@@ -272,3 +272,15 @@ def claims_table(root: Path, claims: Sequence[dict]) -> str:
         lines.append(f"| {c['id']} | {c['claim']} | {t.optimizer} in `{t.dir}`: {_describe(a)} | "
                      f"{k.optimizer} in `{k.dir}`: {_describe(b)} | {diff} | **{v['verdict']}** ({v['why']}) |")
     return "\n".join(lines)
+
+
+def fill_blocks(text: str, blocks: dict) -> str:
+    """Replace the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` for every
+    ``name`` in ``blocks`` (the markers stay, so a page can be refreshed again)."""
+    import re
+    for name, body in blocks.items():
+        pat = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n).*?(<!-- END {re.escape(name)} -->)", re.S)
+        if not pat.search(text):
+            raise ValueError(f"no <!-- BEGIN {name} --> ... <!-- END {name} --> block")
+        text = pat.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
+    return text

@@ -104,3 +104,12 @@ def test_claim_verdicts(sweep):
     table = res.claims_table(sweep, [dict(id="X", claim="muon beats adam", treatment=dict(dir=".", optimizer="muon"),
                                           control=dict(dir=".", optimizer="adam"))])
     assert "| X | muon beats adam |" in table and "**holds**" in table
+
+
+def test_fill_blocks_replaces_between_markers_and_keeps_them():
+    page = "a\n<!-- BEGIN quality -->\nold\n<!-- END quality -->\nb\n"
+    once = res.fill_blocks(page, {"quality": "new table\n"})
+    assert once == "a\n<!-- BEGIN quality -->\nnew table\n<!-- END quality -->\nb\n"
+    assert res.fill_blocks(once, {"quality": "again"}).count("again") == 1
+    with pytest.raises(ValueError, match="claims"):
+        res.fill_blocks(page, {"claims": "x"})
