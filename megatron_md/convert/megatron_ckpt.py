@@ -30,7 +30,8 @@ import torch
 from ..training import checkpointing as ck
 from ..training.errors import CheckpointError
 
-__all__ = ["load_full_model", "merge_shards", "latest_iteration", "rewrite_checkpoint"]
+__all__ = ["load_full_model", "merge_shards", "split_shard", "local_model_state", "latest_iteration",
+           "rewrite_checkpoint"]
 
 _COL = re.compile(r"(linear_qkv\.(weight|bias)|word_embeddings\.weight|output_layer\.weight)$")
 _FC1 = re.compile(r"linear_fc1\.(weight|bias)$")
@@ -139,3 +140,48 @@ def load_full_model(root: str, iteration: Optional[int] = None) -> tuple[dict, d
     if not model["untie"]:  # the last stage's copy of a tied embedding (PP > 1) is the embedding
         full.pop("output_layer.weight", None)
     return full, topo, iteration
+
+
+def split_shard(name: str, full: torch.Tensor, tp: int, rank: int, gated: bool) -> torch.Tensor:
+    """This TP rank's shard of the unsharded ``full`` (the inverse of :func:`merge_shards`)."""
+    if tp == 1:
+        return full
+    if _FC1.search(name) and gated:
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]])
+    if _COL.search(name) or _FC1.search(name):
+        return full.chunk(tp, dim=0)[rank]
+    if _ROW.search(name):
+        return full.chunk(tp, dim=1)[rank]
+    return full
+
+
+def local_model_state(full: dict, chunk_keys: list, *, pp: int, pp_rank: int, vpp: int, num_layers: int,
+                      ep_rank: int, local_experts: int, tp: int, tp_rank: int, etp: int, etp_rank: int,
+                      gated: bool, tied: bool) -> list:
+    """Per model chunk (virtual stage ``v``): ``{key: tensor}`` for the keys of that chunk's state
+    dict, cut from the unsharded ``full`` (see :func:`load_full_model`) for this rank's place in the
+    layout — the weights of a checkpoint written at any TP/PP/EP, for a run at another one."""
+    per_chunk = num_layers // (pp * vpp)
+    out = []
+    for v, keys in enumerate(chunk_keys):
+        sd = {}
+        for key in keys:
+            name = _strip(key)
+            if "_extra_state" in name:
+                continue
+            t_tp, t_rank = tp, tp_rank
+            m = _LAYER.match(name)
+            if m:
+                layer, rest = int(m.group(1)), m.group(2)
+                e = _EXPERT.match(rest)
+                if e:
+                    rest = f"{e.group(1)}{ep_rank * local_experts + int(e.group(2))}.{e.group(3)}"
+                    t_tp, t_rank = etp, etp_rank
+                name = f"decoder.layers.{(v * pp + pp_rank) * per_chunk + layer}.{rest}"
+            src = "embedding.word_embeddings.weight" if tied and name == "output_layer.weight" else name
+            if src not in full:
+                raise CheckpointError(f"{key}: not in the checkpoint's model (it has {len(full)} tensors)")
+            sd[key] = split_shard(src, full[src], t_tp, t_rank, gated).clone()
+        out.append(sd)
+    return out

@@ -19,7 +19,9 @@ run that wrote it against this run: flags named in the error), its own rank file
 size and sha256 as recorded), that it unpickles, and that every model and optimizer tensor has
 this run's keys and shapes — then the ranks agree (any rank's problem stops all of them with the
 same :class:`~megatron_md.training.errors.CheckpointError`, naming the file), and only then is
-anything restored: nothing is ever partially loaded.
+anything restored: nothing is ever partially loaded. A weights-only load (``load_optim=False``) of
+the same model written at another TP/PP/EP/DP layout is resharded: every rank merges the verified
+rank files (``convert.megatron_ckpt.load_full_model``) and takes its own cut.
 
 Optimizer state is saved *below* Megatron's wrappers, per rank: for every wrapper (dense and
 expert ones of a ``ChainedOptimizer``) the inner ``HybridOptimizer``'s torch state dict, the
@@ -27,7 +29,7 @@ matrix optimizer's own state dict (its param groups carry e.g. the schedule-free
 the wrapper's main parameters (fp32 copies or ZeRO-1 shards), its grad-scaler state and its
 skipped-step count. Loading restores all of it *in place* (the optimizer objects keep their
 param-group dicts, which other objects reference). This is exact for an identical layout and
-model; another TP/PP/EP/DP layout, optimizer or model shape is refused before loading.
+model; another layout (unless weights only), optimizer or model shape is refused before loading.
 """
 from __future__ import annotations
 
@@ -214,11 +216,49 @@ def _coords() -> dict:
             "etp": ps.get_expert_tensor_parallel_rank(), "edp": ps.get_expert_data_parallel_rank()}
 
 
+def _diffs(have: dict, want: dict, group: str, flags: dict) -> list:
+    a, b = have.get(group, {}), want[group]
+    return [f"{flags[k]}: checkpoint {a.get(k)!r}, this run {b[k]!r}" for k in flags
+            if a.get(k) != b[k] and not (k in _OPTIONAL_OPTIM_KEYS and k not in a)]
+
+
+def _reshards(have: dict, want: dict, load_optim: bool) -> bool:
+    """A weights-only load (``--no-load-optim``) of the same model at another parallel layout:
+    the weights are merged from every rank file and cut for this run's layout."""
+    return (not load_optim and not _diffs(have, want, "model", _MODEL_FLAGS)
+            and bool(_diffs(have, want, "layout", _LAYOUT_FLAGS)) and "info" in have)
+
+
+def _resharded_model(root: str, iteration: int, model_chunks, args) -> list:
+    """This rank's model state dicts from a checkpoint of another layout (all rank files verified)."""
+    from megatron.core import parallel_state as ps
+
+    from ..convert.megatron_ckpt import load_full_model, local_model_state
+    full, topo, _ = load_full_model(root, iteration)
+    ne = args.num_experts or 0
+    ep = args.expert_model_parallel_size
+    current = [c.state_dict() for c in model_chunks]
+    out = local_model_state(
+        full, [list(sd) for sd in current], pp=args.pipeline_model_parallel_size,
+        pp_rank=ps.get_pipeline_model_parallel_rank(), vpp=args.virtual_pipeline_model_parallel_size or 1,
+        num_layers=args.num_layers, ep_rank=ps.get_expert_model_parallel_rank() if ne else 0,
+        local_experts=ne // ep if ne else 0, tp=args.tensor_model_parallel_size,
+        tp_rank=ps.get_tensor_model_parallel_rank(), etp=args.expert_tensor_parallel_size if ne else 1,
+        etp_rank=ps.get_expert_tensor_parallel_rank() if ne else 0, gated=bool(args.swiglu),
+        tied=not args.untie_embeddings_and_output_weights)
+    for sd, cur in zip(out, current):
+        for k, v in cur.items():
+            if k not in sd:  # extra state (TE), kept as built
+                sd[k] = v
+            elif torch.is_tensor(v) and tuple(v.shape) != tuple(sd[k].shape):
+                raise CheckpointError(f"{k}: the checkpoint's weights cut for this layout have shape "
+                                      f"{tuple(sd[k].shape)}, this run's {tuple(v.shape)}")
+    return out
+
+
 def _topology_error(where: str, have: dict, want: dict, load_optim: bool) -> Optional[str]:
     def diffs(group, flags):
-        a, b = have.get(group, {}), want[group]
-        return [f"{flags[k]}: checkpoint {a.get(k)!r}, this run {b[k]!r}" for k in flags
-                if a.get(k) != b[k] and not (k in _OPTIONAL_OPTIM_KEYS and k not in a)]
+        return _diffs(have, want, group, flags)
 
     model = diffs("model", _MODEL_FLAGS)
     if model:
@@ -226,8 +266,9 @@ def _topology_error(where: str, have: dict, want: dict, load_optim: bool) -> Opt
                 "trained with, or another --load directory")
     layout = diffs("layout", _LAYOUT_FLAGS)
     if layout:
-        return (f"{where} was written with another parallel layout ({'; '.join(layout)}); checkpoints are "
-                "per-rank, so resume with the same layout")
+        return (f"{where} was written with another parallel layout ({'; '.join(layout)}); its optimizer state "
+                "is per-rank, so resume with the same layout, or pass --no-load-optim to load the weights at "
+                "this layout (resharded) with a fresh optimizer")
     optim = diffs("optim", _OPTIM_FLAGS) if load_optim else []
     if optim:
         return (f"{where} holds the state of another optimizer setup ({'; '.join(optim)}); to continue from its "
@@ -516,14 +557,18 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, iterati
     Raises :class:`CheckpointError` (on every rank, before changing anything) if the checkpoint
     is incomplete, corrupted or of another layout/model/optimizer."""
     rank = dist.get_rank()
-    state, error, latest = None, None, None
+    state, error, latest, reshard = None, None, None, False
     try:
         latest = read_latest(root) if iteration is None else iteration
         if latest is not None:
             man = _read_manifest(root, latest)
-            error = _topology_error(f"--load {root} (iteration {latest})", man["topology"], _topology(args),
-                                    load_optim)
-            if error is None:
+            reshard = _reshards(man["topology"], _topology(args), load_optim)
+            error = None if reshard else _topology_error(f"--load {root} (iteration {latest})", man["topology"],
+                                                         _topology(args), load_optim)
+            if error is None and reshard:
+                state = {"model": _resharded_model(root, latest, model_chunks, args), "iteration": 0,
+                         "extra": {}, "rng": None}
+            elif error is None:
                 path = _rank_file(root, latest, rank)
                 entry = man["files"].get(_rank_name(rank))
                 if entry is None:
@@ -533,12 +578,12 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, iterati
                     if error is not None and not os.path.exists(path):
                         error += (f" (the manifest lists {len(man['files'])} rank files; the checkpoint directory "
                                   "is incomplete — was a file deleted or not copied?)")
-            if error is None:
+            if error is None and not reshard:
                 try:
                     state = torch.load(path, map_location="cpu", weights_only=False)
                 except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
                     error = f"{path} cannot be read ({type(exc).__name__}: {exc})"
-            if error is None:
+            if error is None and not reshard:
                 why = _model_mismatch(model_chunks, state["model"])
                 if why is None and load_optim and optimizer is not None:
                     why = _opt_mismatch(optimizer, state["optimizer"])
@@ -560,7 +605,7 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, iterati
         _load_opt_state(optimizer, state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
-    if load_rng:
+    if load_rng and state["rng"] is not None:  # a resharded load has no RNG state of this rank's
         _set_rng_state(state["rng"])
     dist.barrier()
     return {"iteration": state["iteration"] if load_optim else 0, "extra": state["extra"] if load_optim else {},

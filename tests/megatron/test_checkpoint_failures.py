@@ -204,6 +204,26 @@ def _failure_checks(ctx):
         # it starts from the trained weights: below the fresh model's first loss
         assert hist["1"] < full["train_loss_history"]["1"] - 0.05, (hist, full["train_loss_history"])
 
+    # weights-only loads at another layout: merged from every rank file and cut for this layout;
+    # an LR of ~0 keeps them, so the first evaluation is the saved model's (fixed batches)
+    keep = ["--no-load-optim", "--lr", "1e-12", "--min-lr", "0", "--train-iters", "1", "--eval-interval", "1"]
+
+    def same_val(a, b):
+        va, vb = list(a["val_loss_history"].values())[-1], list(b["val_loss_history"].values())[-1]
+        assert abs(va - vb) <= 1e-5 * abs(vb), (va, vb)
+
+    for name, layout in (("tp2", ["--tensor-model-parallel-size", "2"]),
+                         ("pp2", ["--pipeline-model-parallel-size", "2"])):
+        with ctx.check(f"reshard_weights_dp2_to_{name}"):
+            res = pretrain(parse_args(base + ["--load", good] + layout + keep))
+            assert res["tp"] * res["pp"] == 2 and res["dp"] == 1, res
+            same_val(res, full)
+    with ctx.check("reshard_weights_tp2_to_dp2"):
+        tp2 = os.path.join(ctx.tmpdir, "tp2")
+        saved = pretrain(parse_args(base + ["--tensor-model-parallel-size", "2", "--train-iters", "2",
+                                            "--eval-interval", "2", "--save", tp2]))
+        same_val(pretrain(parse_args(base + ["--load", tp2] + keep)), saved)
+
     with ctx.check("bf16_weights_only_load_keeps_the_loaded_weights"):
         # the bf16 wrapper's fp32 main params must be refreshed from the loaded weights; an LR of
         # ~0 leaves them unchanged, so every loss stays at the trained model's level
@@ -318,7 +338,8 @@ CHECKS = ["setup_run_saves_manifests", "corrupted_bytes_refused", "truncated_fil
           "other_model_shape_refused", "other_ffn_size_refused", "other_layout_refused",
           "other_zero1_setting_refused", "missing_step_refused", "other_zero1_bucket_layout_refused", "main_prints_one_line_and_exits_1",
           "undamaged_checkpoint_resumes_exactly", "other_optimizer_with_no_load_optim_continues_from_weights",
-          "bf16_weights_only_load_keeps_the_loaded_weights",
+          "bf16_weights_only_load_keeps_the_loaded_weights", "reshard_weights_dp2_to_tp2",
+          "reshard_weights_dp2_to_pp2", "reshard_weights_tp2_to_dp2",
           "interrupted_save_keeps_previous_latest", "resume_after_interrupted_save_is_exact_and_cleans_leftovers",
           "loss_spike_stops_before_saving"] + [
           f"grad_norm_overflow_skips_step_{v}" for v in ("fp32_muon", "bf16_adam", "zero1_adam", "moe_chained_muon")]
