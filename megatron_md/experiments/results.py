@@ -1,7 +1,7 @@
 """The quality table of docs/RESULTS.md, computed from ``tools/sweep.py`` directories.
 
-Per optimizer (one width, one token budget): the final validation loss at every LR (mean over
-the seeds run at that LR), the best LR, whether it lies at an end of the grid (then the grid must
+Per optimizer (one width, one token budget): the final validation loss at every LR of the sweep
+(its lowest seed), the best LR by that sweep, whether it lies at an end of the grid (then the grid must
 be extended before the row counts), the seeds at the best LR (mean and half-range), and the
 fraction of the baseline's steps that the optimizer needs to reach the baseline's final training
 loss (the training-loss curves averaged over the seeds at the best LR, linearly interpolated
@@ -22,7 +22,7 @@ from .sweep import collect, read_log
 class Row:
     optimizer: str
     lrs: list[float]
-    losses: list[float]                  # mean final val loss per LR (all seeds at that LR)
+    losses: list[float]                  # final val loss per LR of the sweep's (lowest) seed
     best_lr: Optional[float] = None
     edge: bool = False                   # best LR at an end of the grid
     seeds: list[int] = field(default_factory=list)
@@ -90,8 +90,11 @@ def quality_rows(sweep_dir: Path, optimizers: Sequence[str], baseline: str = "ad
         by_lr: dict[float, list[dict]] = {}
         for r in ok:
             by_lr.setdefault(float(r["lr"]), []).append(r)
-        lrs = sorted(by_lr)
-        losses = [sum(r["final_val_loss"] for r in by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
+        # the LR sweep is the lowest seed's (the protocol: sweep with one seed, then more seeds at
+        # its best LR); comparing a several-seed mean with single-seed points would favour noise
+        sweep_seed = min((int(r["seed"]) for r in ok), default=None)
+        lrs = sorted(lr for lr, rs in by_lr.items() if any(int(r["seed"]) == sweep_seed for r in rs))
+        losses = [next(float(r["final_val_loss"]) for r in by_lr[lr] if int(r["seed"]) == sweep_seed) for lr in lrs]
         row = Row(name, lrs, losses, failed=[r["run_id"] for r in mine if r not in ok],
                   train_iters=max((int(r["train_iters"]) for r in mine), default=0))
         if lrs:

@@ -55,8 +55,8 @@ def test_quality_rows(sweep):
     rows = {r.optimizer: r for r in res.quality_rows(sweep, ["adam", "muon", "rmnp", "adamh", "absent"])}
     assert set(rows) == {"adam", "muon", "rmnp", "adamh"}
     a, m, r, h = rows["adam"], rows["muon"], rows["rmnp"], rows["adamh"]
-    # the LR point's loss is the mean over its seeds; the best LR is an interior point
-    assert a.lrs == [1e-3, 2e-3, 4e-3] and a.losses[1] == pytest.approx(5.21) and a.best_lr == 2e-3 and not a.edge
+    # the LR sweep is seed 1's; the best LR is an interior point; its row averages every seed
+    assert a.lrs == [1e-3, 2e-3, 4e-3] and a.losses[1] == pytest.approx(5.2) and a.best_lr == 2e-3 and not a.edge
     assert a.seed_losses == [5.2, 5.22] and a.half_range == pytest.approx(0.01)
     assert a.fraction_of_baseline_steps == pytest.approx(1.0)  # its own seed-mean curve ends at the target
     # muon's curve (scale 2) reaches adam's final loss 8 - log(11) at 8 - 2 log1p(t/10): t = 10(√11 − 1)
@@ -113,3 +113,14 @@ def test_fill_blocks_replaces_between_markers_and_keeps_them():
     assert res.fill_blocks(once, {"quality": "again"}).count("again") == 1
     with pytest.raises(ValueError, match="claims"):
         res.fill_blocks(page, {"claims": "x"})
+
+
+def test_best_lr_comes_from_the_sweep_seed(tmp_path):
+    """More seeds at the best LR can raise its mean above a single-seed neighbour's value: the
+    best LR stays the sweep's (seed 1) choice."""
+    for lr, loss in ((1e-3, 5.3), (2e-3, 5.0), (4e-3, 5.05)):
+        _run(tmp_path, "adam", lr, 1, loss, _curve(1.0))
+    _run(tmp_path, "adam", 2e-3, 2, 5.2, _curve(1.0))
+    (row,) = res.quality_rows(tmp_path, ["adam"])
+    assert row.best_lr == 2e-3 and row.losses == [5.3, 5.0, 5.05] and row.mean == pytest.approx(5.1)
+
