@@ -46,6 +46,23 @@ def _strip(key: str) -> str:
     return key
 
 
+def _global_name(key: str, v: int, pp: int, pp_rank: int, per_chunk: int, ep_rank: int, local_experts: int,
+                 where: str) -> tuple[str, bool]:
+    """``(name in the unpipelined model, is an expert param)`` of a chunk-``v`` key on a rank at
+    pipeline stage ``pp_rank`` and expert rank ``ep_rank`` (layers and experts by global index)."""
+    m = _LAYER.match(key)
+    if not m:
+        return key, False
+    layer, rest = int(m.group(1)), m.group(2)
+    e = _EXPERT.match(rest)
+    if e:
+        rest = f"{e.group(1)}{ep_rank * local_experts + int(e.group(2))}.{e.group(3)}"
+    elif ".experts." in rest:
+        raise CheckpointError(f"{where}: {key}: only SequentialMLP experts (local_experts.<i>) "
+                              "are supported by the converter")
+    return f"decoder.layers.{(v * pp + pp_rank) * per_chunk + layer}.{rest}", bool(e)
+
+
 def merge_shards(name: str, shards: list, gated: bool) -> torch.Tensor:
     """One tensor from its tensor-parallel shards (in TP-rank order); see the module docstring."""
     if len(shards) == 1:
@@ -122,18 +139,8 @@ def load_full_model(root: str, iteration: Optional[int] = None) -> tuple[dict, d
                 key = _strip(key)
                 if not torch.is_tensor(t) or "_extra_state" in key:
                     continue
-                shard = c["tp"]
-                m = _LAYER.match(key)
-                if m:
-                    layer, rest = int(m.group(1)), m.group(2)
-                    e = _EXPERT.match(rest)
-                    if e:
-                        rest = f"{e.group(1)}{c['ep'] * local_experts + int(e.group(2))}.{e.group(3)}"
-                        shard = c["etp"]
-                    elif ".experts." in rest:
-                        raise CheckpointError(f"{path}: {key}: only SequentialMLP experts (local_experts.<i>) "
-                                              "are supported by the converter")
-                    key = f"decoder.layers.{(v * pp + c['pp']) * per_chunk + layer}.{rest}"
+                key, expert = _global_name(key, v, pp, c["pp"], per_chunk, c["ep"], local_experts, where=path)
+                shard = c["etp"] if expert else c["tp"]
                 pieces.setdefault(key, {}).setdefault(shard, t)
     gated = bool(model["swiglu"])
     full = {k: merge_shards(k, [s[i] for i in sorted(s)], gated) for k, s in pieces.items()}
@@ -170,15 +177,8 @@ def local_model_state(full: dict, chunk_keys: list, *, pp: int, pp_rank: int, vp
             name = _strip(key)
             if "_extra_state" in name:
                 continue
-            t_tp, t_rank = tp, tp_rank
-            m = _LAYER.match(name)
-            if m:
-                layer, rest = int(m.group(1)), m.group(2)
-                e = _EXPERT.match(rest)
-                if e:
-                    rest = f"{e.group(1)}{ep_rank * local_experts + int(e.group(2))}.{e.group(3)}"
-                    t_tp, t_rank = etp, etp_rank
-                name = f"decoder.layers.{(v * pp + pp_rank) * per_chunk + layer}.{rest}"
+            name, expert = _global_name(name, v, pp, pp_rank, per_chunk, ep_rank, local_experts, where="this run")
+            t_tp, t_rank = (etp, etp_rank) if expert else (tp, tp_rank)
             src = "embedding.word_embeddings.weight" if tied and name == "output_layer.weight" else name
             if src not in full:
                 raise CheckpointError(f"{key}: not in the checkpoint's model (it has {len(full)} tensors)")
