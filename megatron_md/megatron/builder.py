@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,7 @@ from ..optim.base import nonfinite_flag
 from ..optim.md import project_rows_
 from ..optim.builder import MATRIX_OPTIMIZERS, fused_adamw_kwargs
 from ..shard import Blocks, FlatRange
+from ..shard import comm as _comm
 from .hybrid import HybridOptimizer, MatrixItem
 from .routing import (ModelLayoutContext, RoutingOptions, matrix_layout, named_params, residual_output,
                       residual_radius_scale, role_of)
@@ -285,9 +288,9 @@ def _main_params(wrapper) -> dict[int, torch.Tensor]:
     return {id(a): b for a, b in pairs}
 
 
-def _flat_range(model_param, buffers, dp_group, inner) -> FlatRange:
-    """This rank's ZeRO-1 range of ``model_param``, from the grad buffer's geometry (the same
-    arithmetic as Megatron's DistributedOptimizer, for every param, local or not)."""
+def zero_range(model_param, buffers, dp_group) -> tuple[int, int]:
+    """This rank's ZeRO-1 range ``[s, e)`` of ``model_param.view(-1)``, from the grad buffer's
+    geometry (the same arithmetic as Megatron's DistributedOptimizer, for every param, local or not)."""
     from ..shard import comm
     for bufs in buffers.values():
         for buf in bufs:
@@ -301,8 +304,29 @@ def _flat_range(model_param, buffers, dp_group, inner) -> FlatRange:
                 n = end - start
                 s = min(max(ws - start, 0), n)
                 e = max(min(we - start, n), s)
-                return FlatRange(s, e, dp_group, inner)
+                return s, e
     raise ValueError("distributed optimizer: parameter not found in any grad buffer")
+
+
+def _flat_range(model_param, buffers, dp_group, inner) -> FlatRange:
+    """This rank's ZeRO-1 :class:`FlatRange` of ``model_param`` (see :func:`zero_range`)."""
+    s, e = zero_range(model_param, buffers, dp_group)
+    return FlatRange(s, e, dp_group, inner)
+
+
+@dataclass
+class ParamRecord:
+    """What a checkpoint needs to know of one model parameter of one Megatron wrapper: its
+    name, the model param, this rank's main param (``None``: no local piece), its ZeRO-1 range
+    of ``model.view(-1)`` (``None``: not flat-sharded), its role and data-parallel group."""
+
+    name: str
+    model: torch.Tensor
+    main: Optional[torch.Tensor]
+    zero: Optional[tuple[int, int]]
+    role: str
+    dp_group: object
+    expert: bool
 
 
 def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_groups: bool = True):
@@ -380,6 +404,13 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
                                        f"the computed range {lay!r}")
                 items.append(MatrixItem(gi, n, main, lay, radius[n]))
         inner.bind(items, layerwise_group=dp_group if md.dp_mode == "layer-wise" else None)
+        #: every model param of this wrapper in a fixed order (the same on every rank of its DP
+        #: group): what ``megatron_md.training.dist_ckpt`` maps optimizer state through
+        w.md_records = [ParamRecord(by_id[id(mp)], mp, mains.get(id(mp)),
+                                    zero_range(mp, buffers, dp_group) if config.use_distributed_optimizer else None,
+                                    inner.param_groups[gi]["md_role"], dp_group, expert)
+                        for gi, params in enumerate(model_groups) for mp in params]
+        w.md_layerwise = md.dp_mode == "layer-wise" and _comm.group_size(dp_group) > 1
         wrappers.append(w)
     return wrappers[0] if len(wrappers) == 1 else _chained(wrappers)
 

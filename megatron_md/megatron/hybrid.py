@@ -91,6 +91,9 @@ class HybridOptimizer(torch.optim.AdamW):
         self._layerwise = None  # (dp_group, [(main, owner)])
         #: the matrix optimizer's params (local main params, ZeRO pieces, placeholders) → model name
         self.matrix_names: dict = {}
+        #: model name → the tensor the matrix or head optimizer steps for it on this rank (absent:
+        #: another rank owns it, layer-wise DP)
+        self.local_params: dict = {}
 
     # ----------------------------------------------------------------------------- binding
     def bind(self, items: Sequence[MatrixItem], *, layerwise_group=None) -> None:
@@ -151,6 +154,7 @@ class HybridOptimizer(torch.optim.AdamW):
             p = self._local(it, self._local_mains)
             shards[p] = it.layout
             self.matrix_names[p] = it.name
+            self.local_params[it.name] = p
             key = (it.group_index, it.radius_scale)
             if key not in sub_groups:
                 hg = self.param_groups[it.group_index]
@@ -175,6 +179,7 @@ class HybridOptimizer(torch.optim.AdamW):
         for it in items:
             p = self._local(it, self._head_mains)
             shards[p] = it.layout
+            self.local_params[it.name] = p
             sub_groups.setdefault(it.group_index, {"params": [], "lr": self.param_groups[it.group_index]["lr"]})
             sub_groups[it.group_index]["params"].append(p)
         if not sub_groups:
@@ -204,6 +209,33 @@ class HybridOptimizer(torch.optim.AdamW):
                     opt.state[q] = self.state[p]
                 else:
                     self.state[p] = opt.state[q]
+
+    def sub_optimizer_of(self, name: str):
+        """The matrix or head optimizer that steps model param ``name`` here (None: neither)."""
+        p = self.local_params.get(name)
+        for opt in (self._matrix, self._head):
+            if p is not None and opt is not None and p in opt.state:
+                return opt
+        return None
+
+    def ensure_partner_state(self) -> None:
+        """Create the Adam partner's state of every param that has none yet (torch's AdamW and
+        SF-AdamW create it at their first step), so that a checkpoint written or loaded before
+        the first step holds every tensor; the values are those of the first step's creation."""
+        sf = isinstance(self._partner, SFAdamW)
+        for g in self.param_groups:
+            if g["md_role"] not in _PARTNER_ROLES:
+                continue
+            for p in g["params"]:
+                if self.state.get(p):
+                    continue
+                if sf:
+                    self.state[p] = {"z": p.detach().clone(), "exp_avg_sq": torch.zeros_like(p)}
+                else:
+                    on = p.device if (g.get("fused") or g.get("capturable")) else torch.device("cpu")
+                    self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=on),
+                                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
     # ------------------------------------------------------------------------------ stepping
     @torch.no_grad()

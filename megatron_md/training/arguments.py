@@ -181,10 +181,12 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
     g.add_argument("--no-load-optim", action="store_true", help="load only the model weights")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
-                   help="torch: per-rank files with a sha256 manifest (resume with the same layout); torch_dist "
-                   "(Megatron distributed checkpoints) is not supported yet and is refused")
+                   help="torch_dist: Megatron distributed checkpoints (megatron.core.dist_checkpointing), model "
+                   "and every optimizer state in the unsharded model's coordinates: --load at any TP/PP/EP/DP "
+                   "layout and DP mode; torch: per-rank files (resume with the same layout). Both carry a sha256 "
+                   "manifest; --load reads either")
     g.add_argument("--async-save", action="store_true",
-                   help="Megatron-LM's asynchronous save, which needs --ckpt-format torch_dist: refused for now")
+                   help="Megatron-LM's asynchronous save: refused (saves are synchronous and atomic)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None,
@@ -414,14 +416,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("--save-interval needs --save")
     if args.ckpt_step is not None and args.load is None:
         raise ArgumentError("--ckpt-step needs --load")
-    if args.ckpt_format == "torch_dist":
-        raise ArgumentError("--ckpt-format torch_dist: Megatron distributed checkpoints are not supported by this "
-                            "driver yet; use --ckpt-format torch (per-rank files, resumed with the same layout; "
-                            "weights convert across layouts with tools/convert_checkpoint.py to-hf)")
     if args.async_save:
-        raise ArgumentError("--async-save: Megatron-LM saves asynchronously only with --ckpt-format torch_dist, "
-                            "which this driver does not support yet; drop --async-save (saves are synchronous "
-                            "and atomic)")
+        raise ArgumentError("--async-save: not supported by this driver (Megatron's asynchronous writer needs a "
+                            "CUDA worker process per rank); drop --async-save (saves are synchronous and atomic)")
     return args
 
 

@@ -504,6 +504,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     """Write this rank's file into a staging directory; rank 0 then writes the manifest,
     publishes the directory and, last, the ``latest`` pointer. Returns the directory."""
     rank = dist.get_rank()
+    if getattr(args, "ckpt_format", "torch") == "torch_dist":
+        return _save_dist_checkpoint(root, iteration, model_chunks, optimizer, scheduler, args, extra)
     final = checkpoint_dir(root, iteration)
     name = [None]
     if rank == 0:
@@ -534,6 +536,98 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     return final
 
 
+def _staging(root: str, iteration: int) -> str:
+    """Rank 0 removes an interrupted save's leftovers and creates ``iter_N.tmp<pid>``; every rank gets its name."""
+    name = [None]
+    if dist.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        _clean_stale(root)
+        name[0] = f"{checkpoint_dir(root, iteration)}.tmp{os.getpid()}"
+        os.makedirs(name[0])
+    dist.broadcast_object_list(name, src=0)
+    return name[0]
+
+
+def _hash_tree(directory: str, names: Optional[list] = None) -> dict:
+    """``{relative path: {"bytes", "sha256"}}`` of every file under ``directory`` (or of ``names``),
+    each rank hashing its share (files i ≡ rank mod world), gathered on every rank."""
+    if names is None:
+        lst = [None]
+        if dist.get_rank() == 0:
+            lst[0] = sorted(os.path.relpath(os.path.join(d, f), directory)
+                            for d, _, fs in os.walk(directory) for f in fs if f != MANIFEST)
+        dist.broadcast_object_list(lst, src=0)
+        names = lst[0]
+    w, r = dist.get_world_size(), dist.get_rank()
+    mine = {}
+    for i, n in enumerate(names):
+        if i % w == r:
+            path = os.path.join(directory, n)
+            mine[n] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    parts = [None] * w
+    dist.all_gather_object(parts, mine)
+    return dict(sorted((k, v) for part in parts for k, v in part.items()))
+
+
+def _save_dist_checkpoint(root, iteration, model_chunks, optimizer, scheduler, args, extra) -> str:
+    """``--ckpt-format torch_dist``: megatron.core.dist_checkpointing into the staging directory
+    (:mod:`megatron_md.training.dist_ckpt`), then the same manifest/publish/tracker sequence."""
+    from .dist_ckpt import CKPT_FORMAT, save_dist
+    staging = _staging(root, iteration)
+    topo = _topology(args)
+    common = {"iteration": iteration, "topology": topo, "extra": extra or {},
+              "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    save_dist(staging, model_chunks, optimizer, args, common)
+    dist.barrier()
+    files = _hash_tree(staging)
+    if dist.get_rank() == 0:
+        _publish(root, iteration, staging, checkpoint_dir(root, iteration), {
+            "format": FORMAT, "ckpt_format": CKPT_FORMAT, "iteration": iteration, "topology": topo,
+            "files": files})
+    dist.barrier()
+    return checkpoint_dir(root, iteration)
+
+
+#: optimizer-setup keys a torch_dist checkpoint must share with the run that loads its optimizer
+#: state (its state is in the unsharded model's coordinates: the DP mode and ZeRO buckets may change)
+_DIST_OPTIM_FLAGS = {k: v for k, v in _OPTIM_FLAGS.items() if k in ("optimizer", "split_qkv", "precision")}
+
+
+def _load_dist_checkpoint(root, latest, man, model_chunks, optimizer, scheduler, args, load_optim, load_rng):
+    from .dist_ckpt import load_dist
+    d = checkpoint_dir(root, latest)
+    where = f"--load {root} (iteration {latest})"
+    have, want = man["topology"], _topology(args)
+    error = None
+    model = _diffs(have, want, "model", _MODEL_FLAGS)
+    if model:
+        error = (f"{where} holds another model shape ({'; '.join(model)}); pass the model flags it was "
+                 "trained with, or another --load directory")
+    elif load_optim and optimizer is not None and _diffs(have, want, "optim", _DIST_OPTIM_FLAGS):
+        error = (f"{where} holds the state of another optimizer setup "
+                 f"({'; '.join(_diffs(have, want, 'optim', _DIST_OPTIM_FLAGS))}); to continue from its weights "
+                 "with this optimizer pass --no-load-optim (fresh optimizer state, iteration 0)")
+    if error is None:
+        w, r = dist.get_world_size(), dist.get_rank()
+        for i, (n, entry) in enumerate(sorted(man["files"].items())):
+            if i % w == r:
+                error = verify_file(os.path.join(d, n), entry)
+                if error is not None:
+                    break
+    _agree(error)
+    same_layout = not _diffs(have, want, "layout", _LAYOUT_FLAGS)
+    common = load_dist(d, model_chunks, optimizer, args, load_optim=load_optim, load_rng=load_rng and same_layout,
+                       check=_agree)
+    if not load_optim and optimizer is not None:
+        optimizer.reload_model_params()
+    if load_optim and scheduler is not None and common.get("scheduler") is not None:
+        scheduler.load_state_dict(common["scheduler"])
+    dist.barrier()
+    it = common["iteration"]
+    return {"iteration": it if load_optim else 0, "extra": common["extra"] if load_optim else {},
+            "checkpoint_iteration": it}
+
+
 def _publish(root: str, iteration: int, staging: str, final: str, manifest: dict) -> None:
     """Manifest into the staging directory, staging → ``iter_N`` (replacing an older save of the
     same iteration), then the tracker: a crash before the tracker keeps the previous latest."""
@@ -557,15 +651,18 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, iterati
     Raises :class:`CheckpointError` (on every rank, before changing anything) if the checkpoint
     is incomplete, corrupted or of another layout/model/optimizer."""
     rank = dist.get_rank()
-    state, error, latest, reshard = None, None, None, False
+    state, error, latest, reshard, dist_format = None, None, None, False, False
     try:
         latest = read_latest(root) if iteration is None else iteration
         if latest is not None:
             man = _read_manifest(root, latest)
+            dist_format = man.get("ckpt_format") == "torch_dist"
             reshard = _reshards(man["topology"], _topology(args), load_optim)
-            error = None if reshard else _topology_error(f"--load {root} (iteration {latest})", man["topology"],
+            error = None if (reshard or dist_format) else _topology_error(f"--load {root} (iteration {latest})", man["topology"],
                                                          _topology(args), load_optim)
-            if error is None and reshard:
+            if error is None and dist_format:
+                pass
+            elif error is None and reshard:
                 state = {"model": _resharded_model(root, latest, model_chunks, args), "iteration": 0,
                          "extra": {}, "rng": None}
             elif error is None:
@@ -578,12 +675,12 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, iterati
                     if error is not None and not os.path.exists(path):
                         error += (f" (the manifest lists {len(man['files'])} rank files; the checkpoint directory "
                                   "is incomplete — was a file deleted or not copied?)")
-            if error is None and not reshard:
+            if error is None and not reshard and not dist_format:
                 try:
                     state = torch.load(path, map_location="cpu", weights_only=False)
                 except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
                     error = f"{path} cannot be read ({type(exc).__name__}: {exc})"
-            if error is None and not reshard:
+            if error is None and not reshard and not dist_format:
                 why = _model_mismatch(model_chunks, state["model"])
                 if why is None and load_optim and optimizer is not None:
                     why = _opt_mismatch(optimizer, state["optimizer"])
@@ -594,6 +691,8 @@ def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, iterati
     _agree(error)
     if latest is None:
         return None
+    if dist_format:
+        return _load_dist_checkpoint(root, latest, man, model_chunks, optimizer, scheduler, args, load_optim, load_rng)
 
     for c, sd in zip(model_chunks, state["model"]):
         c.load_state_dict(sd, strict=True)

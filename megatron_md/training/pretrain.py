@@ -395,6 +395,17 @@ def pretrain(args) -> dict:
                 _print0(f" saved checkpoint of iteration {iteration} to {args.save} ({time.perf_counter() - t0:.1f}s)")
                 t_interval += time.perf_counter() - t0
 
+        if (args.save and it_done == 0 and last_saved is None and iteration > 0
+                and os.path.abspath(args.save) != os.path.abspath(args.load or "")):
+            # nothing left to train after --load: write the loaded state at this run's layout and
+            # format (what `tools/convert_checkpoint.py reshard` runs)
+            t0 = time.perf_counter()
+            checkpointing.save_checkpoint(args.save, iteration, model, optimizer, scheduler, args,
+                                          extra={"train": history["train"], "valid": history["valid"],
+                                                 "skipped": skipped})
+            last_saved = iteration
+            _print0(f" saved checkpoint of iteration {iteration} to {args.save} (resharded, "
+                    f"{time.perf_counter() - t0:.1f}s)")
         hooks.finish()  # the model left behind holds the final weights on every rank
         train_s = time.perf_counter() - t_train
         train_hist = history["train"]

@@ -1,0 +1,474 @@
+"""Megatron distributed checkpoints (``--ckpt-format torch_dist``) of the model and of every
+optimizer's whole state, loadable at any TP/PP/EP/DP layout and DP mode.
+
+Layout (Megatron-LM's names; the directory is what ``megatron.core.dist_checkpointing.save``
+writes, plus our integrity manifest)::
+
+    <save>/iter_0000100/{__0_0.distcp, ..., .metadata, common.pt, metadata.json}
+    <save>/iter_0000100/manifest.json        # sha256 + size of every file, the run's layout
+    <save>/latest_checkpointed_iteration.txt # written last
+
+Everything is expressed in the coordinates of the *unsharded* model, so that
+``dist_checkpointing`` reshards it on load:
+
+* the model: each chunk's own ``sharded_state_dict()`` (global layer and expert numbers);
+* param-shaped optimizer state (momentum, Adam moments, schedule-free ``z``, the fp32 main
+  copies of a bf16/fp16 run) as ShardedTensors keyed ``optimizer.state.<key>.<model key>``, made
+  from the model parameter's own ShardedTensor (or SwiGLU factory), so it is sharded exactly like
+  its parameter. ZeRO-1 flat shards are first reassembled to the parameter's TP-local shape over
+  the data-parallel group (an exact sum of disjoint pieces), as Megatron's "fully reshardable"
+  format does; layer-wise DP saves each matrix's state from its owner;
+* per-matrix vectors (MD gains and their moments, NorMuon/SF-NorMuon row moments) keyed
+  ``optimizer.vec.<key>.<model key>[.block<b>]``: a row vector of ``d_out`` (column vector of
+  ``d_in``) values of the logical matrix (Q, K and V of a fused QKV are blocks 0, 1, 2), split
+  along whichever TP dimension splits it and replicated otherwise; rows that a ZeRO range cuts
+  are reassembled first (each row taken from the rank holding its first element); a SwiGLU
+  ``linear_fc1``'s row vectors go through the parameter's factory (its gate and up halves);
+* per-matrix scalars (step counts, hyperball radii) keyed ``optimizer.scalar.<key>...``;
+* in ``common.pt`` (rank 0): the iteration, the LR scheduler, the loss history, and per
+  optimizer (dense/expert) its param groups' scalars (schedule-free counters, LRs), skip counters
+  and grad-scaler state — merged over all ranks, since pipeline stages hold different groups;
+* every rank's RNG states (a ShardedObject), restored only at the same layout.
+
+Every state exists before the first save (the matrix optimizers create theirs at
+construction; the Adam partner's is created here when it has not stepped yet). Loading checks
+first — the tracker, the manifest, every file's size and sha256 (hashed in parallel over the
+ranks), the model shape and optimizer setup recorded in the manifest, and that the checkpoint
+holds every key this run asks for with the same global shape — the ranks agree, and only then
+is anything loaded.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..shard import Blocks, FlatRange
+from .errors import CheckpointError
+
+__all__ = ["save_dist", "load_dist", "CKPT_FORMAT"]
+
+CKPT_FORMAT = "torch_dist"
+_ROW_KEYS = ("g_r", "row_moment")
+_COL_KEYS = ("g_c",)
+
+
+# ------------------------------------------------------------------------------ small helpers
+def _dc():
+    from megatron.core import dist_checkpointing
+    return dist_checkpointing
+
+
+def _sharded_types():
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+    return ShardedTensor, ShardedTensorFactory, ShardedObject
+
+
+def _rid(r) -> tuple:
+    return tuple(r) if isinstance(r, tuple) else (int(r),)
+
+
+def _unwrapped(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _wrappers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _axis(key: str) -> Optional[str]:
+    if key.startswith(_ROW_KEYS):
+        return "rows"
+    if key.startswith(_COL_KEYS):
+        return "cols"
+    return None
+
+
+def model_templates(model_chunks) -> list[dict]:
+    """Each chunk's ``sharded_state_dict()`` (what Megatron saves for the model)."""
+    return [_unwrapped(c).sharded_state_dict() for c in model_chunks]
+
+
+def _template_map(templates) -> dict:
+    """id(model param) → its ShardedTensor / ShardedTensorFactory in the model's sharded dict."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    ShardedTensor, ShardedTensorFactory, _ = _sharded_types()
+    out = {}
+    for sd in templates:
+        for t in nested_values(sd):
+            if isinstance(t, (ShardedTensor, ShardedTensorFactory)):
+                out.setdefault(id(t.data), t)
+    return out
+
+
+class _Entry:
+    """One sharded value of the optimizer: what is saved/loaded and how a load is applied."""
+
+    __slots__ = ("sharded", "restore")
+
+    def __init__(self, sharded, restore: Optional[Callable[[torch.Tensor], None]]):
+        self.sharded, self.restore = sharded, restore
+
+
+# ------------------------------------------------------------------------------ geometry
+def _prepend(T):
+    """(shape, offset, fragmentation) of the prepended axes of the template (experts of a
+    SequentialMLP); for a factory, of the tensors it builds."""
+    ShardedTensor, _, _ = _sharded_types()
+    if not isinstance(T, ShardedTensor):
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        built = [t for t in nested_values(T.build()) if isinstance(t, ShardedTensor)]
+        T = built[0]
+    k = T.prepend_axis_num
+    return tuple(T.global_shape[:k]), tuple(T.global_offset[:k]), tuple(T.axis_fragmentations[:k])
+
+
+def _vector_tensor(key: str, data: torch.Tensor, T, length: int, offset: int, replica: tuple):
+    """A ShardedTensor of ``data`` (1-D) at ``offset`` of a ``length`` vector, below ``T``'s
+    prepended axes."""
+    ShardedTensor, _, _ = _sharded_types()
+    shape, off, frag = _prepend(T)
+    n = max(int(data.shape[0]), 1)
+    sh = ShardedTensor(key=key, data=data, dtype=data.dtype, local_shape=tuple(data.shape),
+                       global_shape=shape + (int(length),), global_offset=off + (int(offset),),
+                       axis_fragmentations=frag + (max(int(length) // n, 1),), replica_id=replica,
+                       prepend_axis_num=len(shape))
+    sh.validate_metadata_integrity()
+    return sh
+
+
+# ------------------------------------------------------------------------------ the optimizer's entries
+def _collect(optimizer, model_chunks, templates, args, *, loading: bool) -> tuple[list[_Entry], list[dict]]:
+    """Every optimizer value of this rank as sharded entries (``loading``: empty buffers whose
+    ``restore`` writes the loaded value into the optimizer), and the per-wrapper common state."""
+    tmap = _template_map(templates)
+    mixed = bool(args.bf16 or args.fp16)
+    entries: list[_Entry] = []
+    commons = []
+    for wi, w in enumerate(_wrappers(optimizer)):
+        inner = w.optimizer
+        inner.ensure_partner_state()
+        records = getattr(w, "md_records", None)
+        if records is None:
+            raise CheckpointError("--ckpt-format torch_dist needs the optimizer of megatron_md's builder")
+        partner_keys = ("z", "exp_avg_sq") if "SFAdamW" in type(inner._partner).__name__ else ("exp_avg", "exp_avg_sq")
+        for rec in records:
+            T = tmap.get(id(rec.model))
+            if T is None:
+                raise CheckpointError(f"{rec.name}: not in the model's sharded_state_dict()")
+            if mixed:  # the fp32 main copy: every rank holds (and loads) it, layer-wise too
+                entries.append(_param_shaped("optimizer.main", T, rec, rec.main, loading))
+            layerwise_owner = False
+            if rec.role in ("matrix", "head"):
+                sub = inner.sub_optimizer_of(rec.name)
+                if sub is None:  # layer-wise DP: another rank owns this matrix
+                    continue
+                q = inner.local_params[rec.name]
+                st = sub.state[q]
+                keys = [k for k, v in st.items() if torch.is_tensor(v) and k != "mats" and v.shape == q.shape]
+                layerwise_owner = bool(getattr(w, "md_layerwise", False)) and rec.role == "matrix"
+            else:
+                sub, q = None, rec.main
+                st = inner.state.get(q) if q is not None else None
+                keys = list(partner_keys)
+            rep = _rid(T.replica_id)
+            if layerwise_owner:
+                rep = rep[:-1] + (0,)
+            Tr = replace(T, replica_id=rep if isinstance(T.replica_id, tuple) else rep[0])
+            for k in keys:
+                t = st[k] if st is not None else None
+                entries.append(_param_shaped(f"optimizer.state.{k}", Tr, rec, t, loading))
+            if rec.role not in ("matrix", "head"):
+                # the Adam partner's per-param step count (the same for every param of a group)
+                entries.append(_partner_step(T, rep, rec, st, loading))
+                continue
+            lay = sub.layout(q)
+            views = lay.views if isinstance(lay, Blocks) else [None]
+            if isinstance(lay, Blocks) and not rec.name.endswith("linear_qkv.weight"):
+                raise CheckpointError(f"--ckpt-format torch_dist: {rec.name} holds several experts in one tensor "
+                                      "(grouped GEMM weights); their per-expert optimizer state cannot be named "
+                                      "globally yet — use --ckpt-format torch, or the SequentialMLP/TE experts")
+            for b, (view, vec) in enumerate(zip(views, st["mats"])):
+                shard = lay if view is None else view.shard
+                suffix = "" if view is None else f".block{b}"
+                for k, v in vec.items():
+                    entries.append(_matrix_value(k, v, vec, T, rep, shard, f"{T.key}{suffix}", loading))
+        commons.append(_wrapper_common(w))
+    return entries, commons
+
+
+def _param_shaped(prefix, T, rec, t, loading) -> _Entry:
+    """``t`` (this rank's piece of a param-shaped value, or None) as its parameter's TP-local
+    tensor: ZeRO pieces summed over the data-parallel group first."""
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+    mp = rec.model
+    if rec.zero is not None:
+        s, e = rec.zero
+        full = torch.zeros(mp.numel(), dtype=torch.float32, device=mp.device)
+        if not loading:
+            if t is not None and e > s:
+                full[s:e] = t.reshape(-1)
+            dist.all_reduce(full, group=rec.dp_group)
+        full = full.view(mp.shape)
+
+        def restore(v, t=t, s=s, e=e):
+            if t is not None and e > s:
+                t.copy_(v.reshape(-1)[s:e].view_as(t))
+    else:
+        full = (torch.zeros(mp.shape, dtype=torch.float32, device=mp.device) if loading
+                else t.detach().reshape(mp.shape).to(torch.float32))
+
+        def restore(v, t=t):
+            t.copy_(v.view_as(t))
+    return _Entry(make_sharded_optimizer_tensor(T, full, prefix), restore if loading else None)
+
+
+def _partner_step(T, rep, rec, st, loading) -> _Entry:
+    step = st.get("step") if st is not None else None
+    val = torch.zeros(1, dtype=torch.float32, device=rec.model.device)
+    if not loading and step is not None:
+        val += step.to(val)
+    if rec.zero is not None and not loading:  # ranks without a piece of this param hold no step
+        dist.all_reduce(val, op=dist.ReduceOp.MAX, group=rec.dp_group)
+    sh = _vector_tensor(f"optimizer.scalar.step.{T.key}", val, T, 1, 0, rep + (0 if _first_shard(T) else 1,))
+
+    def restore(v):
+        if st is not None and "step" in st:
+            st["step"].copy_(v.reshape(()).to(st["step"]))
+    return _Entry(sh, restore if loading else None)
+
+
+def _first_shard(T) -> bool:
+    """Whether this rank holds the first TP shard of ``T`` (offset 0 on every non-prepended axis)."""
+    ShardedTensor, _, _ = _sharded_types()
+    if not isinstance(T, ShardedTensor):
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        T = [t for t in nested_values(T.build()) if isinstance(t, ShardedTensor)][0]
+    return all(o == 0 for o in T.global_offset[T.prepend_axis_num:])
+
+
+def _matrix_value(k, v, vec, T, rep, shard, name, loading) -> _Entry:
+    canon = shard.inner if isinstance(shard, FlatRange) else shard
+    r0, c0 = canon.row_range[0], canon.col_range[0]
+    axis = _axis(k)
+    if axis is None:
+        if torch.is_tensor(v) and v.ndim > 0:
+            raise CheckpointError(f"{name}: optimizer vector state {k!r} has no declared axis "
+                                  f"(rows: {_ROW_KEYS}, columns: {_COL_KEYS})")
+        is_t = torch.is_tensor(v)
+        val = (v.detach().reshape(1).to(torch.float64) if is_t else torch.tensor([float(v)], dtype=torch.float64))
+        if loading:
+            val = torch.zeros(1, dtype=torch.float64)
+        main = r0 == 0 and c0 == 0
+        sh = _vector_tensor(f"optimizer.scalar.{k}.{name}", val, T, 1, 0, rep + (0 if main else 1,))
+
+        def restore(x, k=k, is_t=is_t):
+            if is_t:
+                vec[k].copy_(x.reshape(()).to(vec[k]))
+            else:
+                vec[k] = type(v)(x.item())
+        return _Entry(sh, restore if loading else None)
+    key = f"optimizer.vec.{k}.{name}"
+    if axis == "cols":
+        data = torch.zeros_like(v) if loading else v.detach()
+        sh = _vector_tensor(key, data, T, canon.shape[1], c0, rep + (0 if r0 == 0 else 1,))
+
+        def restore(x, k=k):
+            vec[k].copy_(x)
+        return _Entry(sh, restore if loading else None)
+    # rows: reassemble a ZeRO range's partial rows to the TP-local rows first
+    m = canon.local_shape[0]
+    if isinstance(shard, FlatRange):
+        n = canon.local_shape[1]
+        lo = shard.start // n  # first local row of this rank's vector
+        own0, own1 = -(-shard.start // n), -(-shard.end // n)  # rows whose first element is here
+        data = torch.zeros(m, dtype=v.dtype, device=v.device)
+        if not loading:
+            data[own0:own1] = v[own0 - lo:own1 - lo]
+            dist.all_reduce(data, group=shard.level_group)
+
+        def restore(x, k=k, lo=lo):
+            vec[k].copy_(x[lo:lo + vec[k].numel()])
+    else:
+        data = torch.zeros_like(v) if loading else v.detach()
+
+        def restore(x, k=k):
+            vec[k].copy_(x)
+    _, Factory, _ = _sharded_types()
+    if isinstance(T, Factory):  # SwiGLU fc1: the gate and up halves, as the weight's own factory
+        sh = replace(T, key=key, data=data[:, None],
+                     replica_id=rep if isinstance(T.replica_id, tuple) else rep[0])
+        return _Entry(sh, (lambda x, f=restore: f(x.reshape(-1))) if loading else None)
+    sh = _vector_tensor(key, data, T, canon.shape[0], r0, rep + (0 if c0 == 0 else 1,))
+    return _Entry(sh, restore if loading else None)
+
+
+# ------------------------------------------------------------------------------ common state
+def _plain(v):
+    if torch.is_tensor(v):
+        return v.detach().cpu().clone()
+    return v
+
+
+def _group_scalars(g: dict) -> dict:
+    return {k: _plain(v) for k, v in g.items() if k != "params"}
+
+
+def _wrapper_common(w) -> dict:
+    inner = w.optimizer
+    groups = {}
+    for gi, g in enumerate(inner.param_groups):
+        groups[("partner", gi)] = _group_scalars(g)
+    for part, links in (("matrix", inner._links), ("head", inner._head_links)):
+        for g, gi in links:
+            groups[(part, gi, g.get("radius_scale", 1.0))] = _group_scalars(g)
+    scaler = getattr(w, "grad_scaler", None)
+    return {"groups": groups, "md_skipped_steps": getattr(w, "md_skipped_steps", 0),
+            "skipped": {part: getattr(o, "skipped_steps", 0) for part, o in
+                        (("matrix", inner._matrix), ("head", inner._head)) if o is not None},
+            "grad_scaler": scaler.state_dict() if scaler is not None else None}
+
+
+def _merge_commons(commons: list) -> list:
+    """Every rank's per-wrapper common state merged (a pipeline stage or layer-wise rank holds
+    only some sub-optimizer groups; equal groups on every rank that has them)."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, commons)
+    out = []
+    for wi in range(len(commons)):
+        merged = {"groups": {}, "skipped": {}}
+        for per_rank in gathered:
+            c = per_rank[wi]
+            for k, v in c["groups"].items():
+                merged["groups"].setdefault(k, v)
+            for k, v in c["skipped"].items():
+                merged["skipped"].setdefault(k, v)
+            merged.setdefault("md_skipped_steps", c["md_skipped_steps"])
+            merged.setdefault("grad_scaler", c["grad_scaler"])
+        out.append(merged)
+    return out
+
+
+def _apply_commons(optimizer, commons: list) -> None:
+    for w, c in zip(_wrappers(optimizer), commons):
+        inner = w.optimizer
+        for gi, g in enumerate(inner.param_groups):
+            _set_group(g, c["groups"].get(("partner", gi)))
+        for part, links in (("matrix", inner._links), ("head", inner._head_links)):
+            for g, gi in links:
+                _set_group(g, c["groups"].get((part, gi, g.get("radius_scale", 1.0))))
+        for part, o in (("matrix", inner._matrix), ("head", inner._head)):
+            if o is not None and part in c["skipped"]:
+                o.skipped_steps = c["skipped"][part]
+        if hasattr(w, "md_skipped_steps"):
+            w.md_skipped_steps = c["md_skipped_steps"]
+        if c["grad_scaler"] is not None and getattr(w, "grad_scaler", None) is not None:
+            w.grad_scaler.load_state_dict(c["grad_scaler"])
+
+
+def _set_group(g: dict, saved: Optional[dict]) -> None:
+    if saved is None:
+        return
+    for k, v in saved.items():
+        if torch.is_tensor(v) and torch.is_tensor(g.get(k)):
+            g[k].copy_(v)
+        else:
+            g[k] = v
+
+
+# ------------------------------------------------------------------------------ the sharded dict
+def _rng_object(args, state=None):
+    _, _, ShardedObject = _sharded_types()
+    from .checkpointing import _rng_state
+    return ShardedObject("rng_state", state if state is not None else _rng_state(), (dist.get_world_size(),),
+                         (dist.get_rank(),), replica_id=0)
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def build_sharded(model_chunks, optimizer, args, *, loading: bool, with_optim: bool, with_rng: bool):
+    """(sharded state dict, optimizer entries, per-wrapper commons) of this rank."""
+    templates = model_templates(model_chunks)
+    sd: dict[str, Any] = {_model_key(i, len(templates)): t for i, t in enumerate(templates)}
+    entries, commons = [], []
+    if with_optim and optimizer is not None:
+        entries, commons = _collect(optimizer, model_chunks, templates, args, loading=loading)
+        sd["optimizer"] = {f"e{i}": e.sharded for i, e in enumerate(entries)}
+    if with_rng:
+        sd["rng_state"] = _rng_object(args)
+    return sd, entries, commons
+
+
+def save_dist(staging: str, model_chunks, optimizer, args, common: dict) -> None:
+    """Write this rank's part of a torch_dist checkpoint into ``staging`` (collective)."""
+    sd, _, commons = build_sharded(model_chunks, optimizer, args, loading=False, with_optim=optimizer is not None,
+                                   with_rng=True)
+    sd["common"] = dict(common, optimizer_common=_merge_commons(commons) if optimizer is not None else None)
+    _dc().save(sd, staging)
+
+
+def _requested(sd) -> list:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    ShardedTensor, Factory, _ = _sharded_types()
+    out = []
+    for t in nested_values(sd):
+        if isinstance(t, Factory):
+            out.extend(x for x in nested_values(t.build()) if isinstance(x, ShardedTensor))
+        elif isinstance(t, ShardedTensor):
+            out.append(t)
+    return out
+
+
+def check_keys(directory: str, sd) -> Optional[str]:
+    """Why the checkpoint in ``directory`` cannot give this rank's ``sd`` (a key it lacks, or
+    another global shape); None if it can."""
+    meta = _dc().load_tensors_metadata(directory)
+    for t in _requested(sd):
+        have = meta.get(t.key)
+        if have is None:
+            what = ("optimizer state" if t.key.startswith("optimizer.") else "model weights")
+            return f"{directory} has no {what} {t.key!r}"
+        if tuple(have.global_shape) != tuple(t.global_shape):
+            return (f"{directory}: {t.key} has global shape {tuple(have.global_shape)}, this run "
+                    f"{tuple(t.global_shape)}")
+    return None
+
+
+def load_dist(directory: str, model_chunks, optimizer, args, *, load_optim: bool, load_rng: bool,
+              check: Callable[[Optional[str]], None]) -> dict:
+    """Load a torch_dist checkpoint into the model (and optimizer): returns its common state.
+    ``check(error)`` is the ranks' agreement (raises everywhere if any rank has an error)."""
+    sd, entries, _ = build_sharded(model_chunks, optimizer, args, loading=True,
+                                   with_optim=load_optim and optimizer is not None, with_rng=load_rng)
+    error = None
+    try:
+        error = check_keys(directory, sd)
+    except Exception as exc:  # noqa: BLE001 - unreadable metadata is a bad checkpoint
+        error = f"{directory}: its metadata cannot be read ({type(exc).__name__}: {exc})"
+    check(error)
+    sd["common"] = None
+    got = _dc().load(sd, directory)
+    for i, c in enumerate(model_chunks):
+        _unwrapped(c).load_state_dict(got[_model_key(i, len(model_chunks))], strict=True)
+    common = got["common"]
+    if entries:
+        with torch.no_grad():
+            loaded = got["optimizer"]
+            for i, e in enumerate(entries):
+                e.restore(loaded[f"e{i}"])
+        _apply_commons(optimizer, common["optimizer_common"])
+        for w in _wrappers(optimizer):
+            inner = w.optimizer
+            if hasattr(inner, "_share_state"):
+                inner._share_state()
+    if load_rng:
+        from .checkpointing import _set_rng_state
+        _set_rng_state(got["rng_state"])
+    return common

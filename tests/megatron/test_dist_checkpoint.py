@@ -1,0 +1,146 @@
+"""``--ckpt-format torch_dist``: Megatron distributed checkpoints of the model and of every
+optimizer's whole state, resharded on load across TP/PP/EP/DP and DP modes.
+
+One spawned group of 2 gloo ranks runs the real driver (``pretrain`` in-process) on
+test_driver's synthetic indexed dataset (global batch 4, 4 iterations, a save every 2). Every
+scenario saves at one layout and loads iteration 2 at another, and asserts
+
+* **the state is carried over exactly**: the run at the new layout with nothing left to train
+  re-saves iteration 2 (what ``tools/convert_checkpoint.py reshard`` runs), and every tensor of
+  that checkpoint — model weights, every optimizer state (param-shaped moments and momenta,
+  schedule-free ``z``, MD gains and their moments, row moments, fp32 main copies), per-matrix
+  scalars — equals the original's **bitwise**, read back in the unsharded model's coordinates
+  (``dist_checkpointing.load_plain_tensors``); the key sets are equal;
+* **training continues as if the layout never changed**: iterations 3 and 4 resumed at the new
+  layout give the uninterrupted run's losses to 1e-5 relative (only the order of floating-point
+  reductions differs between layouts; 1e-4 in bf16, whose weights round those differences each
+  step); at the *same* layout they are bitwise equal.
+
+Scenarios: every optimizer from DP=2 with ZeRO-1 flat shards to TP=2 (and the reverse for two);
+TP=2 → PP=2; layer-wise DP=2 → TP=2; MoE EP=2 → EP=1 × DP=2; bf16 ZeRO-1 → bf16 TP=2 (the fp32
+main copies); the Llama-style model (SwiGLU ``linear_fc1`` row vectors through the weight's
+own gate/up factory, untied head with MD's head gains, GQA) DP=2 → TP=2. Bad input: a
+corrupted ``.distcp`` file and a checkpoint of another optimizer are refused before anything
+is loaded, naming the file or the flag.
+"""
+from __future__ import annotations
+
+import math
+import os
+from importlib import util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+from megatron_md.testing.spawn import group_fixture  # noqa: E402
+
+pytestmark = [pytest.mark.megatron]
+
+OPTIMIZERS = ["adam", "muon", "normuon", "rmnp", "adamh", "muonh", "adam-md", "muon-md", "sf-adamw", "sf-normuon"]
+#: ZeRO-1 serves a fused QKV as one matrix (--no-split-qkv), so its counterpart does too
+ZERO = "--use-distributed-optimizer --no-split-qkv"
+TP2 = "--tensor-model-parallel-size 2"
+TP2_NSQ = f"{TP2} --no-split-qkv"
+LLAMA = ("--swiglu --normalization RMSNorm --position-embedding-type rope --untie-embeddings-and-output-weights "
+         "--disable-bias-linear --num-query-groups 2")
+MOE = "--num-experts 4 --moe-router-topk 2 --moe-token-dispatcher-type alltoall --disable-bias-linear"
+#: name: (optimizer, flags of the saving run, flags of the loading run)
+SCENARIOS = {f"{o}/zero1-to-tp2": (o, ZERO, TP2_NSQ) for o in OPTIMIZERS}
+SCENARIOS.update({
+    "muon-md/tp2-to-zero1": ("muon-md", TP2_NSQ, ZERO),
+    "sf-normuon/tp2-to-zero1": ("sf-normuon", TP2_NSQ, ZERO),
+    "muon-md/tp2-to-pp2": ("muon-md", TP2, "--pipeline-model-parallel-size 2"),
+    "sf-normuon/tp2-to-pp2": ("sf-normuon", TP2, "--pipeline-model-parallel-size 2"),
+    "normuon/layerwise-to-tp2": ("normuon", "--dp-mode layer-wise", TP2),
+    "adam-md/layerwise-to-tp2": ("adam-md", "--dp-mode layer-wise", TP2),
+    "muon-md/ep2-to-ep1": ("muon-md", f"{MOE} --expert-model-parallel-size 2", MOE),
+    "adam/ep2-to-ep1": ("adam", f"{MOE} --expert-model-parallel-size 2", MOE),
+    "muon/bf16-zero1-to-tp2": ("muon", f"--bf16 {ZERO}", f"--bf16 {TP2_NSQ}"),
+    "muon-md/llama-dp2-to-tp2": ("muon-md", LLAMA, f"{LLAMA} {TP2}"),
+    "normuon/llama-dp2-to-tp2": ("normuon", LLAMA, f"{LLAMA} {TP2}"),
+    "adam-md/llama-zero1-to-tp2": ("adam-md", f"{LLAMA} {ZERO}", f"{LLAMA} {TP2_NSQ}"),
+    "sf-normuon/zero1-same-layout": ("sf-normuon", ZERO, ZERO),
+})
+RTOL = 1e-5
+#: bf16 runs: the layouts' different reduction orders are rounded to bf16 weights each step
+RTOL_BF16 = 1e-4
+
+
+def _sibling(name: str):
+    spec = util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    mod = util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _plain(path: str) -> dict:
+    import torch
+    from megatron.core import dist_checkpointing
+    return {k: v for k, v in dist_checkpointing.load_plain_tensors(path).items() if torch.is_tensor(v)}
+
+
+def _dist_checks(ctx):
+    import torch
+
+    from megatron_md.training.arguments import parse_args
+    from megatron_md.training.errors import CheckpointError
+    from megatron_md.training.pretrain import pretrain
+    td = _sibling("test_driver")
+    base = td.synthetic_base(ctx, "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1",
+                             "--global-batch-size", "4", "--train-iters", "4", "--ckpt-format", "torch_dist")
+
+    def run(opt, flags, *extra):
+        return pretrain(parse_args(base + ["--optimizer", opt] + flags.split() + list(extra)))
+
+    for name, (opt, src, dst) in SCENARIOS.items():
+        with ctx.check(name):
+            ck = os.path.join(ctx.tmpdir, name.replace("/", "_"))
+            full = run(opt, src, "--save", ck, "--save-interval", "2")
+            # the loaded state re-saved at the other layout: every tensor bitwise equal
+            run(opt, dst, "--load", ck, "--ckpt-step", "2", "--train-iters", "2", "--save", ck + "_re")
+            a, b = _plain(os.path.join(ck, "iter_0000002")), _plain(os.path.join(ck + "_re", "iter_0000002"))
+            assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+            assert any(k.startswith("optimizer.state.") for k in a), sorted(a)[:5]
+            bad = [k for k in a if not torch.equal(a[k], b[k])]
+            assert not bad, bad[:5]
+            # training continues at the new layout with the uninterrupted run's losses
+            res = run(opt, dst, "--load", ck, "--ckpt-step", "2")
+            same = src == dst
+            rtol = RTOL_BF16 if "--bf16" in src else RTOL
+            for it in ("3", "4"):
+                x, y = full["train_loss_history"][it], res["train_loss_history"][it]
+                assert math.isfinite(x) and (x == y if same else abs(x - y) <= rtol * abs(x)), (it, x, y)
+            assert res["skipped_steps"] == full["skipped_steps"] == 0
+
+    with ctx.check("bad_input"):
+        import shutil
+
+        import torch.distributed as dist
+        ck = os.path.join(ctx.tmpdir, "muon-md_zero1-to-tp2")
+        # another optimizer: refused, naming the flag and suggesting --no-load-optim
+        with pytest.raises(CheckpointError, match=r"--optimizer: checkpoint 'muon-md', this run 'adam'.*--no-load-optim"):
+            run("adam", "", "--load", ck, "--ckpt-step", "2")
+        run("adam", "", "--load", ck, "--ckpt-step", "2", "--no-load-optim", "--train-iters", "2")  # weights only
+        # a corrupted shard file: refused, naming it, before anything is loaded
+        bad = os.path.join(ctx.tmpdir, "corrupt")
+        if ctx.rank == 0:
+            shutil.copytree(ck, bad)
+            f = sorted(n for n in os.listdir(os.path.join(bad, "iter_0000002")) if n.endswith(".distcp"))[0]
+            p = os.path.join(bad, "iter_0000002", f)
+            data = bytearray(open(p, "rb").read())
+            data[len(data) // 2:len(data) // 2 + 16] = bytes(16)
+            open(p, "wb").write(bytes(data))
+        dist.barrier()
+        with pytest.raises(CheckpointError, match=r"\.distcp is corrupted"):
+            run("muon-md", TP2_NSQ, "--load", bad, "--ckpt-step", "2")
+
+
+dist_group = group_fixture(2, _dist_checks, megatron=True, timeout=900)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(SCENARIOS) + ["bad_input"])
+def test_torch_dist_reshards_every_optimizer_state(dist_group, name):
+    dist_group.assert_ok(name)
