@@ -16,6 +16,13 @@ Subcommands:
           head) continue on the Adam partner. A run that loads the result without these flags
           stops before training, naming them.
 
+  reshard The checkpoint at another TP/PP/EP/DP layout and/or format, optimizer state included:
+          runs the driver (torchrun, --nproc-per-node N) with the checkpoint's own model and
+          optimizer flags (from its manifest) plus the target layout flags, loading it and
+          re-saving it with nothing left to train. From a torch_dist checkpoint every optimizer
+          state is resharded; from a per-rank (torch) one, the weights only (--no-load-optim).
+          --ckpt-format torch writes per-rank files, which sf-to-x, to-md and to-hf read.
+
   to-hf   Hugging Face safetensors + config.json: LlamaForCausalLM for dense models,
           MixtralForCausalLM for MoE. Works offline on any TP/PP/EP/DP layout (the shards of
           every rank file, verified against the checkpoint's manifest, are merged). The model
@@ -43,6 +50,11 @@ Examples:
       --weight-decay 0 --load md_ckpt/ --optimizer muon-md \\
       --no-load-optim --md-init factor --no-md-embedding-unit-norm --save md_run/
   # schedule-free runs: sf-to-x first, then to-md of its output
+
+  # a TP=2 torch_dist checkpoint -> PP=2 (2 ranks), and -> one rank's per-rank files (for to-hf)
+  python tools/convert_checkpoint.py reshard --load ckpt/ --save ckpt_pp2/ --nproc 2 \
+      --layout "--pipeline-model-parallel-size 2"
+  python tools/convert_checkpoint.py reshard --load ckpt/ --save ckpt_torch/ --nproc 1 --ckpt-format torch
 
   # a specific iteration instead of the latest
   python tools/convert_checkpoint.py to-hf --load ckpt/ --ckpt-step 1000 --out hf_model/
@@ -87,10 +99,22 @@ def _to_md(a) -> None:
           f"  --load {a.save} --optimizer muon-md (or adam-md) --weight-decay 0 {' '.join(r['resume_flags'])}")
 
 
+def _reshard(a) -> None:
+    import shlex
+
+    from megatron_md.convert.reshard import reshard
+    cmd = reshard(a.load, a.save, nproc=a.nproc, layout=shlex.split(a.layout), ckpt_format=a.ckpt_format,
+                  iteration=a.ckpt_step, extra=shlex.split(a.driver_args), dry_run=a.dry_run)
+    if a.dry_run:
+        print(shlex.join(cmd))
+        return
+    print(f"wrote {a.load} at {a.nproc} rank(s) {a.layout or '(TP=PP=EP=1)'} as {a.ckpt_format} into {a.save}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sf-to-x,to-md,to-hf}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sf-to-x,to-md,reshard,to-hf}")
     s = sub.add_parser("sf-to-x", help="schedule-free checkpoint -> model checkpoint at the averaged x",
                        description="schedule-free checkpoint -> model checkpoint at the averaged x")
     s.add_argument("--load", required=True, help="checkpoint directory of a schedule-free run")
@@ -109,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ckpt-step", type=int, default=None, help="iteration (default: the latest)")
     m.add_argument("--save", required=True, help="new output checkpoint directory")
     m.set_defaults(func=_to_md)
+    r = sub.add_parser("reshard", help="the checkpoint at another TP/PP/EP/DP layout or format (optimizer state included)",
+                       description="the checkpoint at another TP/PP/EP/DP layout or --ckpt-format, optimizer state "
+                                   "included (from torch_dist): a driver run with nothing left to train")
+    r.add_argument("--load", required=True, help="checkpoint directory")
+    r.add_argument("--ckpt-step", type=int, default=None, help="iteration (default: the latest)")
+    r.add_argument("--save", required=True, help="new output checkpoint directory")
+    r.add_argument("--nproc", type=int, default=1, help="ranks of the target layout (torchrun --nproc-per-node)")
+    r.add_argument("--layout", default="", help='target layout flags, e.g. "--tensor-model-parallel-size 2 '
+                                                '--use-distributed-optimizer" (default: TP=PP=EP=1, all DP)')
+    r.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist")
+    r.add_argument("--driver-args", default="", help="more driver flags, e.g. MD options the run used "
+                                                      '("--no-md-head-gains")')
+    r.add_argument("--dry-run", action="store_true", help="print the driver command instead of running it")
+    r.set_defaults(func=_reshard)
     h = sub.add_parser("to-hf", help="Hugging Face Llama/Mixtral safetensors + config.json",
                        description="Hugging Face Llama (dense) / Mixtral (MoE) safetensors + config.json")
     h.add_argument("--load", required=True, help="checkpoint directory (the driver's --save)")

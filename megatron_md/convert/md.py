@@ -28,7 +28,7 @@ from typing import Optional
 from ..megatron.config import MD_METHODS, SCHEDULE_FREE
 from ..training import checkpointing as ck
 from ..training.errors import CheckpointError
-from .megatron_ckpt import latest_iteration, rewrite_checkpoint
+from .megatron_ckpt import latest_iteration, require_per_rank, rewrite_checkpoint
 
 __all__ = ["to_md", "resume_error", "RESUME_FLAGS", "TO_MD_KEY"]
 
@@ -47,6 +47,7 @@ def to_md(root: str, out: str, iteration: Optional[int] = None) -> dict:
     """
     iteration = latest_iteration(root, iteration)
     man = ck._read_manifest(root, iteration)
+    require_per_rank(root, man)
     topo = man["topology"]
     opt = topo["optim"]["optimizer"]
     where = f"--load {root} (iteration {iteration})"

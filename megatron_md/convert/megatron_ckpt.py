@@ -88,6 +88,15 @@ def latest_iteration(root: str, iteration: Optional[int] = None, flag: str = "--
     return found
 
 
+def require_per_rank(root: str, manifest: dict) -> None:
+    """The offline converters read per-rank (``--ckpt-format torch``) files: a clear error for a
+    torch_dist checkpoint, with the command that converts it."""
+    if manifest.get("ckpt_format") == "torch_dist":
+        raise CheckpointError(
+            f"{root} is a torch_dist checkpoint; write it as per-rank files first (any layout): "
+            f"python tools/convert_checkpoint.py reshard --load {root} --save <new dir> --ckpt-format torch")
+
+
 def rewrite_checkpoint(root: str, iteration: int, manifest: dict, out: str, topology: dict, edit) -> None:
     """Write checkpoint ``out`` (iteration ``iteration``, same rank files and layout as ``root``):
     each rank file of ``root``, verified against ``manifest``, passed through ``edit(state, path)``
@@ -118,6 +127,7 @@ def load_full_model(root: str, iteration: Optional[int] = None) -> tuple[dict, d
     (the latest one, or ``iteration``), after verifying every rank file against the manifest."""
     iteration = latest_iteration(root, iteration)
     man = ck._read_manifest(root, iteration)
+    require_per_rank(root, man)
     topo = man["topology"]
     if "info" not in topo:
         raise CheckpointError(f"{root} (iteration {iteration}): written before conversion support; re-save it")

@@ -15,7 +15,7 @@ from typing import Optional
 from ..megatron.config import SCHEDULE_FREE
 from ..training import checkpointing as ck
 from ..training.errors import CheckpointError
-from .megatron_ckpt import latest_iteration, rewrite_checkpoint
+from .megatron_ckpt import latest_iteration, require_per_rank, rewrite_checkpoint
 
 __all__ = ["sf_to_x"]
 
@@ -25,6 +25,7 @@ def sf_to_x(root: str, out: str, iteration: Optional[int] = None) -> int:
     the iteration. ``out`` must not already hold a checkpoint (nothing is overwritten)."""
     iteration = latest_iteration(root, iteration)
     man = ck._read_manifest(root, iteration)
+    require_per_rank(root, man)
     opt = man["topology"]["optim"]["optimizer"]
     if opt not in SCHEDULE_FREE:
         raise CheckpointError(f"--load {root}: trained with --optimizer {opt}, not a schedule-free optimizer "

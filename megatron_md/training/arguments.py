@@ -180,7 +180,7 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
     g.add_argument("--ckpt-step", type=_nonneg_int, default=None, help="load this iteration instead of the latest")
     g.add_argument("--no-load-optim", action="store_true", help="load only the model weights")
     g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
+    g.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch_dist",
                    help="torch_dist: Megatron distributed checkpoints (megatron.core.dist_checkpointing), model "
                    "and every optimizer state in the unsharded model's coordinates: --load at any TP/PP/EP/DP "
                    "layout and DP mode; torch: per-rank files (resume with the same layout). Both carry a sha256 "

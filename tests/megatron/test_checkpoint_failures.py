@@ -84,7 +84,7 @@ def _failure_checks(ctx):
     from megatron_md.training.pretrain import main, pretrain
 
     drv = _sibling("test_driver")
-    base = drv.synthetic_base(ctx, "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1",
+    base = drv.synthetic_base(ctx, "--ckpt-format", "torch", "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1",
                               "--train-iters", "4", "--optimizer", "adam", "--global-batch-size", "4")
     good = os.path.join(ctx.tmpdir, "good")
     it4 = ck.checkpoint_dir(good, 4)

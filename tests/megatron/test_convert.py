@@ -76,7 +76,7 @@ def _convert_checks(ctx):
     dist.barrier()
     base = [a for a in drv.TINY if a != "--mock-data"] + LLAMA + [
         "--data-path", prefix, "--train-iters", "2", "--eval-iters", "0", "--make-vocab-size-divisible-by", "64",
-        "--vocab-size", "250", "--seed", "7", "--optimizer", "adam", "--global-batch-size", "4"]
+        "--vocab-size", "250", "--seed", "7", "--optimizer", "adam", "--global-batch-size", "4", "--ckpt-format", "torch"]
     for name, extra in CASES.items():
         with ctx.check(f"to_hf_logits_{name}"):
             save = os.path.join(ctx.tmpdir, name)

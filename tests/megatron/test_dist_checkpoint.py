@@ -21,7 +21,10 @@ TP=2 → PP=2; layer-wise DP=2 → TP=2; MoE EP=2 → EP=1 × DP=2; bf16 ZeRO-1 
 main copies); the Llama-style model (SwiGLU ``linear_fc1`` row vectors through the weight's
 own gate/up factory, untied head with MD's head gains, GQA) DP=2 → TP=2. Bad input: a
 corrupted ``.distcp`` file and a checkpoint of another optimizer are refused before anything
-is loaded, naming the file or the flag.
+is loaded, naming the file or the flag. ``tools/convert_checkpoint.py reshard`` (a driver run
+with nothing left to train) writes a torch_dist checkpoint as per-rank files at one rank: the
+same weights, with optimizer state; the per-rank converters refuse a torch_dist input, naming
+that command.
 """
 from __future__ import annotations
 
@@ -137,10 +140,46 @@ def _dist_checks(ctx):
             run("muon-md", TP2_NSQ, "--load", bad, "--ckpt-step", "2")
 
 
+    with ctx.check("reshard_tool"):
+        # the offline front end: torch_dist (DP=2) -> per-rank files at one rank, which the
+        # per-rank converters read; the weights are the checkpoint's, the optimizer state is there
+        import torch.distributed as dist
+
+        from megatron_md.convert.megatron_ckpt import load_full_model
+        from megatron_md.training.checkpointing import checkpoint_dir, load_verified
+        src = os.path.join(ctx.tmpdir, "muon-md_llama-dp2-to-tp2")
+        out = os.path.join(ctx.tmpdir, "resharded_torch")
+        plain = _plain(os.path.join(src, "iter_0000002"))  # collective: every rank
+        if ctx.rank == 0:
+            tool = _sibling_tool()
+            assert tool.main(["to-hf", "--load", src, "--out", out + "_hf"]) == 1  # names the reshard command
+            assert tool.main(["reshard", "--load", src, "--ckpt-step", "2", "--save", out, "--nproc", "1",
+                              "--ckpt-format", "torch"]) == 0
+            full, topo, it = load_full_model(out)
+            assert it == 2 and topo["layout"]["world_size"] == 1
+            assert torch.equal(full["embedding.word_embeddings.weight"], plain["embedding.word_embeddings.weight"])
+            for i in range(2):
+                assert torch.equal(full[f"decoder.layers.{i}.mlp.linear_fc2.weight"],
+                                   plain["decoder.layers.mlp.linear_fc2.weight"][i])
+                assert torch.equal(full[f"decoder.layers.{i}.mlp.linear_fc1.weight"],
+                                   plain["decoder.layers.mlp.linear_fc1.weight"][i])
+            man = __import__("json").load(open(os.path.join(checkpoint_dir(out, 2), "manifest.json")))
+            state = load_verified(os.path.join(checkpoint_dir(out, 2), "rank_00000.pt"), man["files"]["rank_00000.pt"])
+            assert state["optimizer"] is not None and state["iteration"] == 2
+        dist.barrier()
+
+
+def _sibling_tool():
+    spec = util.spec_from_file_location("convert_checkpoint", Path(__file__).parents[2] / "tools" / "convert_checkpoint.py")
+    mod = util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 dist_group = group_fixture(2, _dist_checks, megatron=True, timeout=900)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", list(SCENARIOS) + ["bad_input"])
+@pytest.mark.parametrize("name", list(SCENARIOS) + ["bad_input", "reshard_tool"])
 def test_torch_dist_reshards_every_optimizer_state(dist_group, name):
     dist_group.assert_ok(name)

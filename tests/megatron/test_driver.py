@@ -30,8 +30,7 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
 
 # ============================================================================ validation (in-process)
 @pytest.mark.parametrize("extra, needles", [
-    (["--ckpt-format", "torch_dist"], ["--ckpt-format torch_dist", "--ckpt-format torch"]),
-    (["--async-save"], ["--async-save", "--ckpt-format torch_dist"]),
+    (["--async-save"], ["--async-save", "synchronous"]),
     (["--optimizer", "muon-md", "--fp16", "--loss-scale", "1024"], ["--optimizer muon-md", "--fp16"]),
     (["--optimizer", "sf-normuon", "--lr-decay-style", "cosine"], ["--optimizer sf-normuon", "--lr-decay-style"]),
     (["--optimizer", "sf-adamw", "--lr-warmup-iters", "2"], ["--optimizer sf-adamw", "--lr-warmup-iters"]),
@@ -191,7 +190,7 @@ def _driver_checks(ctx):
     dist.barrier()
     base = [a for a in TINY if a != "--mock-data"] + [
         "--data-path", prefix, "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1",
-        "--make-vocab-size-divisible-by", "64", "--seed", "7"]
+        "--make-vocab-size-divisible-by", "64", "--seed", "7", "--ckpt-format", "torch"]
     for name, extra in CONFIGS.items():
         with ctx.check(f"{name}_resume_exact"):
             ckpt = os.path.join(ctx.tmpdir, name)
