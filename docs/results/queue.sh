@@ -36,12 +36,25 @@ R=docs/results/claims
 # MD: the sphere alone (hidden-matrix gains frozen at 1) swept like MuonMD
 sweep $C --out $R/md_sphere_only --optimizers muon-md --lrs "muon-md=2.5e-3,5e-3,1e-2,2e-2,4e-2" \
   --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --muon-md-gains-lr 0"
+# its best was at the grid's top (0.04): two more LRs above, then seeds 2, 3 at the best
+sweep $C --out $R/md_sphere_only --optimizers muon-md --lrs "muon-md=8e-2,1.6e-1" \
+  --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --muon-md-gains-lr 0"
+SO=$("$PY" tools/results_table.py $R/md_sphere_only --out docs/results --best-lrs --optimizers muon-md | sed 's/.*=//')
+[ -n "$SO" ] && sweep $C --out $R/md_sphere_only --optimizers muon-md --lrs "muon-md=$SO" --seeds 2,3 \
+  --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --muon-md-gains-lr 0"
 # MD's recipe for embedding and head switched off (hidden matrices still MD): what the recipe adds
 sweep $C --out $R/md_no_recipe --optimizers muon-md --lrs "muon-md=2e-2,4e-2,8e-2,1.6e-1" \
   --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --no-md-embedding-unit-norm --no-md-head-gains"
 # MD's sphere radius: the paper's R = sqrt(max(d_out, d_in)) is ~4x the norm of the usual init here
 sweep $C --out $R/md_radius_quarter --optimizers muon-md --lrs "muon-md=2.5e-3,5e-3,1e-2,2e-2,4e-2,8e-2" \
   --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --muon-md-radius-scale 0.25"
+# seeds 2, 3 at the best LR of the two single-seed MD claims above
+for spec in "md_no_recipe|--no-md-embedding-unit-norm --no-md-head-gains" "md_radius_quarter|--muon-md-radius-scale 0.25"; do
+  dir=${spec%%|*}; flags=${spec#*|}
+  L=$("$PY" tools/results_table.py $R/$dir --out docs/results --best-lrs --optimizers muon-md | sed 's/.*=//')
+  [ -n "$L" ] && sweep $C --out $R/$dir --optimizers muon-md --lrs "muon-md=$L" --seeds 2,3 \
+    --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 $flags"
+done
 # MD without warmup (the quality runs) vs with it; Muon with weight decay (the quality runs) vs without
 [ -n "$MD" ] && sweep $C --out $R/md_warmup --optimizers muon-md --lrs "muon-md=$MD" --seeds 1,2,3 \
   --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 30 --partner-lr 3e-3"

@@ -1,4 +1,13 @@
-"""Per-rank checkpoints with an integrity manifest, written atomically; ``--load`` resumes bit-exactly.
+"""Checkpoints with an integrity manifest, written atomically; ``--load`` resumes bit-exactly.
+
+Two formats (``--ckpt-format``; ``--load`` reads either, from the manifest):
+
+* ``torch_dist`` (default): Megatron distributed checkpoints, model and every optimizer state
+  in the unsharded model's coordinates, loadable at any layout — :mod:`megatron_md.training.dist_ckpt`
+  writes and reads the state; this module stages, hashes, publishes and verifies the directory
+  exactly as for the per-rank format below (every file in the manifest, hashed and verified in
+  parallel over the ranks).
+* ``torch``: per-rank files, described next.
 
 Layout (Megatron-LM's names)::
 

@@ -146,7 +146,7 @@ def _overlap_checks(ctx):
     from megatron_md.training.pretrain import pretrain
 
     drv = _sibling("test_driver")
-    base = drv.synthetic_base(ctx, "--num-layers", "1", "--train-iters", str(ITERS), "--micro-batch-size", "1",
+    base = drv.synthetic_base(ctx, "--ckpt-format", "torch", "--num-layers", "1", "--train-iters", str(ITERS), "--micro-batch-size", "1",
                               "--global-batch-size", "4", "--log-interval", "1", "--eval-iters", "0")
     runs = iter(range(10**6))
 
