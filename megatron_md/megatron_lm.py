@@ -35,9 +35,11 @@ What :func:`install` changes in ``megatron.training`` (each a wrapper that hands
   ``muonh``, ``sf-normuon``) to the latter; both build megatron_md's optimizer for our names.
 * ``training.evaluate``, ``training.save_checkpoint``, ``training.load_checkpoint``, for the
   schedule-free methods only (Megatron-LM never calls ``optimizer.eval()/train()``):
-  evaluation and saved checkpoints see the averaged iterate x (parameters are swapped to x
-  around the call and back to y after, bit-exactly); after loading such a checkpoint the
-  parameters are turned back into y before training continues.
+  evaluation and saved ``--ckpt-format torch`` checkpoints see the averaged iterate x (parameters
+  are swapped to x around the call and back to y after, bit-exactly); after loading such a
+  checkpoint the parameters are turned back into y before training continues. ``torch_dist``
+  checkpoints hold y and the whole optimizer state (our wrappers' ``sharded_state_dict``), as the
+  driver's do.
 
 Megatron-LM behaviour to know about:
 
@@ -179,20 +181,18 @@ def _hook_validate_args(original: Callable) -> Callable:
         md = dataclasses.replace(md_config_for_megatron_lm(args), optimizer=name)
         validate(md, args)
         fmt = getattr(args, "ckpt_format", "torch")
-        if (getattr(args, "save", None) or getattr(args, "load", None)) and fmt != "torch":
+        saves = bool(getattr(args, "save", None) or getattr(args, "load", None))
+        if saves and fmt not in ("torch", "torch_dist"):
             raise ValueError(
-                f"--optimizer {name} with --ckpt-format {fmt}: Megatron-LM's sharded formats store each optimizer "
-                f"state tensor as a shard of its parameter, and megatron_md's states include per-row/per-column "
-                f"vectors and per-block lists that are not; pass --ckpt-format torch (per-rank files, same TP/PP/DP "
-                f"to resume)")
-        if (getattr(args, "save", None) or getattr(args, "load", None)) and (
-                getattr(args, "use_distributed_optimizer", False) or md.dp_mode == "layer-wise"):
+                f"--optimizer {name} with --ckpt-format {fmt}: megatron_md's optimizer state is written in the "
+                f"torch_dist format (every state in the unsharded model's coordinates, any layout on load) or "
+                f"per rank (torch); pass --ckpt-format torch_dist")
+        if saves and fmt == "torch" and (getattr(args, "use_distributed_optimizer", False) or md.dp_mode == "layer-wise"):
             raise ValueError(
-                f"--optimizer {name} with --save/--load and --use-distributed-optimizer or --dp-mode layer-wise: "
-                f"Megatron-LM saves the distributed optimizer's shards as Adam state (exp_avg, exp_avg_sq) and the "
-                f"replicated optimizer from data-parallel rank 0 only, so megatron_md's ZeRO-1 / layer-wise state "
-                f"cannot be checkpointed there yet; drop --use-distributed-optimizer (or train without --save), or "
-                f"use megatron_md's driver (examples/pretrain_gpt.py), whose checkpoints support both")
+                f"--optimizer {name} with --ckpt-format torch and --use-distributed-optimizer or --dp-mode "
+                f"layer-wise: Megatron-LM saves the distributed optimizer's shards as Adam state (exp_avg, "
+                f"exp_avg_sq) and the replicated optimizer from data-parallel rank 0 only; pass --ckpt-format "
+                f"torch_dist (megatron_md's sharded optimizer state, any layout on load)")
         return result
     return validate_args
 
@@ -285,7 +285,11 @@ def _hook_evaluate(original: Callable) -> Callable:
 def _hook_save_checkpoint(original: Callable) -> Callable:
     @functools.wraps(original)
     def save_checkpoint(iteration, model, optimizer, *a, **k):
-        # the checkpoint holds x and the optimizer in eval mode (y is in its state: the y stash)
+        # torch_dist: the training iterate y and the whole optimizer state, as the driver saves (x is
+        # evaluated by the evaluate hook; `tools/convert_checkpoint.py` exports it)
+        if getattr(_megatron_args(), "ckpt_format", "torch") == "torch_dist":
+            return original(iteration, model, optimizer, *a, **k)
+        # torch: the checkpoint holds x and the optimizer in eval mode (y is in its state: the y stash)
         with _parameters_at_x(optimizer, model):
             return original(iteration, model, optimizer, *a, **k)
     return save_checkpoint

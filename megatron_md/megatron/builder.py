@@ -49,6 +49,19 @@ class _SkipNonFinite:
 
     md_skipped_steps = 0
 
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
+        """Megatron's torch_dist seam (Megatron-LM's ``save_checkpoint``/``load_checkpoint``): every
+        optimizer state in the unsharded model's coordinates (:mod:`megatron_md.training.dist_ckpt`),
+        whatever the wrapper and DP mode — not Megatron's Adam-shaped layout."""
+        from ..training.dist_ckpt import wrapper_sharded_state
+        return wrapper_sharded_state(self, model_sharded_state_dict, is_loading)
+
+    def load_state_dict(self, state_dict):
+        from ..training.dist_ckpt import is_wrapper_sharded_state, wrapper_load
+        if is_wrapper_sharded_state(state_dict):
+            return wrapper_load(self, state_dict)
+        return super().load_state_dict(state_dict)
+
     def prepare_grads(self) -> bool:
         found = super().prepare_grads()
         if getattr(self, "is_stub_optimizer", False):

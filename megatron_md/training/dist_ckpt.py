@@ -150,56 +150,100 @@ def _collect(optimizer, model_chunks, templates, args, *, loading: bool) -> tupl
     mixed = bool(args.bf16 or args.fp16)
     entries: list[_Entry] = []
     commons = []
-    for wi, w in enumerate(_wrappers(optimizer)):
-        inner = w.optimizer
-        inner.ensure_partner_state()
-        records = getattr(w, "md_records", None)
-        if records is None:
-            raise CheckpointError("--ckpt-format torch_dist needs the optimizer of megatron_md's builder")
-        partner_keys = ("z", "exp_avg_sq") if "SFAdamW" in type(inner._partner).__name__ else ("exp_avg", "exp_avg_sq")
-        for rec in records:
-            T = tmap.get(id(rec.model))
-            if T is None:
-                raise CheckpointError(f"{rec.name}: not in the model's sharded_state_dict()")
-            if mixed:  # the fp32 main copy: every rank holds (and loads) it, layer-wise too
-                entries.append(_param_shaped("optimizer.main", T, rec, rec.main, loading))
-            layerwise_owner = False
-            if rec.role in ("matrix", "head"):
-                sub = inner.sub_optimizer_of(rec.name)
-                if sub is None:  # layer-wise DP: another rank owns this matrix
-                    continue
-                q = inner.local_params[rec.name]
-                st = sub.state[q]
-                keys = [k for k, v in st.items() if torch.is_tensor(v) and k != "mats" and v.shape == q.shape]
-                layerwise_owner = bool(getattr(w, "md_layerwise", False)) and rec.role == "matrix"
-            else:
-                sub, q = None, rec.main
-                st = inner.state.get(q) if q is not None else None
-                keys = list(partner_keys)
-            rep = _rid(T.replica_id)
-            if layerwise_owner:
-                rep = rep[:-1] + (0,)
-            Tr = replace(T, replica_id=rep if isinstance(T.replica_id, tuple) else rep[0])
-            for k in keys:
-                t = st[k] if st is not None else None
-                entries.append(_param_shaped(f"optimizer.state.{k}", Tr, rec, t, loading))
-            if rec.role not in ("matrix", "head"):
-                # the Adam partner's per-param step count (the same for every param of a group)
-                entries.append(_partner_step(T, rep, rec, st, loading))
-                continue
-            lay = sub.layout(q)
-            views = lay.views if isinstance(lay, Blocks) else [None]
-            if isinstance(lay, Blocks) and not rec.name.endswith("linear_qkv.weight"):
-                raise CheckpointError(f"--ckpt-format torch_dist: {rec.name} holds several experts in one tensor "
-                                      "(grouped GEMM weights); their per-expert optimizer state cannot be named "
-                                      "globally yet — use --ckpt-format torch, or the SequentialMLP/TE experts")
-            for b, (view, vec) in enumerate(zip(views, st["mats"])):
-                shard = lay if view is None else view.shard
-                suffix = "" if view is None else f".block{b}"
-                for k, v in vec.items():
-                    entries.append(_matrix_value(k, v, vec, T, rep, shard, f"{T.key}{suffix}", loading))
+    for w in _wrappers(optimizer):
+        entries.extend(wrapper_entries(w, tmap, mixed, loading=loading))
         commons.append(_wrapper_common(w))
     return entries, commons
+
+
+def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[_Entry]:
+    """The sharded entries of one Megatron wrapper (FP32 / Float16 / Distributed optimizer) of
+    megatron_md's builder; ``tmap``: :func:`_template_map` of the model's sharded state dict."""
+    inner = w.optimizer
+    inner.ensure_partner_state()
+    records = getattr(w, "md_records", None)
+    if records is None:
+        raise CheckpointError("--ckpt-format torch_dist needs the optimizer of megatron_md's builder")
+    partner_keys = ("z", "exp_avg_sq") if "SFAdamW" in type(inner._partner).__name__ else ("exp_avg", "exp_avg_sq")
+    entries: list[_Entry] = []
+    for rec in records:
+        T = tmap.get(id(rec.model))
+        if T is None:
+            raise CheckpointError(f"{rec.name}: not in the model's sharded_state_dict()")
+        if mixed:  # the fp32 main copy: every rank holds (and loads) it, layer-wise too
+            entries.append(_param_shaped("optimizer.main", T, rec, rec.main, loading))
+        layerwise_owner = False
+        if rec.role in ("matrix", "head"):
+            sub = inner.sub_optimizer_of(rec.name)
+            if sub is None:  # layer-wise DP: another rank owns this matrix
+                continue
+            q = inner.local_params[rec.name]
+            st = sub.state[q]
+            keys = [k for k, v in st.items() if torch.is_tensor(v) and k != "mats" and v.shape == q.shape]
+            layerwise_owner = bool(getattr(w, "md_layerwise", False)) and rec.role == "matrix"
+        else:
+            sub, q = None, rec.main
+            st = inner.state.get(q) if q is not None else None
+            keys = list(partner_keys)
+        rep = _rid(T.replica_id)
+        if layerwise_owner:
+            rep = rep[:-1] + (0,)
+        Tr = replace(T, replica_id=rep if isinstance(T.replica_id, tuple) else rep[0])
+        for k in keys:
+            t = st[k] if st is not None else None
+            entries.append(_param_shaped(f"optimizer.state.{k}", Tr, rec, t, loading))
+        if rec.role not in ("matrix", "head"):
+            # the Adam partner's per-param step count (the same for every param of a group)
+            entries.append(_partner_step(T, rep, rec, st, loading))
+            continue
+        lay = sub.layout(q)
+        views = lay.views if isinstance(lay, Blocks) else [None]
+        if isinstance(lay, Blocks) and not rec.name.endswith("linear_qkv.weight"):
+            raise CheckpointError(f"--ckpt-format torch_dist: {rec.name} holds several experts in one tensor "
+                                  "(grouped GEMM weights); their per-expert optimizer state cannot be named "
+                                  "globally yet — use --ckpt-format torch, or the SequentialMLP/TE experts")
+        for b, (view, vec) in enumerate(zip(views, st["mats"])):
+            shard = lay if view is None else view.shard
+            suffix = "" if view is None else f".block{b}"
+            for k, v in vec.items():
+                entries.append(_matrix_value(k, v, vec, T, rep, shard, f"{T.key}{suffix}", loading))
+    return entries
+
+
+# ------------------------------------------------------------------------------ Megatron-LM's seam
+def wrapper_sharded_state(w, model_sharded_state_dict, is_loading: bool) -> dict:
+    """``sharded_state_dict()`` of one of our Megatron wrappers, as Megatron-LM's
+    ``save_checkpoint``/``load_checkpoint`` call it (``--ckpt-format torch_dist`` there): the
+    entries of :func:`wrapper_entries` and, in ``common.pt``, the wrapper's merged common state.
+    When loading, the entries are kept on ``w`` for :func:`wrapper_load`."""
+    tmap = _template_map([model_sharded_state_dict])
+    cfg = getattr(w, "config", None)
+    mixed = bool(getattr(cfg, "bf16", False) or getattr(cfg, "fp16", False))
+    entries = wrapper_entries(w, tmap, mixed, loading=is_loading)
+    if is_loading:
+        w._md_pending_entries = entries
+    common = None if is_loading else _merge_commons([_wrapper_common(w)])[0]
+    return {"md_sharded": {f"e{i}": e.sharded for i, e in enumerate(entries)}, "md_common": common}
+
+
+def is_wrapper_sharded_state(state_dict) -> bool:
+    return isinstance(state_dict, dict) and "md_sharded" in state_dict
+
+
+def wrapper_load(w, state_dict: dict) -> None:
+    """Apply a loaded :func:`wrapper_sharded_state` (after ``dist_checkpointing.load``)."""
+    entries = getattr(w, "_md_pending_entries", None)
+    if entries is None:
+        raise CheckpointError("load_state_dict of a torch_dist optimizer state without sharded_state_dict("
+                              "is_loading=True) first")
+    loaded = state_dict["md_sharded"]
+    with torch.no_grad():
+        for i, e in enumerate(entries):
+            e.restore(loaded[f"e{i}"])
+    _apply_wrapper_common(w, state_dict["md_common"])
+    if hasattr(w.optimizer, "_share_state"):
+        w.optimizer._share_state()
+    w._md_pending_entries = None
 
 
 def _param_shaped(prefix, T, rec, t, loading) -> _Entry:
@@ -356,19 +400,23 @@ def _merge_commons(commons: list) -> list:
 
 def _apply_commons(optimizer, commons: list) -> None:
     for w, c in zip(_wrappers(optimizer), commons):
-        inner = w.optimizer
-        for gi, g in enumerate(inner.param_groups):
-            _set_group(g, c["groups"].get(("partner", gi)))
-        for part, links in (("matrix", inner._links), ("head", inner._head_links)):
-            for g, gi in links:
-                _set_group(g, c["groups"].get((part, gi, g.get("radius_scale", 1.0))))
-        for part, o in (("matrix", inner._matrix), ("head", inner._head)):
-            if o is not None and part in c["skipped"]:
-                o.skipped_steps = c["skipped"][part]
-        if hasattr(w, "md_skipped_steps"):
-            w.md_skipped_steps = c["md_skipped_steps"]
-        if c["grad_scaler"] is not None and getattr(w, "grad_scaler", None) is not None:
-            w.grad_scaler.load_state_dict(c["grad_scaler"])
+        _apply_wrapper_common(w, c)
+
+
+def _apply_wrapper_common(w, c: dict) -> None:
+    inner = w.optimizer
+    for gi, g in enumerate(inner.param_groups):
+        _set_group(g, c["groups"].get(("partner", gi)))
+    for part, links in (("matrix", inner._links), ("head", inner._head_links)):
+        for g, gi in links:
+            _set_group(g, c["groups"].get((part, gi, g.get("radius_scale", 1.0))))
+    for part, o in (("matrix", inner._matrix), ("head", inner._head)):
+        if o is not None and part in c["skipped"]:
+            o.skipped_steps = c["skipped"][part]
+    if hasattr(w, "md_skipped_steps"):
+        w.md_skipped_steps = c["md_skipped_steps"]
+    if c["grad_scaler"] is not None and getattr(w, "grad_scaler", None) is not None:
+        w.grad_scaler.load_state_dict(c["grad_scaler"])
 
 
 def _set_group(g: dict, saved: Optional[dict]) -> None:
