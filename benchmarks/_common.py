@@ -70,3 +70,12 @@ def header(title: str, cmd: str, root: Path, extra: str = "") -> list[str]:
             f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; machine: "
             f"{os.cpu_count()} vCPU {cpu_name()} "
             f"(load average {os.getloadavg()[0]:.1f} at the end); {torch.get_num_threads()} torch thread(s). {extra}", ""]
+
+
+def emit(text: str, out: str) -> None:
+    """Print a report and write it to ``out`` (``'-'``: stdout only)."""
+    import sys
+    print(text)
+    if out != "-":
+        Path(out).write_text(text + "\n")
+        print(f"written to {out}", file=sys.stderr)

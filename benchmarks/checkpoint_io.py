@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from benchmarks._common import header  # noqa: E402
+from benchmarks._common import emit, header  # noqa: E402
 
 EXTRA = {"adam": ["--weight-decay", "0.1"], "muon-md": ["--weight-decay", "0"],
          "sf-normuon": ["--weight-decay", "0", "--lr-decay-style", "constant"]}
@@ -102,10 +102,7 @@ def main(argv=None) -> int:
                         "restoring (torch_dist: through the unsharded model's coordinates).", "",
                         "| optimizer | torch save (ms) | torch_dist save (ms) | torch load (ms) | torch_dist load (ms) "
                         "| torch MiB | torch_dist MiB |", "|---|---:|---:|---:|---:|---:|---:|"] + rows)
-    print(text)
-    if a.out != "-":
-        Path(a.out).write_text(text + "\n")
-        print(f"written to {a.out}", file=sys.stderr)
+    emit(text, a.out)
     return 0
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from benchmarks._common import header  # noqa: E402
+from benchmarks._common import emit, header  # noqa: E402
 
 ALL = "adam,muon,normuon,rmnp,adamh,muonh,adam-md,muon-md,sf-adamw,sf-normuon"
 EXTRA = {"adam": ["--weight-decay", "0.1"], "muon": ["--weight-decay", "0.1"], "normuon": ["--weight-decay", "0.1"],
@@ -118,10 +118,7 @@ def main(argv=None) -> int:
                         "Megatron's `step()` (clipping, non-finite check, the method and its Adam partner, copy "
                         "to the model params); the iteration is the time between consecutive step ends.", ""]
                      + sections)
-    print(text)
-    if a.out != "-":
-        Path(a.out).write_text(text + "\n")
-        print(f"written to {a.out}", file=sys.stderr)
+    emit(text, a.out)
     return 0
 
 

@@ -39,7 +39,6 @@ is anything loaded.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
@@ -49,7 +48,7 @@ import torch.distributed as dist
 from ..shard import Blocks, FlatRange
 from .errors import CheckpointError
 
-__all__ = ["save_dist", "load_dist", "CKPT_FORMAT"]
+__all__ = ["save_dist", "load_dist", "CKPT_FORMAT", "wrapper_entries", "wrapper_sharded_state", "wrapper_load"]
 
 CKPT_FORMAT = "torch_dist"
 _ROW_KEYS = ("g_r", "row_moment")

@@ -363,10 +363,8 @@ def _to_md_checks(ctx, base, tool):
 
 
 def _sibling_tool():
-    spec = util.spec_from_file_location("convert_checkpoint", Path(__file__).parents[2] / "tools" / "convert_checkpoint.py")
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from megatron_md.testing.tools import load_tool
+    return load_tool("convert_checkpoint")
 
 
 convert_group = group_fixture(2, _convert_checks, megatron=True, timeout=400)

@@ -12,15 +12,15 @@ scenario saves at one layout and loads iteration 2 at another, and asserts
   scalars — equals the original's **bitwise**, read back in the unsharded model's coordinates
   (``dist_checkpointing.load_plain_tensors``); the key sets are equal;
 * **kill and resume is exact**: iterations 3 and 4 resumed at the saving layout equal the
-  uninterrupted run's bitwise (train and validation losses), for every optimizer (ZeRO-1) and at
-  TP=2, PP=2, EP=2, layer-wise and bf16;
+  uninterrupted run's bitwise (train and validation losses), for every optimizer at ZeRO-1, TP=2
+  and EP=2 (MoE), and at PP=2, layer-wise and bf16;
 * **training continues as if the layout never changed**: iterations 3 and 4 resumed at the new
   layout give the uninterrupted run's losses to 1e-5 relative (only the order of floating-point
   reductions differs between layouts; 1e-4 in bf16, whose weights round those differences each
   step).
 
-Scenarios: every optimizer from DP=2 with ZeRO-1 flat shards to TP=2 (and the reverse for two);
-TP=2 → PP=2; PP=2 → TP=2; layer-wise DP=2 → TP=2; MoE EP=2 → EP=1 × DP=2 and the reverse; bf16 ZeRO-1 → bf16 TP=2 (the fp32
+Scenarios: every optimizer from DP=2 with ZeRO-1 flat shards to TP=2, from TP=2 to PP=2, and from
+an EP=2 MoE (dense and expert optimizers chained) to TP=2 (ZeRO-1 from TP=2 for two); PP=2 → TP=2; layer-wise DP=2 → TP=2; MoE EP=2 → EP=1 × DP=2 and the reverse; bf16 ZeRO-1 → bf16 TP=2 (the fp32
 main copies); the Llama-style model (SwiGLU ``linear_fc1`` row vectors through the weight's
 own gate/up factory, untied head with MD's head gains, GQA) DP=2 → TP=2. Bad input: a
 corrupted ``.distcp`` file, a checkpoint of another optimizer and one of another model shape are refused before anything
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import os
-from importlib import util
 from pathlib import Path
 
 import pytest
@@ -53,12 +52,15 @@ LLAMA = ("--swiglu --normalization RMSNorm --position-embedding-type rope --unti
          "--disable-bias-linear --num-query-groups 2")
 MOE = "--num-experts 4 --moe-router-topk 2 --moe-token-dispatcher-type alltoall --disable-bias-linear"
 #: name: (optimizer, flags of the saving run, flags of the loading run)
+#: every optimizer three times: ZeRO-1 → TP=2, TP=2 → PP=2, MoE EP=2 → MoE TP=2 (each also resumed
+#: at its saving layout)
 SCENARIOS = {f"{o}/zero1-to-tp2": (o, ZERO, TP2_NSQ) for o in OPTIMIZERS}
+SCENARIOS.update({f"{o}/tp2-to-pp2": (o, TP2, "--pipeline-model-parallel-size 2") for o in OPTIMIZERS})
+SCENARIOS.update({f"{o}/moe-ep2-to-tp2": (o, f"{MOE} --expert-model-parallel-size 2", f"{MOE} {TP2}")
+                  for o in OPTIMIZERS})
 SCENARIOS.update({
     "muon-md/tp2-to-zero1": ("muon-md", TP2_NSQ, ZERO),
     "sf-normuon/tp2-to-zero1": ("sf-normuon", TP2_NSQ, ZERO),
-    "muon-md/tp2-to-pp2": ("muon-md", TP2, "--pipeline-model-parallel-size 2"),
-    "sf-normuon/tp2-to-pp2": ("sf-normuon", TP2, "--pipeline-model-parallel-size 2"),
     "normuon/layerwise-to-tp2": ("normuon", "--dp-mode layer-wise", TP2),
     "adam-md/layerwise-to-tp2": ("adam-md", "--dp-mode layer-wise", TP2),
     "adamh/pp2-to-tp2": ("adamh", "--pipeline-model-parallel-size 2", TP2),
@@ -76,10 +78,8 @@ RTOL_BF16 = 1e-4
 
 
 def _sibling(name: str):
-    spec = util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from megatron_md.testing.tools import load_module
+    return load_module(Path(__file__).with_name(f"{name}.py"))
 
 
 def _plain(path: str) -> dict:
@@ -180,10 +180,8 @@ def _dist_checks(ctx):
 
 
 def _sibling_tool():
-    spec = util.spec_from_file_location("convert_checkpoint", Path(__file__).parents[2] / "tools" / "convert_checkpoint.py")
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from megatron_md.testing.tools import load_tool
+    return load_tool("convert_checkpoint")
 
 
 dist_group = group_fixture(2, _dist_checks, megatron=True, timeout=900)
