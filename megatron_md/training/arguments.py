@@ -328,6 +328,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             raise ArgumentError(f"--expert-model-parallel-size {ep} needs --num-experts")
     else:
         ne = args.num_experts
+        if tp > 1 and not args.sequence_parallel:
+            # megatron-core's MoELayer.forward raises this in training (Megatron-LM's validate_args too)
+            raise ArgumentError(f"--num-experts with --tensor-model-parallel-size {tp} needs --sequence-parallel")
         if ne % ep:
             raise ArgumentError(f"--num-experts {ne} is not divisible by --expert-model-parallel-size {ep}")
         if args.moe_router_topk > ne:

@@ -56,7 +56,8 @@ MOE = "--num-experts 4 --moe-router-topk 2 --moe-token-dispatcher-type alltoall 
 #: at its saving layout)
 SCENARIOS = {f"{o}/zero1-to-tp2": (o, ZERO, TP2_NSQ) for o in OPTIMIZERS}
 SCENARIOS.update({f"{o}/tp2-to-pp2": (o, TP2, "--pipeline-model-parallel-size 2") for o in OPTIMIZERS})
-SCENARIOS.update({f"{o}/moe-ep2-to-tp2": (o, f"{MOE} --expert-model-parallel-size 2", f"{MOE} {TP2}")
+#: megatron-core's MoE layer needs sequence parallelism under TP
+SCENARIOS.update({f"{o}/moe-ep2-to-tp2": (o, f"{MOE} --expert-model-parallel-size 2", f"{MOE} {TP2} --sequence-parallel")
                   for o in OPTIMIZERS})
 SCENARIOS.update({
     "muon-md/tp2-to-zero1": ("muon-md", TP2_NSQ, ZERO),

@@ -46,6 +46,7 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
     (["--tensor-model-parallel-size", "3"], ["--tensor-model-parallel-size 3"]),
     (["--num-experts", "3", "--expert-model-parallel-size", "2"], ["--num-experts 3", "--expert-model-parallel-size 2"]),
     (["--expert-model-parallel-size", "2"], ["--expert-model-parallel-size 2", "--num-experts"]),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2"], ["--num-experts", "--sequence-parallel"]),
     (["--num-experts", "4", "--moe-router-topk", "1"], ["--moe-router-topk 1", "--moe-router-pre-softmax"]),
     (["--global-batch-size", "3"], ["--global-batch-size 3", "--micro-batch-size"]),
     (["--fp16", "--bf16"], ["--fp16", "--bf16"]),

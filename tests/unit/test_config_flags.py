@@ -400,12 +400,14 @@ def test_install_validates_megatron_lm_args_before_training(fake_megatron_lm):
     assert arguments.validate_args(ok) is ok and ok.optimizer == "muon-md"
     with pytest.raises(ValueError, match="--weight-decay"):
         arguments.validate_args(args("--optimizer muon-md", weight_decay=0.01))
-    with pytest.raises(ValueError, match="pass --ckpt-format torch"):
-        arguments.validate_args(args("--optimizer rmnp", save="/ckpt"))
-    with pytest.raises(ValueError, match="--use-distributed-optimizer"):
+    with pytest.raises(ValueError, match="--ckpt-format fsdp_dtensor.*pass --ckpt-format torch_dist"):
+        arguments.validate_args(args("--optimizer rmnp", save="/ckpt", ckpt_format="fsdp_dtensor"))
+    with pytest.raises(ValueError, match="--ckpt-format torch and --use-distributed-optimizer"):
         arguments.validate_args(args("--optimizer rmnp", save="/ckpt", ckpt_format="torch",
                                      use_distributed_optimizer=True))
     arguments.validate_args(args("--optimizer rmnp", save="/ckpt", ckpt_format="torch"))
+    arguments.validate_args(args("--optimizer rmnp", save="/ckpt"))  # torch_dist: any DP mode
+    arguments.validate_args(args("--optimizer rmnp", save="/ckpt", use_distributed_optimizer=True))
     arguments.validate_args(args("--optimizer adam", save="/ckpt", weight_decay=0.01))  # Megatron-LM's own
 
 
