@@ -4,7 +4,7 @@
 For every optimizer (and torch AdamW / our SF-AdamW as baselines) on the weight matrices of one
 GPT layer of hidden ``h`` (fused QKV as ``fused_qkv`` Blocks, as in the Megatron driver), sum
 ``numel × element_size`` of every tensor in ``optimizer.state`` (param-shaped moments, the
-per-matrix vectors in ``state[p]["mats"]``: row moments, gains and their Adam moments, radii,
+per-matrix vectors flat in ``state[p]["block<b>.<key>"]``: row moments, gains and their Adam moments, radii,
 step counters stored as tensors) after one step, and divide by the number of weights. The
 matrix-sized part and the O(d_out + d_in) vector part are reported separately.
 

@@ -5,7 +5,8 @@ How to add an optimizer
 1. Write the per-matrix math against :class:`Mat` (local tensors + its MatrixShard's
    ``row_sum/col_sum/total_sums/rows/cols``); never call torch.distributed directly.
 2. Subclass :class:`MatrixOptimizer`; put elementwise state in ``mat.state`` (param-shaped,
-   read through ``mat.get``), per-matrix vectors in ``mat.vec``. If the method needs
+   read through ``mat.get``), per-matrix vectors and scalars in ``mat.vec`` (stored flat in the
+   param's state as ``block<b>.<key>``, see :class:`BlockState`). If the method needs
    Newton–Schulz, implement ``_pre_ns`` / ``_post_ns`` and let the base batch the NS call.
 3. Add a reference in ``reference.py``, a spec entry in docs/optimizer_spec.md, a config in
    ``megatron_md.megatron.config`` and tests (unit vs reference, distributed vs reference).
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from collections.abc import MutableMapping
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -93,6 +95,56 @@ def nonfinite_flag(param_groups) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ logical matrix
+class BlockState(MutableMapping):
+    """The per-matrix state of logical matrix ``b`` of a param (block ``b`` of a fused QKV or
+    of an expert tensor; ``0`` for an ordinary matrix), stored **flat** in the param's state
+    under ``"block<b>.<key>"`` beside its param-shaped tensors, e.g. a fused QKV under MuonMD:
+    ``{"momentum_buffer": [3d, d], "block0.g_r": [d], "block0.g_c": [d], "block0.step": 3,
+    "block1.g_r": ..., ...}`` — flat, named, one tensor (or scalar) per key, as
+    ``torch.optim.Optimizer.state_dict`` and the checkpoint writers expect."""
+
+    __slots__ = ("_state", "_prefix")
+
+    def __init__(self, state: dict, block: int):
+        self._state, self._prefix = state, f"block{block}."
+
+    def __getitem__(self, key: str):
+        return self._state[self._prefix + key]
+
+    def __setitem__(self, key: str, value) -> None:
+        self._state[self._prefix + key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._state[self._prefix + key]
+
+    def __iter__(self) -> Iterator[str]:
+        n = len(self._prefix)
+        return iter([k[n:] for k in self._state if isinstance(k, str) and k.startswith(self._prefix)])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def block_states(state: dict) -> list[BlockState]:
+    """Every :class:`BlockState` present in a param's state, in block order."""
+    out = []
+    while len(BlockState(state, len(out))):
+        out.append(BlockState(state, len(out)))
+    return out
+
+
+def flatten_legacy_mats(state: dict) -> dict:
+    """A param state of the nested layout of megatron_md <= 0.1 (``state["mats"]``: a list of
+    per-matrix dicts) in the flat ``block<b>.<key>`` layout; other states are returned as they are."""
+    if "mats" not in state:
+        return state
+    state = dict(state)
+    for b, vec in enumerate(state.pop("mats")):
+        for k, v in vec.items():
+            state[f"block{b}.{k}"] = v
+    return state
+
+
 @dataclass
 class Mat:
     """One logical matrix of one parameter, as seen by this rank."""
@@ -102,7 +154,7 @@ class Mat:
     shard: MatrixShard
     view: Optional[BlockView]
     state: dict            # the param's state (param-shaped tensors)
-    vec: dict              # this matrix's own vector/scalar state
+    vec: BlockState        # this matrix's own vector/scalar state (flat keys of ``state``)
     scratch: dict = field(default_factory=dict)
 
     def get(self, t: torch.Tensor) -> torch.Tensor:
@@ -178,6 +230,8 @@ class SkippingOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         self.skipped_steps = int(state_dict.pop("skipped_steps", 0))
+        if "state" in state_dict:
+            state_dict["state"] = {k: flatten_legacy_mats(v) for k, v in state_dict["state"].items()}
         super().load_state_dict(state_dict)
 
 
@@ -288,11 +342,11 @@ class MatrixOptimizer(SkippingOptimizer):
         lay = self._layouts[p]
         state = self.state[p]
         views = lay.views if isinstance(lay, Blocks) else [None]
-        if "mats" not in state:
-            state["mats"] = [dict() for _ in views]
+        if not len(BlockState(state, 0)):
             self._init_param_state(p, group, state)
         out = []
-        for view, vec in zip(views, state["mats"]):
+        for b, view in enumerate(views):
+            vec = BlockState(state, b)
             shard = lay if view is None else view.shard
             m = Mat(p, group, shard, view, state, vec)
             if not vec:

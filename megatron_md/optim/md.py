@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from ..ops import UNIT_GAIN, check_scale, inv_softplus, scale_factor
 from ..shard import Reductions, comm
-from .base import (Mat, MatrixOptimizer, adam_direction, batches, check_betas, check_lr, check_positive,
-                   check_unit, foreach_vector_adam, momentum_direction, momentum_directions, ns_defaults,
-                   put_all, vector_adam)
+from .base import (Mat, MatrixOptimizer, adam_direction, batches, block_states, check_betas, check_lr,
+                   check_positive, check_unit, foreach_vector_adam, momentum_direction, momentum_directions,
+                   ns_defaults, put_all, vector_adam)
 
 #: ``sphere`` values: one Frobenius sphere per matrix, or one unit sphere per row
 SPHERES = ("frobenius", "rows")
@@ -154,7 +154,7 @@ class _MD(MatrixOptimizer):
         # init="factor": matrices that have not stepped yet are factored again from their W now —
         # weights loaded after construction (a weights-only --load) are what the gains must fit
         if any(g.get("init") == "factor" and any(v.get("step", 0) == 0 for p in g["params"]
-                                              for v in self.state[p].get("mats", ()))
+                                              for v in block_states(self.state[p]))
                for g in self.param_groups):
             fresh = [m for m in self._active_mats() if m.vec["step"] == 0 and m.group.get("init") == "factor"]
             with comm.metered(type(self).__name__):

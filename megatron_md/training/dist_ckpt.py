@@ -45,6 +45,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ..optim.base import BlockState
 from ..shard import Blocks, FlatRange
 from .errors import CheckpointError
 
@@ -178,7 +179,7 @@ def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[_Entry
                 continue
             q = inner.local_params[rec.name]
             st = sub.state[q]
-            keys = [k for k, v in st.items() if torch.is_tensor(v) and k != "mats" and v.shape == q.shape]
+            keys = [k for k, v in st.items() if torch.is_tensor(v) and not k.startswith("block") and v.shape == q.shape]
             layerwise_owner = bool(getattr(w, "md_layerwise", False)) and rec.role == "matrix"
         else:
             sub, q = None, rec.main
@@ -201,7 +202,8 @@ def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[_Entry
             raise CheckpointError(f"--ckpt-format torch_dist: {rec.name} holds several experts in one tensor "
                                   "(grouped GEMM weights); their per-expert optimizer state cannot be named "
                                   "globally yet — use --ckpt-format torch, or the SequentialMLP/TE experts")
-        for b, (view, vec) in enumerate(zip(views, st["mats"])):
+        for b, view in enumerate(views):
+            vec = BlockState(st, b)
             shard = lay if view is None else view.shard
             suffix = "" if view is None else f".block{b}"
             for k, v in vec.items():

@@ -1,4 +1,5 @@
 """Validation, non-finite skipping, schedule-free swaps, MD invariants, routing, blocks."""
+import copy
 import math
 
 import pytest
@@ -225,3 +226,51 @@ def test_blocks_equal_reference_per_logical_matrix(name, layout):
         oracle.step(_block_matrices(blocks, g))
         for a, b in zip(_block_matrices(blocks, p.detach()), oracle.params):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["MuonMD", "NorMuon", "AdamH"])
+def test_state_is_flat_and_named_per_block(name):
+    """Every state value of a fused-QKV param (3 query groups' Q/K/V blocks) is one tensor or
+    scalar under a flat string key: param-shaped tensors by name, per-block state as
+    ``block<b>.<key>``; a state dict of the nested layout (``"mats"``: a list of dicts) of
+    earlier releases loads into the same state, and both continue identically."""
+    torch.manual_seed(5)
+    blocks = fused_qkv(num_query_groups=2, heads_per_group=2, head_dim=4, d_in=16)
+    def make():
+        p = nn.Parameter(torch.randn(blocks.local_shape) * 0.1)
+        kw = dict(ns_dtype=torch.float32) if name != "AdamH" else {}
+        return p, getattr(optim, name)([p], lr=0.01, shards={p: blocks}, **kw)
+    p, opt = make()
+    for _ in range(2):
+        p.grad = torch.randn(blocks.local_shape)
+        opt.step()
+    st = opt.state[p]
+    assert all(isinstance(k, str) for k in st)
+    assert all(torch.is_tensor(v) or isinstance(v, (int, float)) for v in st.values()), st
+    nblocks = len(blocks.views)
+    per_block = {k.split(".", 1)[1] for k in st if k.startswith("block")}
+    assert per_block and {k.split(".", 1)[0] for k in st if k.startswith("block")} == {f"block{b}" for b in range(nblocks)}
+    assert all(f"block{b}.{k}" in st for b in range(nblocks) for k in per_block)
+    assert all(st[f"block{b}.step"] == 2 for b in range(nblocks))
+    assert any(torch.is_tensor(v) and v.shape == p.shape for v in st.values())  # param-shaped state kept whole
+
+    sd = copy.deepcopy(opt.state_dict())  # torch's load_state_dict keeps (aliases) the tensors it is given
+    legacy = {**sd, "state": {}}
+    for i, s in sd["state"].items():
+        flat = {k: v for k, v in s.items() if not k.startswith("block")}
+        flat["mats"] = [{k.split(".", 1)[1]: v for k, v in s.items() if k.startswith(f"block{b}.")}
+                        for b in range(nblocks)]
+        legacy["state"][i] = flat
+    q, new = make()
+    q2, old = make()
+    with torch.no_grad():
+        q.copy_(p)
+        q2.copy_(p)
+    new.load_state_dict(copy.deepcopy(sd))
+    old.load_state_dict(copy.deepcopy(legacy))
+    assert old.state[q2].keys() == new.state[q].keys() == st.keys()
+    g = torch.randn(blocks.local_shape)
+    for x, o in ((p, opt), (q, new), (q2, old)):
+        x.grad = g.clone()
+        o.step()
+    assert torch.equal(q, p) and torch.equal(q2, p)
