@@ -51,7 +51,31 @@ def main(argv=None) -> int:
                    "block, else the quality block)")
     p.add_argument("--claims", type=Path, metavar="TOML",
                    help="instead: the pairwise claims of this file ([[claim]] tables), written to <out>/claims.md")
+    p.add_argument("--by", choices=sorted(res.SCALING_KEYS),
+                   help="instead: a table along width (hidden_size) or run length (train_iters) — each value's "
+                   "own LR sweep and best LR — written to <out>/<name>.md with a loss-vs-LR plot per optimizer")
+    p.add_argument("--also", type=Path, action="append", default=[], metavar="DIR",
+                   help="with --by: more sweep directories to take runs from (e.g. the quality sweep at the "
+                   "base width)")
     a = p.parse_args(argv)
+    if a.by is not None:
+        names = [o.strip() for o in a.optimizers.split(",") if o.strip()]
+        rows = res.scaling_rows([a.sweep, *a.also], names, a.by)
+        if not rows:
+            p.error(f"{a.sweep}: no runs of {a.optimizers}")
+        plots = res.plot_scaling(rows, a.by, a.out / "plots" / a.name)
+        cmd = f"python tools/results_table.py {shlex.join(sys.argv[1:] if argv is None else argv)}"
+        table = res.scaling_table(rows, a.by)
+        a.out.mkdir(parents=True, exist_ok=True)
+        lines = [f"# Along {a.by}: {a.sweep}", "", f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}).", "",
+                 table, "", *(f"![{q.stem}]({q.relative_to(a.out).as_posix()})" for q in plots)]
+        (a.out / f"{a.name}.md").write_text("\n".join(lines) + "\n")
+        if a.fill is not None:
+            rel = __import__("os").path.relpath(a.out, a.fill.parent)
+            block = "\n".join([table, ""] + [f"![{q.stem}]({rel}/{q.relative_to(a.out).as_posix()})" for q in plots])
+            a.fill.write_text(res.fill_blocks(a.fill.read_text(), {a.name: block}))
+        print("\n".join(lines))
+        return 0
     if a.claims is not None:
         import tomllib
         claims = tomllib.loads(a.claims.read_text()).get("claim", [])

@@ -75,6 +75,10 @@ sweep $C --out $R/horizons --optimizers adam --train-iters 300,600,1200 --lrs "a
 # AdamW's 1200-iteration best was at the grid's low end (2e-3): one LR below it
 sweep $C --out $R/horizons --optimizers adam --train-iters 1200 --lrs "adam=1e-3" \
   --optimizer-args "adam=--weight-decay 0.1 --lr-warmup-iters 30 --lr-decay-style cosine"
+# the 4x horizon's gap is about one seed half-range: seeds 2 and 3 there, both sides
+sweep $C --out $R/horizons --optimizers adam --train-iters 1200 --lrs "adam=2e-3" --seeds 2,3 \
+  --optimizer-args "adam=--weight-decay 0.1 --lr-warmup-iters 30 --lr-decay-style cosine"
+[ -n "$SFN" ] && sweep $C --out $R/horizons --optimizers sf-normuon --train-iters 1200 --lrs "sf-normuon=$SFN" --seeds 2,3
 # MD's LR transfer across width: MuonMD and AdamW at hidden 64 and 256 (128: the quality runs)
 sweep $C --out $R/width --optimizers adam,muon-md --hidden-sizes 64,256
 # MD at MoE (4 experts, top-2, aux loss, alltoall): MuonMD vs AdamW, tokens to equal loss

@@ -76,6 +76,29 @@ def _mean_curve(sweep_dir: Path, runs: list[dict], optimizer: str, lr: float) ->
     return [(it, sum(c[it] for c in curves) / len(curves)) for it in its]
 
 
+def _row(name: str, mine: list[dict]) -> Row:
+    """The :class:`Row` of one optimizer's runs (one width, one run length)."""
+    ok = [r for r in mine if r["status"] == "ok" and r.get("final_val_loss") is not None
+          and math.isfinite(r["final_val_loss"])]
+    by_lr: dict[float, list[dict]] = {}
+    for r in ok:
+        by_lr.setdefault(float(r["lr"]), []).append(r)
+    # the LR sweep is the lowest seed's (the protocol: sweep with one seed, then more seeds at
+    # its best LR); comparing a several-seed mean with single-seed points would favour noise
+    sweep_seed = min((int(r["seed"]) for r in ok), default=None)
+    lrs = sorted(lr for lr, rs in by_lr.items() if any(int(r["seed"]) == sweep_seed for r in rs))
+    losses = [next(float(r["final_val_loss"]) for r in by_lr[lr] if int(r["seed"]) == sweep_seed) for lr in lrs]
+    row = Row(name, lrs, losses, failed=[r["run_id"] for r in mine if r not in ok],
+              train_iters=max((int(r["train_iters"]) for r in mine), default=0))
+    if lrs:
+        k = min(range(len(lrs)), key=losses.__getitem__)
+        row.best_lr, row.edge = lrs[k], len(lrs) < 3 or k in (0, len(lrs) - 1)
+        best = sorted(by_lr[lrs[k]], key=lambda r: r["seed"])
+        row.seeds = [int(r["seed"]) for r in best]
+        row.seed_losses = [float(r["final_val_loss"]) for r in best]
+    return row
+
+
 def quality_rows(sweep_dir: Path, optimizers: Sequence[str], baseline: str = "adam") -> list[Row]:
     """One :class:`Row` per optimizer present in the sweep, in ``optimizers`` order."""
     sweep_dir = Path(sweep_dir)
@@ -83,27 +106,8 @@ def quality_rows(sweep_dir: Path, optimizers: Sequence[str], baseline: str = "ad
     rows: dict[str, Row] = {}
     for name in optimizers:
         mine = [r for r in runs if r["optimizer"] == name]
-        if not mine:
-            continue
-        ok = [r for r in mine if r["status"] == "ok" and r.get("final_val_loss") is not None
-              and math.isfinite(r["final_val_loss"])]
-        by_lr: dict[float, list[dict]] = {}
-        for r in ok:
-            by_lr.setdefault(float(r["lr"]), []).append(r)
-        # the LR sweep is the lowest seed's (the protocol: sweep with one seed, then more seeds at
-        # its best LR); comparing a several-seed mean with single-seed points would favour noise
-        sweep_seed = min((int(r["seed"]) for r in ok), default=None)
-        lrs = sorted(lr for lr, rs in by_lr.items() if any(int(r["seed"]) == sweep_seed for r in rs))
-        losses = [next(float(r["final_val_loss"]) for r in by_lr[lr] if int(r["seed"]) == sweep_seed) for lr in lrs]
-        row = Row(name, lrs, losses, failed=[r["run_id"] for r in mine if r not in ok],
-                  train_iters=max((int(r["train_iters"]) for r in mine), default=0))
-        if lrs:
-            k = min(range(len(lrs)), key=losses.__getitem__)
-            row.best_lr, row.edge = lrs[k], len(lrs) < 3 or k in (0, len(lrs) - 1)
-            best = sorted(by_lr[lrs[k]], key=lambda r: r["seed"])
-            row.seeds = [int(r["seed"]) for r in best]
-            row.seed_losses = [float(r["final_val_loss"]) for r in best]
-        rows[name] = row
+        if mine:
+            rows[name] = _row(name, mine)
     base = rows.get(baseline)
     if base is not None and base.best_lr is not None:
         base_curve = _mean_curve(sweep_dir, runs, baseline, base.best_lr)
@@ -206,6 +210,75 @@ def plot_quality(rows: Sequence[Row], sweep_dir: Path, out_dir: Path) -> list[Pa
     fig.savefig(p2, dpi=110)
     plt.close(fig)
     return [p1, p2]
+
+
+# ---------------------------------------------------------------------- along width / horizon
+#: the run fields a scaling table can go along, with their column titles
+SCALING_KEYS = {"hidden_size": "hidden", "train_iters": "iterations"}
+
+
+def scaling_rows(sweep_dirs: Sequence[Path], optimizers: Sequence[str], by: str) -> dict[tuple[str, int], Row]:
+    """One :class:`Row` per (optimizer, value of ``by``) over the runs of several sweep
+    directories (e.g. a width sweep and the quality sweep at the base width): each its own LR
+    sweep, best LR and seeds, as in the quality table."""
+    if by not in SCALING_KEYS:
+        raise ValueError(f"by={by!r}: expected one of {sorted(SCALING_KEYS)}")
+    runs = [r for d in sweep_dirs for r in collect(Path(d)) if r["optimizer"] in optimizers]
+    out: dict[tuple[str, int], Row] = {}
+    for name in optimizers:
+        for v in sorted({int(r[by]) for r in runs if r["optimizer"] == name}):
+            out[(name, v)] = _row(name, [r for r in runs if r["optimizer"] == name and int(r[by]) == v])
+    return out
+
+
+def scaling_table(rows: dict[tuple[str, int], Row], by: str) -> str:
+    """Markdown: per optimizer and value of ``by``, the best LR (``[edge]`` when at an end of its
+    grid, ``(one LR)`` for a fixed configuration), its final validation loss (mean ± half-range over seeds) and the grid swept."""
+    values = sorted({v for _, v in rows})
+    names = list(dict.fromkeys(n for n, _ in rows))
+    out = [f"| optimizer | {SCALING_KEYS[by]} | LRs swept | best LR | final val loss |", "|---|---:|---|---:|---|"]
+    for n in names:
+        for v in values:
+            r = rows.get((n, v))
+            if r is None:
+                continue
+            if r.best_lr is None:
+                out.append(f"| {n} | {v} | {', '.join(f'{x:g}' for x in r.lrs)} | — | no finished run |")
+                continue
+            loss = (f"{r.mean:.4f} (1 seed)" if r.half_range is None
+                    else f"{r.mean:.4f} ± {r.half_range:.4f} ({len(r.seeds)} seeds)")
+            edge = " (one LR)" if len(r.lrs) == 1 else " [edge]" if r.edge else ""
+            out.append(f"| {n} | {v} | {', '.join(f'{x:g}' for x in r.lrs)} | {r.best_lr:g}{edge} | {loss} |")
+    return "\n".join(out)
+
+
+def plot_scaling(rows: dict[tuple[str, int], Row], by: str, out_dir: Path) -> list[Path]:
+    """``loss_vs_lr.png``: final validation loss against LR, one panel per optimizer, one curve
+    per value of ``by`` (the best LR of each starred)."""
+    from .plots import _plt
+
+    plt = _plt()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys(n for n, _ in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    for ax, n in zip(axes[0], names):
+        for i, ((m, v), r) in enumerate((k, r) for k, r in rows.items() if k[0] == n):
+            if not r.lrs:
+                continue
+            ax.plot(r.lrs, r.losses, "o-", color=f"C{i}", label=f"{SCALING_KEYS[by]} {v}")
+            if r.best_lr is not None:
+                ax.plot([r.best_lr], [min(r.losses)], "*", ms=12, color=f"C{i}")
+        ax.set_xscale("log")
+        ax.set_xlabel("LR")
+        ax.set_title(n, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_ylabel("final val loss")
+    p = out_dir / "loss_vs_lr.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return [p]
 
 
 # ----------------------------------------------------------------------------------- claims

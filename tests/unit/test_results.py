@@ -13,12 +13,12 @@ from megatron_md.experiments import results as res
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(root, opt, lr, seed, final, curve, iters=100, status="ok"):
-    rid = f"{opt}-N64-D{iters}-lr{lr:g}-s{seed}"
+def _run(root, opt, lr, seed, final, curve, iters=100, status="ok", hidden=64):
+    rid = f"{opt}-N{hidden}-D{iters}-lr{lr:g}-s{seed}"
     d = root / "runs" / rid
     d.mkdir(parents=True)
     (d / "result.json").write_text(json.dumps(dict(run_id=rid, optimizer=opt, lr=lr, seed=seed, train_iters=iters,
-                                                   hidden_size=64, status=status, final_val_loss=final)))
+                                                   hidden_size=hidden, status=status, final_val_loss=final)))
     (d / "log.jsonl").write_text("".join(json.dumps({"event": "train", "iteration": it, "loss": loss}) + "\n"
                                          for it, loss in curve))
 
@@ -124,3 +124,36 @@ def test_best_lr_comes_from_the_sweep_seed(tmp_path):
     (row,) = res.quality_rows(tmp_path, ["adam"])
     assert row.best_lr == 2e-3 and row.losses == [5.3, 5.0, 5.05] and row.mean == pytest.approx(5.1)
 
+
+
+def test_scaling_rows_sweep_each_width_on_its_own(tmp_path):
+    """Along width: each (optimizer, width) has its own LR sweep and best LR, with runs taken from
+    several directories (the width sweep and the base width's quality sweep); the tool writes the
+    table, the plot and the page block."""
+    widths, base = tmp_path / "width", tmp_path / "quality"
+    for lr, loss in ((1e-3, 5.5), (2e-3, 5.2), (4e-3, 5.3)):       # base width 64: best 2e-3
+        _run(base, "adam", lr, 1, loss, _curve(1.0))
+    _run(base, "adam", 2e-3, 2, 5.3, _curve(1.0))
+    _run(base, "muon", 1e-2, 1, 5.0, _curve(1.0))                  # not asked for
+    for lr, loss in ((1e-3, 5.0), (2e-3, 5.1), (4e-3, 5.2)):       # width 256: best at the low edge
+        _run(widths, "adam", lr, 1, loss, _curve(1.0), hidden=256)
+    for lr, loss in ((1e-3, 5.9), (2e-3, 5.7), (4e-3, 5.6), (8e-3, 5.8)):  # width 32: best 4e-3
+        _run(widths, "adam", lr, 1, loss, _curve(1.0), hidden=32)
+    rows = res.scaling_rows([widths, base], ["adam"], "hidden_size")
+    assert sorted(rows) == [("adam", 32), ("adam", 64), ("adam", 256)]
+    assert rows[("adam", 32)].best_lr == 4e-3 and not rows[("adam", 32)].edge
+    assert rows[("adam", 64)].best_lr == 2e-3 and rows[("adam", 64)].seed_losses == [5.2, 5.3]
+    assert rows[("adam", 256)].best_lr == 1e-3 and rows[("adam", 256)].edge
+    table = res.scaling_table(rows, "hidden_size")
+    assert "| adam | 64 | 0.001, 0.002, 0.004 | 0.002 | 5.2500 ± 0.0500 (2 seeds) |" in table
+    assert "| adam | 256 | 0.001, 0.002, 0.004 | 0.001 [edge] | 5.0000 (1 seed) |" in table
+    page = tmp_path / "page.md"
+    page.write_text("x\n<!-- BEGIN width -->\nold\n<!-- END width -->\n")
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(REPO / "tools" / "results_table.py"), str(widths), "--also", str(base),
+                    "--by", "hidden_size", "--optimizers", "adam", "--out", str(out), "--name", "width",
+                    "--fill", str(page)], check=True, capture_output=True, cwd=REPO)
+    assert table in (out / "width.md").read_text() and table in page.read_text() and "old" not in page.read_text()
+    assert (out / "plots" / "width" / "loss_vs_lr.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="by='seed'"):
+        res.scaling_rows([widths], ["adam"], "seed")
