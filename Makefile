@@ -65,8 +65,9 @@ $(LATEST_STAMP): pyproject.toml setup.py
 	$(LATEST_PY) -m pip install numpy packaging '$(TRITON)'
 	$(LATEST_PY) -m pip install --ignore-requires-python --no-deps '$(MCORE_LATEST)'
 	$(LATEST_PY) -m pip install --no-deps -e .
-	$(LATEST_PY) -m pip install numpy sentencepiece $$($(LATEST_PY) -c 'import tomllib; \
-		print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["test"]))')
+	$(LATEST_PY) -m pip install $$($(LATEST_PY) -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+		print(" ".join([d for d in p["dependencies"] if re.split("[<>=!~ ]", d)[0] not in ("torch", "megatron-core")] \
+		               + p["optional-dependencies"]["test"]))')
 	touch $@
 
 test-latest: $(LATEST_STAMP)
