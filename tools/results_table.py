@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -29,6 +30,17 @@ if str(REPO) not in sys.path:
 from megatron_md.experiments import results as res  # noqa: E402
 
 ORDER = ["adam", "muon", "normuon", "rmnp", "adamh", "muonh", "adam-md", "muon-md", "sf-adamw", "sf-normuon"]
+
+
+def _command(argv) -> str:
+    """This invocation, as a page records it."""
+    return f"python tools/results_table.py {shlex.join(sys.argv[1:] if argv is None else argv)}"
+
+
+def _images(plots, out: Path, page_dir: Path = None) -> list[str]:
+    """Markdown image lines of ``plots`` (under ``out``), relative to ``page_dir`` (default ``out``)."""
+    rel = "" if page_dir is None else os.path.relpath(out, page_dir) + "/"
+    return [f"![{q.stem}]({rel}{q.relative_to(out).as_posix()})" for q in plots]
 
 
 def main(argv=None) -> int:
@@ -64,15 +76,13 @@ def main(argv=None) -> int:
         if not rows:
             p.error(f"{a.sweep}: no runs of {a.optimizers}")
         plots = res.plot_scaling(rows, a.by, a.out / "plots" / a.name)
-        cmd = f"python tools/results_table.py {shlex.join(sys.argv[1:] if argv is None else argv)}"
         table = res.scaling_table(rows, a.by)
         a.out.mkdir(parents=True, exist_ok=True)
-        lines = [f"# Along {a.by}: {a.sweep}", "", f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}).", "",
-                 table, "", *(f"![{q.stem}]({q.relative_to(a.out).as_posix()})" for q in plots)]
+        lines = [f"# Along {a.by}: {a.sweep}", "", f"Command: `{_command(argv)}` ({time.strftime('%Y-%m-%d %H:%M')}).",
+                 "", table, "", *_images(plots, a.out)]
         (a.out / f"{a.name}.md").write_text("\n".join(lines) + "\n")
         if a.fill is not None:
-            rel = __import__("os").path.relpath(a.out, a.fill.parent)
-            block = "\n".join([table, ""] + [f"![{q.stem}]({rel}/{q.relative_to(a.out).as_posix()})" for q in plots])
+            block = "\n".join([table, "", *_images(plots, a.out, a.fill.parent)])
             a.fill.write_text(res.fill_blocks(a.fill.read_text(), {a.name: block}))
         print("\n".join(lines))
         return 0
@@ -81,8 +91,7 @@ def main(argv=None) -> int:
         claims = tomllib.loads(a.claims.read_text()).get("claim", [])
         if not claims:
             p.error(f"{a.claims}: no [[claim]] tables")
-        text = (f"# Claims: {a.claims}\n\nCommand: `python tools/results_table.py "
-                f"{shlex.join(sys.argv[1:] if argv is None else argv)}` ({time.strftime('%Y-%m-%d %H:%M')}). "
+        text = (f"# Claims: {a.claims}\n\nCommand: `{_command(argv)}` ({time.strftime('%Y-%m-%d %H:%M')}). "
                 "Each side: the optimizer's best-LR final validation loss in its directory (mean ± half-range over "
                 "seeds). Verdicts: *pending* (no finished run), *inconclusive* (a best LR at the grid's edge, or "
                 "the difference within both seed half-ranges), *holds* / *does not hold*.\n\n"
@@ -115,7 +124,7 @@ def main(argv=None) -> int:
     meta = json.loads((a.sweep / "sweep.json").read_text()) if (a.sweep / "sweep.json").exists() else {}
     iters = sorted({r.train_iters for r in rows})
     lines = [f"# Quality table: {a.sweep}", "",
-             f"Command: `python tools/results_table.py {shlex.join(sys.argv[1:] if argv is None else argv)}` "
+             f"Command: `{_command(argv)}` "
              f"({time.strftime('%Y-%m-%d %H:%M')}); sweep commit {meta.get('commit', '?')}; "
              f"{iters} iterations per run. Every run's command and log: `{a.sweep}/runs/<run>/`.", "",
              res.markdown_table(rows, a.baseline), "",
@@ -124,14 +133,12 @@ def main(argv=None) -> int:
              f"Fraction of steps: first iteration at which the training loss (logged as the mean over each log "
              f"interval, averaged over the seeds at the best LR, interpolated between log points) reaches "
              f"{a.baseline}'s final one at its best LR, over the run length.", ""]
-    for p_ in plots:
-        lines.append(f"![{p_.stem}]({p_.relative_to(a.out).as_posix()})")
+    lines += _images(plots, a.out)
     out = a.out / f"{a.name}.md"
     a.out.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     if a.fill is not None:
-        rel = __import__("os").path.relpath(a.out, a.fill.parent)
-        block = "\n".join(lines[4:-len(plots)] + [f"![{p_.stem}]({rel}/{p_.relative_to(a.out).as_posix()})" for p_ in plots])
+        block = "\n".join(lines[4:-len(plots)] + _images(plots, a.out, a.fill.parent))
         a.fill.write_text(res.fill_blocks(a.fill.read_text(), {"quality": block}))
     print(out.read_text())
     return 0

@@ -135,19 +135,27 @@ def noise_verdict(row: Row, base: Row) -> str:
     return "better" if diff < 0 else "worse"
 
 
+def _loss_text(r: Row) -> str:
+    """A row's final validation loss at its best LR: mean ± half-range over its seeds."""
+    if r.mean is None:
+        return "—"
+    if r.half_range is None:
+        return f"{r.mean:.4f} (1 seed)"
+    return f"{r.mean:.4f} ± {r.half_range:.4f} ({len(r.seeds)} seeds)"
+
+
+def _grid_text(r: Row) -> str:
+    return ", ".join(f"{lr:g}" for lr in r.lrs)
+
+
 def markdown_table(rows: Sequence[Row], baseline: str = "adam") -> str:
     base = next((r for r in rows if r.optimizer == baseline), None)
     out = ["| optimizer | LRs swept | best LR | final val loss (mean ± half-range, seeds) | vs "
            f"{baseline} | fraction of {baseline}'s steps to its final train loss | note |",
            "|---|---|---:|---|---|---:|---|"]
     for r in rows:
-        grid = ", ".join(f"{lr:g}" for lr in r.lrs)
-        if r.mean is None:
-            loss = "—"
-        elif r.half_range is None:
-            loss = f"{r.mean:.4f} (1 seed)"
-        else:
-            loss = f"{r.mean:.4f} ± {r.half_range:.4f} ({len(r.seeds)} seeds)"
+        grid = _grid_text(r)
+        loss = _loss_text(r)
         frac = ("—" if base is None or r.best_lr is None
                 else "not reached" if r.fraction_of_baseline_steps is None
                 else f"{r.fraction_of_baseline_steps:.2f}")
@@ -232,8 +240,9 @@ def scaling_rows(sweep_dirs: Sequence[Path], optimizers: Sequence[str], by: str)
 
 
 def scaling_table(rows: dict[tuple[str, int], Row], by: str) -> str:
-    """Markdown: per optimizer and value of ``by``, the best LR (``[edge]`` when at an end of its
-    grid, ``(one LR)`` for a fixed configuration), its final validation loss (mean ± half-range over seeds) and the grid swept."""
+    """Markdown: per optimizer and value of ``by``, the grid swept, the best LR (``[edge]`` when
+    at an end of its grid, ``(one LR)`` for a fixed configuration) and its final validation loss
+    (mean ± half-range over seeds)."""
     values = sorted({v for _, v in rows})
     names = list(dict.fromkeys(n for n, _ in rows))
     out = [f"| optimizer | {SCALING_KEYS[by]} | LRs swept | best LR | final val loss |", "|---|---:|---|---:|---|"]
@@ -243,12 +252,10 @@ def scaling_table(rows: dict[tuple[str, int], Row], by: str) -> str:
             if r is None:
                 continue
             if r.best_lr is None:
-                out.append(f"| {n} | {v} | {', '.join(f'{x:g}' for x in r.lrs)} | — | no finished run |")
+                out.append(f"| {n} | {v} | {_grid_text(r)} | — | no finished run |")
                 continue
-            loss = (f"{r.mean:.4f} (1 seed)" if r.half_range is None
-                    else f"{r.mean:.4f} ± {r.half_range:.4f} ({len(r.seeds)} seeds)")
             edge = " (one LR)" if len(r.lrs) == 1 else " [edge]" if r.edge else ""
-            out.append(f"| {n} | {v} | {', '.join(f'{x:g}' for x in r.lrs)} | {r.best_lr:g}{edge} | {loss} |")
+            out.append(f"| {n} | {v} | {_grid_text(r)} | {r.best_lr:g}{edge} | {_loss_text(r)} |")
     return "\n".join(out)
 
 
@@ -262,7 +269,7 @@ def plot_scaling(rows: dict[tuple[str, int], Row], by: str, out_dir: Path) -> li
     names = list(dict.fromkeys(n for n, _ in rows))
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
     for ax, n in zip(axes[0], names):
-        for i, ((m, v), r) in enumerate((k, r) for k, r in rows.items() if k[0] == n):
+        for i, ((_, v), r) in enumerate((k, r) for k, r in rows.items() if k[0] == n):
             if not r.lrs:
                 continue
             ax.plot(r.lrs, r.losses, "o-", color=f"C{i}", label=f"{SCALING_KEYS[by]} {v}")

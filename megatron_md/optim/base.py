@@ -104,9 +104,11 @@ class BlockState(MutableMapping):
     ``torch.optim.Optimizer.state_dict`` and the checkpoint writers expect."""
 
     __slots__ = ("_state", "_prefix")
+    #: every per-block key starts with it (``block<b>.``); param-shaped keys never do
+    PREFIX = "block"
 
     def __init__(self, state: dict, block: int):
-        self._state, self._prefix = state, f"block{block}."
+        self._state, self._prefix = state, f"{self.PREFIX}{block}."
 
     def __getitem__(self, key: str):
         return self._state[self._prefix + key]
@@ -124,11 +126,14 @@ class BlockState(MutableMapping):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def __bool__(self) -> bool:  # the step's "state created yet?" test: stop at the first key
+        return any(isinstance(k, str) and k.startswith(self._prefix) for k in self._state)
+
 
 def block_states(state: dict) -> list[BlockState]:
     """Every :class:`BlockState` present in a param's state, in block order."""
     out = []
-    while len(BlockState(state, len(out))):
+    while BlockState(state, len(out)):
         out.append(BlockState(state, len(out)))
     return out
 
@@ -141,7 +146,7 @@ def flatten_legacy_mats(state: dict) -> dict:
     state = dict(state)
     for b, vec in enumerate(state.pop("mats")):
         for k, v in vec.items():
-            state[f"block{b}.{k}"] = v
+            state[f"{BlockState.PREFIX}{b}.{k}"] = v
     return state
 
 
@@ -342,7 +347,7 @@ class MatrixOptimizer(SkippingOptimizer):
         lay = self._layouts[p]
         state = self.state[p]
         views = lay.views if isinstance(lay, Blocks) else [None]
-        if not len(BlockState(state, 0)):
+        if not BlockState(state, 0):
             self._init_param_state(p, group, state)
         out = []
         for b, view in enumerate(views):

@@ -179,7 +179,8 @@ def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[_Entry
                 continue
             q = inner.local_params[rec.name]
             st = sub.state[q]
-            keys = [k for k, v in st.items() if torch.is_tensor(v) and not k.startswith("block") and v.shape == q.shape]
+            keys = [k for k, v in st.items()
+                    if torch.is_tensor(v) and not k.startswith(BlockState.PREFIX) and v.shape == q.shape]
             layerwise_owner = bool(getattr(w, "md_layerwise", False)) and rec.role == "matrix"
         else:
             sub, q = None, rec.main

@@ -230,7 +230,7 @@ def test_blocks_equal_reference_per_logical_matrix(name, layout):
 
 @pytest.mark.parametrize("name", ["MuonMD", "NorMuon", "AdamH"])
 def test_state_is_flat_and_named_per_block(name):
-    """Every state value of a fused-QKV param (3 query groups' Q/K/V blocks) is one tensor or
+    """Every state value of a fused-QKV param (its Q, K and V blocks; 2 query groups) is one tensor or
     scalar under a flat string key: param-shaped tensors by name, per-block state as
     ``block<b>.<key>``; a state dict of the nested layout (``"mats"``: a list of dicts) of
     earlier releases loads into the same state, and both continue identically."""
@@ -249,7 +249,8 @@ def test_state_is_flat_and_named_per_block(name):
     assert all(torch.is_tensor(v) or isinstance(v, (int, float)) for v in st.values()), st
     nblocks = len(blocks.views)
     per_block = {k.split(".", 1)[1] for k in st if k.startswith("block")}
-    assert per_block and {k.split(".", 1)[0] for k in st if k.startswith("block")} == {f"block{b}" for b in range(nblocks)}
+    blocks_seen = {k.split(".", 1)[0] for k in st if k.startswith("block")}
+    assert per_block and blocks_seen == {f"block{b}" for b in range(nblocks)}
     assert all(f"block{b}.{k}" in st for b in range(nblocks) for k in per_block)
     assert all(st[f"block{b}.step"] == 2 for b in range(nblocks))
     assert any(torch.is_tensor(v) and v.shape == p.shape for v in st.values())  # param-shaped state kept whole
