@@ -86,4 +86,10 @@ MOE="--num-experts 4 --moe-router-topk 2 --moe-aux-loss-coeff 1e-2 --moe-token-d
 sweep $C --out $R/moe --optimizers adam,muon-md --lrs "adam=2e-3,4e-3,8e-3;muon-md=2e-2,4e-2,8e-2" \
   --optimizer-args "adam=--weight-decay 0.1 --lr-warmup-iters 30 $MOE" \
   --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 $MOE"
+# MD-4's best LRs rest on one seed (a flat basin for MuonMD): seeds 2 and 3 at each width's seed-1
+# best LR and its two grid neighbours (128: beside the quality runs' seeds at the best), so the
+# width table can also pick the best LR by the seed-mean loss
+sweep $C --out $R/width --optimizers adam,muon-md --hidden-sizes 64 --seeds 2,3 --lrs "adam=4e-3,8e-3,1.6e-2;muon-md=2e-2,4e-2,8e-2"
+sweep $C --out $R/width --optimizers adam,muon-md --hidden-sizes 128 --seeds 2,3 --lrs "adam=2e-3,8e-3;muon-md=4e-2,1.6e-1"
+sweep $C --out $R/width --optimizers adam,muon-md --hidden-sizes 256 --seeds 2,3 --lrs "adam=1e-3,2e-3,4e-3;muon-md=1e-2,2e-2,4e-2"
 echo "queue: done"

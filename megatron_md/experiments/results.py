@@ -33,6 +33,10 @@ class Row:
     reached: int = 0                     # 1 if that curve reaches the baseline's final loss
     train_iters: int = 0
     failed: list[str] = field(default_factory=list)
+    #: the LRs run at every seed of the best LR (when there are ≥2 such seeds and ≥2 such LRs), with
+    #: their seed-mean losses: a best LR that does not rest on one seed's noise (see ``mean_best_lr``)
+    mean_lrs: list[float] = field(default_factory=list)
+    mean_losses: list[float] = field(default_factory=list)
 
     @property
     def mean(self) -> Optional[float]:
@@ -43,6 +47,14 @@ class Row:
         if len(self.seed_losses) < 2:
             return None
         return (max(self.seed_losses) - min(self.seed_losses)) / 2
+
+    @property
+    def mean_best_lr(self) -> Optional[float]:
+        """The best LR by the seed-mean loss over ``mean_lrs`` (None when fewer than two LRs have
+        all the seeds)."""
+        if len(self.mean_lrs) < 2:
+            return None
+        return self.mean_lrs[min(range(len(self.mean_lrs)), key=self.mean_losses.__getitem__)]
 
 
 def train_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -96,6 +108,14 @@ def _row(name: str, mine: list[dict]) -> Row:
         best = sorted(by_lr[lrs[k]], key=lambda r: r["seed"])
         row.seeds = [int(r["seed"]) for r in best]
         row.seed_losses = [float(r["final_val_loss"]) for r in best]
+        if len(row.seeds) >= 2:       # the LRs that have every seed of the best LR
+            for lr in sorted(by_lr):
+                got = {int(r["seed"]): float(r["final_val_loss"]) for r in by_lr[lr]}
+                if all(s in got for s in row.seeds):
+                    row.mean_lrs.append(lr)
+                    row.mean_losses.append(sum(got[s] for s in row.seeds) / len(row.seeds))
+            if len(row.mean_lrs) < 2:
+                row.mean_lrs, row.mean_losses = [], []
     return row
 
 
@@ -245,17 +265,28 @@ def scaling_table(rows: dict[tuple[str, int], Row], by: str) -> str:
     (mean ± half-range over seeds)."""
     values = sorted({v for _, v in rows})
     names = list(dict.fromkeys(n for n, _ in rows))
-    out = [f"| optimizer | {SCALING_KEYS[by]} | LRs swept | best LR | final val loss |", "|---|---:|---|---:|---|"]
+    means = any(r.mean_best_lr is not None for r in rows.values())
+    head = f"| optimizer | {SCALING_KEYS[by]} | LRs swept | best LR | final val loss |"
+    rule = "|---|---:|---|---:|---|"
+    if means:   # a second opinion on the best LR, from the LRs run at every seed
+        head += " seed-mean loss at the LRs with every seed (best starred) |"
+        rule += "---|"
+    out = [head, rule]
     for n in names:
         for v in values:
             r = rows.get((n, v))
             if r is None:
                 continue
             if r.best_lr is None:
-                out.append(f"| {n} | {v} | {_grid_text(r)} | — | no finished run |")
+                out.append(f"| {n} | {v} | {_grid_text(r)} | — | no finished run |" + (" — |" if means else ""))
                 continue
             edge = " (one LR)" if len(r.lrs) == 1 else " [edge]" if r.edge else ""
-            out.append(f"| {n} | {v} | {_grid_text(r)} | {r.best_lr:g}{edge} | {_loss_text(r)} |")
+            line = f"| {n} | {v} | {_grid_text(r)} | {r.best_lr:g}{edge} | {_loss_text(r)} |"
+            if means:
+                line += (" " + ", ".join(f"{lr:g}: {m:.4f}" + ("*" if lr == r.mean_best_lr else "")
+                                         for lr, m in zip(r.mean_lrs, r.mean_losses)) + " |"
+                         if r.mean_best_lr is not None else " — |")
+            out.append(line)
     return "\n".join(out)
 
 

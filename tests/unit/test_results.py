@@ -157,3 +157,30 @@ def test_scaling_rows_sweep_each_width_on_its_own(tmp_path):
     assert (out / "plots" / "width" / "loss_vs_lr.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="by='seed'"):
         res.scaling_rows([widths], ["adam"], "seed")
+
+
+def test_seed_mean_best_lr_over_the_lrs_with_every_seed(tmp_path):
+    """Seeds 2 and 3 at the best LR and its neighbours: the seed-mean curve gives a second best LR
+    (here another one than seed 1's), shown as a column of the scaling table; LRs missing a seed
+    stay out of it."""
+    seed1 = {1e-3: 5.30, 2e-3: 5.00, 4e-3: 5.02, 8e-3: 5.40}
+    more = {2: {1e-3: 5.31, 2e-3: 5.10, 4e-3: 5.00}, 3: {1e-3: 5.29, 2e-3: 5.08, 4e-3: 5.01}}
+    for lr, loss in seed1.items():
+        _run(tmp_path, "adam", lr, 1, loss, _curve(1.0))
+    for seed, losses in more.items():
+        for lr, loss in losses.items():
+            _run(tmp_path, "adam", lr, seed, loss, _curve(1.0))
+    _run(tmp_path, "muon", 1e-2, 1, 5.0, _curve(1.0))              # one seed: no second opinion
+    _run(tmp_path, "muon", 2e-2, 1, 4.9, _curve(1.0))
+    _run(tmp_path, "muon", 4e-2, 1, 5.1, _curve(1.0))
+    rows = res.scaling_rows([tmp_path], ["adam", "muon"], "hidden_size")
+    adam, muon = rows[("adam", 64)], rows[("muon", 64)]
+    assert adam.best_lr == 2e-3 and adam.mean_lrs == [1e-3, 2e-3, 4e-3] and adam.mean_best_lr == 4e-3
+    assert adam.mean_losses == pytest.approx([5.30, 5.06, 5.01])
+    assert muon.mean_best_lr is None and muon.mean_lrs == []
+    table = res.scaling_table(rows, "hidden_size")
+    assert "| adam | 64 | 0.001, 0.002, 0.004, 0.008 | 0.002 | 5.0600 ± 0.0500 (3 seeds) | " \
+           "0.001: 5.3000, 0.002: 5.0600, 0.004: 5.0100* |" in table
+    assert "| muon | 64 | 0.01, 0.02, 0.04 | 0.02 | 4.9000 (1 seed) | — |" in table
+    # without any second opinion the column is not there
+    assert "seed-mean" not in res.scaling_table({("muon", 64): muon}, "hidden_size")
