@@ -83,9 +83,17 @@ sweep $C --out $R/horizons --optimizers adam --train-iters 1200 --lrs "adam=2e-3
 sweep $C --out $R/width --optimizers adam,muon-md --hidden-sizes 64,256
 # MD at MoE (4 experts, top-2, aux loss, alltoall): MuonMD vs AdamW, tokens to equal loss
 MOE="--num-experts 4 --moe-router-topk 2 --moe-aux-loss-coeff 1e-2 --moe-token-dispatcher-type alltoall"
-sweep $C --out $R/moe --optimizers adam,muon-md --lrs "adam=2e-3,4e-3,8e-3;muon-md=2e-2,4e-2,8e-2" \
+moe() { sweep $C --out $R/moe --optimizers "$(echo "$1" | sed 's/=[^;]*//g; s/;/,/g')" --lrs "$1" --seeds "${2:-1}" \
   --optimizer-args "adam=--weight-decay 0.1 --lr-warmup-iters 30 $MOE" \
-  --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 $MOE"
+  --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 $MOE"; }
+moe "adam=2e-3,4e-3,8e-3;muon-md=2e-2,4e-2,8e-2"
+# a best LR at an end of its grid: two more LRs beyond it (twice at most); then seeds 2, 3 at the best
+for _ in 1 2; do
+  EXT=$("$PY" tools/results_table.py $R/moe --out docs/results --edge-lrs --optimizers adam,muon-md)
+  [ -z "$EXT" ] || moe "$EXT"
+done
+B=$("$PY" tools/results_table.py $R/moe --out docs/results --best-lrs --optimizers adam,muon-md)
+[ -z "$B" ] || moe "$B" 2,3
 # MD-4's best LRs rest on one seed (a flat basin for MuonMD): seeds 2 and 3 at each width's seed-1
 # best LR and its two grid neighbours (128: beside the quality runs' seeds at the best), so the
 # width table can also pick the best LR by the seed-mean loss
