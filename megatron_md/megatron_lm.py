@@ -9,6 +9,7 @@ A launcher around Megatron-LM's own, unmodified ``pretrain_gpt.py`` (the whole o
     megatron_lm.install()          # before pretrain_gpt.py runs: parser, validation, optimizer
     sys.argv[0] = "pretrain_gpt.py"
     runpy.run_path("<Megatron-LM>/pretrain_gpt.py", run_name="__main__")
+    megatron_lm.shutdown()         # the process groups, before the interpreter exits
 
 or, in your own ``pretrain()`` script, ``megatron_lm.install()`` before calling ``pretrain(...,
 extra_args_provider=megatron_lm.extra_args_provider)`` (optional once installed; it is
@@ -351,6 +352,24 @@ def install(*, builtin: Literal["megatron", "md"] = "megatron") -> list[str]:
         setattr(modules[m], attr, wrapper)
         hooked.append(f"{m}.{attr}")
     return hooked
+
+
+def shutdown() -> bool:
+    """Destroy megatron-core's model-parallel groups and the default process group, if any; True
+    when there was one. Megatron-LM's ``pretrain()`` returns without doing this, and a process that
+    exits with a live gloo group can abort in interpreter finalization (``terminate called without
+    an active exception``: gloo's worker threads still hold work whose tensors need the GIL while
+    the interpreter is torn down; pytorch/pytorch#190489). Call it after a normal end of training
+    (the launcher does); not after a failure, where another rank may still be inside a collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    return True
 
 
 def installed() -> list[str]:

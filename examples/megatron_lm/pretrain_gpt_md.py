@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 8 examples/megatron_lm/pretrain_gpt_md.py \\
         <your usual pretrain_gpt.py flags> --optimizer muon-md --lr 0.01 --weight-decay 0
 
-Everything after the two megatron_md lines is Megatron-LM's unmodified script; ``--help``
+Between the megatron_md lines runs Megatron-LM's unmodified script; ``--help``
 lists Megatron-LM's flags and ours (group "megatron_md"). ``launch_megatron_lm.sh`` next to
 this file is a complete tiny-GPT command line (mock data). Versions verified:
 docs/compatibility.md.
@@ -25,4 +25,9 @@ sys.path.append(MEGATRON_LM_PATH)
 megatron_lm.install()  # (2) our flags in its parser, our optimizers in its training loop
 
 sys.argv[0] = os.path.join(MEGATRON_LM_PATH, "pretrain_gpt.py")
-runpy.run_path(sys.argv[0], run_name="__main__")
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:  # Megatron-LM's exit conditions (--exit-interval, signals) end this way
+    if e.code not in (None, 0):
+        raise
+megatron_lm.shutdown()  # (3) destroy the process groups while the interpreter is whole (see its docstring)

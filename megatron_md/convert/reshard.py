@@ -72,8 +72,8 @@ def reshard(load: str, save: str, *, nproc: int, layout: Sequence[str] = (), ckp
         tp = int(lay[lay.index("--tensor-model-parallel-size") + 1])
     weights_only = man.get("ckpt_format") != "torch_dist"
     driver = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "pretrain_gpt.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(29500 + os.getpid() % 1000), os.path.normpath(driver), *driver_flags(man["topology"], tp), *lay,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           os.path.normpath(driver), *driver_flags(man["topology"], tp), *lay,
            # the LR schedule and every optimizer hyperparameter come from the checkpoint
            "--lr", "1e-3", "--micro-batch-size", "1", "--mock-data", "--eval-iters", "0", "--log-interval", "1",
            "--load", load, "--ckpt-step", str(it), "--train-iters", str(it), "--save", save,

@@ -398,3 +398,33 @@ def test_apply_and_disable_restore_torch_state():
     assert {n: getattr(torch.cuda, n) for n in before} == before
     with pytest.raises((RuntimeError, AssertionError), match="CUDA"):  # torch's own error again
         torch.empty(1, device="cuda")
+
+
+SHUTDOWN_SCRIPT = r"""
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron_md import megatron_lm
+from megatron_md.megatron import cpu_compat
+cpu_compat.apply()
+assert megatron_lm.shutdown() is False                     # no group yet: nothing to do
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+ps.initialize_model_parallel(1, 1)
+assert ps.model_parallel_is_initialized()
+assert megatron_lm.shutdown() is True
+assert not dist.is_initialized() and not ps.model_parallel_is_initialized()
+assert megatron_lm.shutdown() is False
+print("SHUTDOWN_OK")
+"""
+
+
+def test_megatron_lm_shutdown_destroys_the_groups():
+    """``megatron_lm.shutdown()`` (the Megatron-LM launcher's last line): megatron-core's groups
+    and the default process group are gone afterwards, so the process never exits with a live gloo
+    group (an occasional abort in interpreter finalization). A fresh interpreter: this process's
+    own distributed state stays untouched."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", SHUTDOWN_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0 and "SHUTDOWN_OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,18 +44,13 @@ ITER = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: (\S+) \|.*?grad norm:
 VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: (\S+) \|")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(*flags: str, probe: bool = False, timeout: int = 400):
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1")
     if probe:
         env["MEGATRON_MD_TEST_PROBE_EVAL"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), str(SHIMS), str(LAUNCHER), *TINY_GPT, *flags]
+    # --standalone: torchrun's store binds a port the kernel picks (no probe-then-bind race)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(SHIMS), str(LAUNCHER), *TINY_GPT, *flags]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     iters = {int(m[1]): (float(m[2]), float(m[3])) for m in ITER.finditer(out)}
