@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     iters = sorted({r.train_iters for r in rows})
     lines = [f"# Quality table: {a.sweep}", "",
              f"Command: `{_command(argv)}` "
-             f"({time.strftime('%Y-%m-%d %H:%M')}); sweep commit {meta.get('commit', '?')}; "
+             f"({time.strftime('%Y-%m-%d %H:%M')}); last sweep step at commit {meta.get('commit', '?')} (each run's own: its command.json); "
              f"{iters} iterations per run. Every run's command and log: `{a.sweep}/runs/<run>/`.", "",
              res.markdown_table(rows, a.baseline), "",
              "Final validation loss: the driver's evaluation at the last iteration. Seeds at the best LR: mean ± "

@@ -324,11 +324,12 @@ def run_sweep(cfg: SweepConfig, root: str, *, retry_failed: bool = False, progre
     root.mkdir(parents=True, exist_ok=True)
     todo, done = pending(cfg, root, retry_failed)
     counts = {"ok": 0, "failed": 0, "skipped": done}
-    _atomic_json(root / "sweep.json", {"config": asdict(cfg), "commit": _git_commit(),
-                                       "grid_size": len(cfg.grid())})
-    if not todo:
+    if not todo:   # nothing to run: the directory (sweep.json included) stays as the runs left it
         write_tables(root)
         return counts
+    # the invocation that runs something (each run's own commit: its command.json)
+    _atomic_json(root / "sweep.json", {"config": asdict(cfg), "commit": _git_commit(),
+                                       "grid_size": len(cfg.grid())})
     data = data_flags(cfg)
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.jobs)
     lock = threading.Lock()

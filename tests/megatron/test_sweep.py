@@ -49,8 +49,12 @@ def test_sweep_runs_records_and_resumes(tmp_path):
 
     # resume: nothing finished is rerun (failed runs stay recorded unless retried)
     stamps = {p: p.stat().st_mtime_ns for p in root.glob("runs/*/result.json")}
+    meta = (root / "sweep.json").read_bytes()
+    (root / "sweep.json").write_bytes(meta.replace(b'"commit": ', b'"commit": "x", "was": '))
     assert run_sweep(_cfg(), str(root), progress=False) == {"ok": 0, "failed": 0, "skipped": 3}
     assert stamps == {p: p.stat().st_mtime_ns for p in root.glob("runs/*/result.json")}
+    # ... and sweep.json (the config and commit of the invocation that ran) is left as it was
+    assert b'"was": ' in (root / "sweep.json").read_bytes()
 
     # an interrupted run (no result.json) is rerun; an extended grid adds only its new point;
     # the failed run is retried on request, here with the flag fixed
