@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for quality.md and the plots")
     p.add_argument("--baseline", default="adam")
     p.add_argument("--optimizers", default=",".join(ORDER), help="row order (comma list)")
-    p.add_argument("--name", default="quality", help="basename of the markdown file")
+    p.add_argument("--name", default="quality", help="basename of the markdown file, the plots folder and the --fill block")
     p.add_argument("--best-lrs", action="store_true",
                    help="only print each optimizer's best LR as tools/sweep.py --lrs ('adam=0.004;muon=0.02'), "
                    "leaving out optimizers whose best lies at the grid's edge (extend those first)")
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     out.write_text("\n".join(lines) + "\n")
     if a.fill is not None:
         block = "\n".join(lines[4:-len(plots)] + _images(plots, a.out, a.fill.parent))
-        a.fill.write_text(res.fill_blocks(a.fill.read_text(), {"quality": block}))
+        a.fill.write_text(res.fill_blocks(a.fill.read_text(), {a.name: block}))
     print(out.read_text())
     return 0
 

@@ -78,6 +78,15 @@ def test_results_table_tool(sweep, tmp_path):
     assert "| muon | 0.005, 0.01, 0.02 | 0.01 |" in text
     assert (out / "plots" / "quality" / "loss_vs_step.png").stat().st_size > 1000
     assert (out / "plots" / "quality" / "loss_vs_lr.png").stat().st_size > 1000
+    # --name: another sweep's table into its own block of the page (the quality block untouched)
+    page = tmp_path / "page.md"
+    page.write_text("<!-- BEGIN quality -->\nq\n<!-- END quality -->\n<!-- BEGIN moe -->\nold\n<!-- END moe -->\n")
+    subprocess.run([sys.executable, str(REPO / "tools" / "results_table.py"), str(sweep), "--out", str(out),
+                    "--optimizers", "adam,muon", "--name", "moe", "--fill", str(page)],
+                   check=True, capture_output=True, cwd=REPO)
+    filled = page.read_text()
+    assert "\nq\n" in filled and "old" not in filled and "| muon | 0.005, 0.01, 0.02 | 0.01 |" in filled
+    assert "plots/moe/loss_vs_lr.png" in filled and (out / "moe.md").exists()
     claims = tmp_path / "claims.toml"
     claims.write_text('[[claim]]\nid = "C1"\nclaim = "muon beats adam"\n'
                       'treatment = {dir = ".", optimizer = "muon"}\ncontrol = {dir = ".", optimizer = "adam"}\n')
