@@ -17,7 +17,8 @@ logging of Megatron-LM untouched (megatron-core's own CPU needs are
 * ``_compile_dependencies`` runs ``make`` in megatron-core's datasets directory and builds the
   fused CUDA kernels with ``nvcc``: replaced by an import of the dataset helpers the
   megatron-core wheel ships compiled (nothing to compile for CPU kernels).
-* (not CUDA: Python) ``typing.override``, imported by Megatron-LM >= 0.19, is 3.12-only.
+* (not CUDA: Python) ``typing.override``, imported by Megatron-LM >= 0.19, is 3.12-only (the
+  interpreters Megatron-LM spawns itself get it from ``py311/sitecustomize.py``).
 * ``arguments.get_device_arch_version()`` (asked at TP > 1) reads the CUDA device's compute
   capability: answered 0 (a pre-Blackwell arch: only selects a performance warning).
 

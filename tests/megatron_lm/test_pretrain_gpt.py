@@ -31,11 +31,17 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "examples" / "megatron_lm" / "pretrain_gpt_md.py"
 SHIMS = Path(__file__).with_name("cpu_megatron_lm.py")
+#: sitecustomize giving Python 3.11 typing.override in every interpreter, spawned children too
+PY311 = Path(__file__).with_name("py311")
+# --vocab-size 127 --make-vocab-size-divisible-by 64: the padded vocabulary is 128 at TP=1 and at
+# TP=2 whether the tokenizer adds an EOD token (core_v0.16's NullTokenizer) or not (core_v0.19's). The
+# padding multiple is (divisible-by × TP) and the padded rows take part in the softmax, so with a
+# padded size that changes with TP a checkpoint resumed at another TP is another model.
 TINY_GPT = (
     "--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 --seq-length 32 "
     "--max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 4 --train-iters 6 "
     "--eval-interval 3 --eval-iters 2 --log-interval 1 --lr 0.01 --lr-decay-style constant --weight-decay 0 "
-    "--clip-grad 1.0 --seed 1234 --mock-data --tokenizer-type NullTokenizer --vocab-size 128 "
+    "--clip-grad 1.0 --seed 1234 --mock-data --tokenizer-type NullTokenizer --vocab-size 127 --make-vocab-size-divisible-by 64 "
     "--distributed-backend gloo --transformer-impl local --use-cpu-initialization "
     "--no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-dropout-fusion "
     "--no-persist-layer-norm --no-rope-fusion --position-embedding-type learned_absolute "
@@ -45,7 +51,8 @@ VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: (\S+) 
 
 
 def _run(*flags: str, probe: bool = False, timeout: int = 400):
-    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(PY311), os.environ.get("PYTHONPATH")])))
     if probe:
         env["MEGATRON_MD_TEST_PROBE_EVAL"] = "1"
     # --standalone: torchrun's store binds a port the kernel picks (no probe-then-bind race)
