@@ -365,10 +365,9 @@ def shutdown() -> bool:
 
     if not (dist.is_available() and dist.is_initialized()):
         return False
-    from megatron.core import parallel_state
+    from .training.model import shutdown as destroy_groups   # our driver's own teardown
 
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    destroy_groups(created=True)
     return True
 
 

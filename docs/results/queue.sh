@@ -11,8 +11,10 @@ Q=docs/results/quality
 sweep() { "$PY" tools/sweep.py --no-progress "$@" || echo "queue: a sweep step had failed runs ($*)"; }
 best() { "$PY" tools/results_table.py "$Q" --out docs/results --best-lrs --optimizers "$1"; }
 # seeds 2 and 3 at the best LRs "opt=lr;opt=lr" (optimizers whose best is at the grid's edge are left out)
+# the optimizer names of an "opt=lr,lr;opt=lr" spec, comma-separated
+names() { echo "$1" | sed 's/=[^;]*//g; s/;/,/g'; }
 seeds() { [ -z "$1" ] || sweep --config docs/results/quality.toml --out "$Q" --seeds 2,3 --lrs "$1" \
-            --optimizers "$(echo "$1" | sed 's/=[^;]*//g; s/;/,/g')"; }
+            --optimizers "$(names "$1")"; }
 
 # 1. the README demo's pair first: LR sweep (seed 1), then seeds 2 and 3 at the best LR
 sweep --config docs/results/quality.toml --out "$Q" --optimizers adam,muon-md
@@ -24,7 +26,7 @@ ALL=adam,muon,normuon,rmnp,adamh,muonh,adam-md,muon-md,sf-adamw,sf-normuon
 for _ in 1 2; do
   EXT=$("$PY" tools/results_table.py "$Q" --out docs/results --edge-lrs --optimizers $ALL)
   [ -z "$EXT" ] || sweep --config docs/results/quality.toml --out "$Q" --seeds 1 --lrs "$EXT" \
-                     --optimizers "$(echo "$EXT" | sed 's/=[^;]*//g; s/;/,/g')"
+                     --optimizers "$(names "$EXT")"
 done
 seeds "$(best $ALL)"
 
@@ -83,7 +85,7 @@ sweep $C --out $R/horizons --optimizers adam --train-iters 1200 --lrs "adam=2e-3
 sweep $C --out $R/width --optimizers adam,muon-md --hidden-sizes 64,256
 # MD at MoE (4 experts, top-2, aux loss, alltoall): MuonMD vs AdamW, tokens to equal loss
 MOE="--num-experts 4 --moe-router-topk 2 --moe-aux-loss-coeff 1e-2 --moe-token-dispatcher-type alltoall"
-moe() { sweep $C --out $R/moe --optimizers "$(echo "$1" | sed 's/=[^;]*//g; s/;/,/g')" --lrs "$1" --seeds "${2:-1}" \
+moe() { sweep $C --out $R/moe --optimizers "$(names "$1")" --lrs "$1" --seeds "${2:-1}" \
   --optimizer-args "adam=--weight-decay 0.1 --lr-warmup-iters 30 $MOE" \
   --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 $MOE"; }
 moe "adam=2e-3,4e-3,8e-3;muon-md=2e-2,4e-2,8e-2"

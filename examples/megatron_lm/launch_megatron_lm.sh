@@ -11,7 +11,10 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1          # Megatron-LM requires it with ten
 NPROC=${NPROC:-2}
 PYTHON=${PYTHON:-python}
 ENTRY=(examples/megatron_lm/pretrain_gpt_md.py)
-if [[ "${CPU:-0}" == 1 ]]; then ENTRY=(tests/megatron_lm/cpu_megatron_lm.py "${ENTRY[@]}"); fi
+if [[ "${CPU:-0}" == 1 ]]; then   # (+ typing.override for Python 3.11 in every interpreter, spawned ones too)
+  ENTRY=(tests/megatron_lm/cpu_megatron_lm.py "${ENTRY[@]}")
+  export PYTHONPATH="$PWD/tests/megatron_lm/py311${PYTHONPATH:+:$PYTHONPATH}"
+fi
 "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" "${ENTRY[@]}" \
   --num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 \
   --seq-length 32 --max-position-embeddings 32 --position-embedding-type learned_absolute \

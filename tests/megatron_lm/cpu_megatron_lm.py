@@ -17,8 +17,9 @@ logging of Megatron-LM untouched (megatron-core's own CPU needs are
 * ``_compile_dependencies`` runs ``make`` in megatron-core's datasets directory and builds the
   fused CUDA kernels with ``nvcc``: replaced by an import of the dataset helpers the
   megatron-core wheel ships compiled (nothing to compile for CPU kernels).
-* (not CUDA: Python) ``typing.override``, imported by Megatron-LM >= 0.19, is 3.12-only (the
-  interpreters Megatron-LM spawns itself get it from ``py311/sitecustomize.py``).
+* (not CUDA: Python) ``typing.override``, imported by Megatron-LM >= 0.19, is 3.12-only: on 3.11
+  ``py311/sitecustomize.py`` (on the ``PYTHONPATH`` the tests set) adds it in every interpreter,
+  the ranks and the ones Megatron-LM spawns itself.
 * ``arguments.get_device_arch_version()`` (asked at TP > 1) reads the CUDA device's compute
   capability: answered 0 (a pre-Blackwell arch: only selects a performance warning).
 
@@ -34,22 +35,8 @@ import runpy
 import sys
 
 
-def _python312_names() -> None:
-    """Megatron-LM >= 0.19 (``megatron/training/models/gpt.py``) imports ``typing.override``, new
-    in Python 3.12; these machines have 3.11. ``typing_extensions.override`` is the same
-    decorator (it only sets ``__override__``). Test-time only: on 3.12 nothing is changed."""
-    import typing
-
-    if not hasattr(typing, "override"):
-        import typing_extensions
-
-        typing.override = typing_extensions.override
-
-
 def apply() -> None:
     from megatron_md.megatron import cpu_compat
-
-    _python312_names()
 
     cpu_compat.apply()
     path = os.environ.get("MEGATRON_LM_PATH")
