@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from typing import Optional, Sequence
 
 from ..megatron.config import NO_WEIGHT_DECAY, SCHEDULE_FREE, add_md_args, md_config_from_args, validate
+from ..megatron.model_recipe import add_recipe_args, apply_recipe_preset
 
-__all__ = ["ArgumentError", "build_parser", "parse_args", "validate_args", "te_available",
+__all__ = ["ArgumentError", "build_parser", "parse_args", "parse_with_recipe", "validate_args", "te_available",
            "optimizer_config", "md_config", "world_size_from_env"]
 
 
@@ -198,6 +200,7 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
     g.add_argument("--dataloader-cache", default=None, help="GPTDataset index cache dir "
                    "(default <data dir>/cache)")
 
+    add_recipe_args(p)
     add_md_args(p)
     if defaults:
         p.set_defaults(**defaults)
@@ -207,8 +210,18 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
 def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None,
                world_size: Optional[int] = None) -> argparse.Namespace:
     """Parse and validate; raises :class:`ArgumentError` (naming the flags) on any problem."""
-    args = build_parser(defaults).parse_args(argv)
-    return validate_args(args, world_size=world_size)
+    return validate_args(parse_with_recipe(build_parser(defaults), argv), world_size=world_size)
+
+
+def parse_with_recipe(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, then ``--model-recipe``'s preset for every flag ``argv`` does not give."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    try:
+        apply_recipe_preset(parser, args, argv)
+    except ValueError as exc:
+        raise ArgumentError(str(exc)) from None
+    return args
 
 
 def world_size_from_env() -> int:

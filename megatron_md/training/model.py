@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..megatron.model_recipe import add_embedding_multiplier, apply_to_layer_spec, recipe_from_args
+
 __all__ = ["initialize", "set_seed", "transformer_config", "layer_spec", "build_model", "unwrap",
            "align_param_gather", "overlaps_param_gather", "sync_params", "ParamGatherHooks"]
 
@@ -137,6 +139,12 @@ def transformer_config(args):
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         calculate_per_token_loss=False, transformer_impl=args.transformer_impl,
     )
+    recipe = recipe_from_args(args)
+    if recipe.qk_layernorm:
+        kw.update(qk_layernorm=True)  # megatron-core then all-reduces the q/k norms' gradients over TP
+    if not recipe.scaled_output_init:
+        from megatron.core.utils import init_method_normal
+        kw.update(output_layer_init_method=init_method_normal(args.init_method_std))
     if args.num_experts:
         kw.update(num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
                   moe_aux_loss_coeff=args.moe_aux_loss_coeff,
@@ -152,23 +160,29 @@ def transformer_config(args):
 
 
 def layer_spec(args, config):
-    """Local (megatron-core only) spec, or the Transformer Engine spec."""
+    """Local (megatron-core only) spec, or the Transformer Engine spec, with the model recipe's
+    QK-norm and branch post-processing (:mod:`megatron_md.megatron.model_recipe`)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
+    recipe = recipe_from_args(args)
     if args.transformer_impl == "transformer_engine":
-        return specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm)
-    return specs.get_gpt_layer_local_spec(
-        num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
-        normalization=args.normalization)
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm, qk_layernorm=recipe.qk_layernorm)
+    else:
+        spec = specs.get_gpt_layer_local_spec(
+            num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
+            normalization=args.normalization, qk_layernorm=recipe.qk_layernorm)
+    return apply_to_layer_spec(spec, recipe)
 
 
 def _gpt(args, config, pre_process: bool, post_process: bool, vp_stage=None):
     from megatron.core.models.gpt.gpt_model import GPTModel
-    return GPTModel(
+    model = GPTModel(
         config=config, transformer_layer_spec=layer_spec(args, config), vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings, pre_process=pre_process, post_process=post_process,
         parallel_output=True, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base, vp_stage=vp_stage)
+    add_embedding_multiplier(model, recipe_from_args(args).embedding_multiplier)
+    return model
 
 
 def _stage_models(args, config) -> list:

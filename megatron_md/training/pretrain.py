@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .arguments import ArgumentError, build_parser, optimizer_config, validate_args
+from .arguments import ArgumentError, build_parser, optimizer_config, parse_with_recipe, validate_args
 from .errors import DivergenceError, RunError
 
 __all__ = ["main", "pretrain", "SUMMARY_EVENT"]
@@ -442,7 +442,7 @@ def main(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None, 
     line from rank 0 and exit 1."""
     parser = build_parser(defaults, prog=prog)
     try:
-        args = validate_args(parser.parse_args(argv))
+        args = validate_args(parse_with_recipe(parser, argv))
     except ArgumentError as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{parser.prog}: error: {exc}\n(all flags: {parser.prog} --help)", file=sys.stderr, flush=True)
