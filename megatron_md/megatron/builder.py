@@ -194,11 +194,16 @@ def model_matrices(model_chunks, *, router_on_matrix: bool = False) -> list[tupl
             if role_of(n, p, opts) == "matrix"]
 
 
+def _partner_lr(md, config) -> float:
+    """The AdamW partner's peak LR: --partner-lr, else --lr."""
+    return md.partner_lr if getattr(md, "partner_lr", None) is not None else config.lr
+
+
 def _param_groups(model_chunks, config, names, roles, md, expert: bool, group_roles=("matrix", "adam")) -> list[dict]:
     """Megatron-style groups (wd_mult / lr_mult / max_lr / min_lr keys), split by role. The
     group structure is the same on every rank (empty groups are kept): ``group_roles`` comes
     from the configuration, never from which parameters this rank (pipeline stage) holds."""
-    partner_lr = md.partner_lr if getattr(md, "partner_lr", None) is not None else config.lr
+    partner_lr = _partner_lr(md, config)
     emb_lr = getattr(md, "md_embedding_lr", None) or partner_lr
     ratios = {"matrix": 1.0, "adam": partner_lr / config.lr if config.lr else 1.0,
               "head": partner_lr / config.lr if config.lr else 1.0,
@@ -373,6 +378,12 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     radius = {n: (residual_radius_scale(num_layers) if md.md_residual_scaling and residual_output(n) else 1.0)
               for n in layouts}
     kwargs = md.matrix_kwargs() if matrix_cls is not None else {}
+    if md_run:
+        # the gains' LR is kept as a ratio to the matrix LR: construct with the peak matrix LR (the
+        # class default 0.01 would make an explicit --muon-md-gains-lr a ratio to 0.01)
+        kwargs["lr"] = config.lr
+        if kwargs.get("gains_lr") is None:
+            kwargs["gains_lr"] = _partner_lr(md, config)  # as the authors: gains at the base LR, not the matrix LR
     head_kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
     if md_run:
         kwargs["init"] = head_kwargs["init"] = md.md_init

@@ -271,13 +271,18 @@ class MuonHConfig(MethodConfig, _NewtonSchulz, _Momentum):
 
 @dataclass
 class _MagnitudeDirection:
-    gains_lr: Optional[float] = _f(None, "LR of the row/column gains' Adam (None = the matrix LR, --lr); "
-                                         "kept as a ratio to the LR, so the LR schedule scales both.", "nonneg")
+    gains_lr: Optional[float] = _f(None, "LR of the row/column gains' Adam (None = the partner LR, --partner-lr "
+                                         "or --lr, as the authors' --gains-lr falls back to the base --lr; the "
+                                         "matrix LR: pass the --lr value); kept as a ratio to the LR, so the LR "
+                                         "schedule scales both.", "nonneg")
     betas: tuple[float, float] = _f((0.9, 0.99), "Adam (β1, β2) of the gains (AdamMD: also of the direction).",
                                     "unit")
     eps: float = _f(1e-8, _EPS_HELP, "positive")
     radius_scale: float = _f(1.0, "Multiplier of every sphere radius R = √max(m, n) (--md-residual-scaling "
                                    "further shrinks linear_proj/linear_fc2 by √(1/(2L))).", "positive")
+    radius_scales_update: bool = _f(True, "Scale the step of D by the same factor ρ as its radius (η·ρ·U for "
+                                          "R = ρ·√max(m, n), --md-residual-scaling included): the angular step "
+                                          "stays, as in the authors' optimizer. Off: only R shrinks.")
 
 
 @dataclass
@@ -295,6 +300,9 @@ class MuonMDConfig(MethodConfig, _NewtonSchulz, _Momentum, _MagnitudeDirection):
     name: ClassVar[str] = "muon-md"
     optimizer_class: ClassVar[type] = MuonMD
     scale: ScaleName = _f("shape_up", _SCALE_HELP)
+    ns_coefficients: NsCoefficients = _f(
+        "quintic", "Newton–Schulz coefficients: 'quintic' = the 5-triple schedule (the MD authors' optimizer); "
+                   "'jordan' = (3.4445, −4.7750, 2.0315) repeated (docs/optimizer_spec.md).")
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """MD decoupling: magnitude (row/column gains) and direction (a Frobenius sphere), arXiv 2606.25971.
 
 Each hidden matrix is seen by the model as one fused weight
-``W = diag(softplus(g_r)) · D · diag(softplus(g_c))`` with ``‖D‖_F = R = sqrt(max(m, n))``
-(× ``radius_scale``, a param-group key; e.g. ``sqrt(1/(2L))`` for residual outputs). The gains
-are optimizer state (initialized to softplus⁻¹(1): gains = 1); D is recovered from W.
+``W = diag(softplus(g_r)) · D · diag(softplus(g_c))`` with ``‖D‖_F = R = ρ·sqrt(max(m, n))``
+(ρ = ``radius_scale``, a param-group key; e.g. ``sqrt(1/(2L))`` for residual outputs). With
+``radius_scales_update`` (default, as the authors' optimizer) the step of D is ``η·ρ·U``, so a
+radius scale leaves the angular step unchanged; off, only R shrinks (the step is ``η·U`` on a
+smaller sphere: a larger angle). The gains are optimizer state (initialized to softplus⁻¹(1):
+gains = 1); D is recovered from W.
 
 ``sphere="rows"`` (a param-group key) replaces the Frobenius sphere by one unit sphere per row,
 ``‖D_i,:‖ = radius_scale``: MD's recipe for the untied output head (Adam base, row-normalized,
@@ -51,7 +54,8 @@ class _MD(MatrixOptimizer):
         D = W / (s_r s_cᵀ);  P = D ⊙ G
         ∇g_r = sigmoid(g_r) ⊙ (P s_c);   ∇g_c = sigmoid(g_c) ⊙ (Pᵀ s_r)
         G_D = G ⊙ (s_r s_cᵀ);   U = base(G_D)
-        D ← D − η U;   D ← R · D / ‖D‖_F          (retraction; no tangent projection)
+        D ← D − η ρ U;   D ← R · D / ‖D‖_F        (retraction; no tangent projection;
+                                                   ρ = radius_scale, or 1 without radius_scales_update)
                        (sphere="rows": D_i,: ← r · D_i,: / ‖D_i,:‖ for every row i)
         g_r, g_c ← Adam(∇g, lr = gains_lr), no weight decay
         W ← softplus(g_r) D softplus(g_c)ᵀ
@@ -66,7 +70,7 @@ class _MD(MatrixOptimizer):
                           for p in g["params"] for m in self.mats_of(p, g)])
 
     def _md_defaults(self, lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere="frobenius",
-                     init="project"):
+                     init="project", radius_scales_update=True):
         if weight_decay:
             raise ValueError(f"weight_decay={weight_decay!r}: MD decoupling uses no weight decay (the sphere fixes ‖D‖_F)")
         lr = check_lr("lr", lr)
@@ -79,7 +83,12 @@ class _MD(MatrixOptimizer):
             raise ValueError(f"init={init!r}: expected one of {INITS}")
         return dict(lr=lr, gains_lr_ratio=(gains_lr / lr) if lr else 1.0, betas=check_betas(betas),
                     eps=check_positive("eps", eps), radius_scale=check_positive("radius_scale", radius_scale),
-                    sphere=sphere, init=init)
+                    radius_scales_update=bool(radius_scales_update), sphere=sphere, init=init)
+
+    @staticmethod
+    def step_lr(group: dict) -> float:
+        """The LR of D's step: ``lr · radius_scale`` with ``radius_scales_update``, else ``lr``."""
+        return group["lr"] * (group["radius_scale"] if group.get("radius_scales_update", True) else 1.0)
 
     def radius(self, m: Mat) -> float:
         """R of the Frobenius sphere, or each row's radius for ``sphere="rows"``."""
@@ -177,7 +186,7 @@ class _MD(MatrixOptimizer):
         S = sh.rows(F.softplus(v["g_r"])) * sh.cols(F.softplus(v["g_c"]))
         W = m.W
         D = W / S
-        D.sub_(U, alpha=g["lr"])
+        D.sub_(U, alpha=self.step_lr(g))
         D.mul_(self._retraction(m, self._sq_norm(m, D)))
         t, gains_lr = v["step"], g["lr"] * g["gains_lr_ratio"]
         vector_adam(v, "g_r", m.scratch.pop("grad_g_r"), gains_lr, g["betas"], g["eps"], t)
@@ -257,9 +266,10 @@ class AdamMD(_MD):
     ``sphere="rows"``: each row of D on its own sphere (MD's output-head rule)."""
 
     def __init__(self, params, *, lr: float = 3e-3, gains_lr=None, betas=(0.9, 0.99), eps: float = 1e-8,
-                 weight_decay: float = 0.0, radius_scale: float = 1.0, sphere: str = "frobenius",
-                 init: str = "project", shards=None, nonfinite_group=None):
-        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere, init)
+                 weight_decay: float = 0.0, radius_scale: float = 1.0, radius_scales_update: bool = True,
+                 sphere: str = "frobenius", init: str = "project", shards=None, nonfinite_group=None):
+        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere, init,
+                                     radius_scales_update)
         super().__init__(params, defaults, shards=shards, nonfinite_group=nonfinite_group)
 
     def _init_param_state(self, p, group, state):
@@ -288,7 +298,7 @@ class AdamMD(_MD):
             torch._foreach_div_(denom, math.sqrt(1 - b2 ** t))
             torch._foreach_add_(denom, g["eps"])
             D = [self._direction_in_place(mats[i], prep[i]) for i in idx]
-            torch._foreach_addcdiv_(D, Ms, denom, value=-g["lr"] / (1 - b1 ** t))
+            torch._foreach_addcdiv_(D, Ms, denom, value=-self.step_lr(g) / (1 - b1 ** t))
             for i, d in zip(idx, D):
                 Ds[i] = d
         self._md_finish(mats, prep, Ds, red)
@@ -296,16 +306,19 @@ class AdamMD(_MD):
 
 class MuonMD(_MD):
     r"""MuonMD: MD decoupling over a Muon base (``U = scale · NS(Nesterov momentum of G_D)``,
-    ``scale="shape_up"`` by default, μ 0.95); gains on Adam (betas (0.9, 0.99), ε 1e-8).
+    ``scale="shape_up"`` by default, μ 0.95, the 5-triple "quintic" Newton–Schulz schedule as the
+    authors' optimizer); gains on Adam (betas (0.9, 0.99), ε 1e-8).
     See :class:`_MD`. Best matrix LR ≈ 1.1e-2 at 181M in the paper; no warmup."""
 
     uses_ns = True
 
     def __init__(self, params, *, lr: float = 0.01, gains_lr=None, momentum: float = 0.95, nesterov: bool = True,
                  betas=(0.9, 0.99), eps: float = 1e-8, weight_decay: float = 0.0, radius_scale: float = 1.0,
-                 ns_coefficients="jordan", ns_steps=None, ns_dtype=None, scale: str = "shape_up",
-                 ns_mode: str = "owner", init: str = "project", shards=None, nonfinite_group=None):
-        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale, init=init)
+                 radius_scales_update: bool = True, ns_coefficients="quintic", ns_steps=None, ns_dtype=None,
+                 scale: str = "shape_up", ns_mode: str = "owner", init: str = "project", shards=None,
+                 nonfinite_group=None):
+        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale, init=init,
+                                     radius_scales_update=radius_scales_update)
         defaults.update(momentum=check_unit("momentum", momentum), nesterov=bool(nesterov), scale=check_scale(scale),
                         **ns_defaults(ns_coefficients, ns_steps, ns_dtype, ns_mode))
         super().__init__(params, defaults, shards=shards, ns_mode=ns_mode, nonfinite_group=nonfinite_group)
@@ -338,7 +351,7 @@ class MuonMD(_MD):
         del self._md_pending
         Ds = [self._direction_in_place(m, d) for m, d in zip(mats, prep)]
         for D, o, m in zip(Ds, outs, mats):
-            D.add_(o, alpha=-m.group["lr"] * scale_factor(m.group["scale"], m.d_out, m.d_in))
+            D.add_(o, alpha=-self.step_lr(m.group) * scale_factor(m.group["scale"], m.d_out, m.d_in))
         self._md_finish(mats, prep, Ds, red)
 
 

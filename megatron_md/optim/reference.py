@@ -543,7 +543,8 @@ def factor_gains(W: torch.Tensor, R: float, sphere: str = "frobenius") -> Tuple[
 class _MDBase(_Reference):
     """W = diag(softplus(g_r)) · D · diag(softplus(g_c)), ‖D‖_F = R = sqrt(max(m, n))·radius_scale.
 
-    ``radius_scale`` is a float (all params) or a sequence with one value per param.
+    ``radius_scale`` ρ is a float (all params) or a sequence with one value per param; with
+    ``radius_scales_update`` the step is ``D ← D − lr·ρ·U`` (else ``lr·U``).
     The parameter W is what is stored; D is recovered as W / (s_r s_cᵀ) (as in the spec).
     ``sphere="rows"``: every row of D has norm ``radius_scale`` instead (the output-head rule).
     ``init="project"``: W is projected onto its sphere, gains 1; ``init="factor"``: W is kept and
@@ -551,8 +552,9 @@ class _MDBase(_Reference):
     """
 
     def __init__(self, params, *, lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere="frobenius",
-                 init="project"):
+                 init="project", radius_scales_update=True):
         super().__init__(params)
+        self.radius_scales_update = radius_scales_update
         self.sphere = sphere
         if weight_decay != 0:
             raise ValueError(f"weight_decay={weight_decay!r}: MD optimizers have no weight decay")
@@ -574,6 +576,7 @@ class _MDBase(_Reference):
             R = radius_scales[i] if sphere == "rows" else math.sqrt(max(m, n)) * radius_scales[i]
             state = self.state[i]
             state["R"] = R
+            state["rho"] = radius_scales[i]
             if init == "factor":
                 # W stays; W = diag(s_r) D diag(s_c) with D on the sphere
                 state["g_r"], state["g_c"] = factor_gains(W, R, sphere)
@@ -625,7 +628,8 @@ class _MDBase(_Reference):
         G_D = G * (s_r[:, None] * s_c[None, :])
 
         U = self._base_update(i, G_D, t)
-        D = D - self.lr * U
+        # the step of D scales with the radius (the angular step stays), or not
+        D = D - self.lr * (state["rho"] if self.radius_scales_update else 1.0) * U
         D = self._retract(D, R)
 
         m_r, v_r, u_r = _adam_direction(
@@ -659,6 +663,7 @@ class AdamMD(_MDBase):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         radius_scale=1.0,
+        radius_scales_update: bool = True,
         sphere: str = "frobenius",
         init: str = "project",
     ):
@@ -670,6 +675,7 @@ class AdamMD(_MDBase):
             eps=eps,
             weight_decay=weight_decay,
             radius_scale=radius_scale,
+            radius_scales_update=radius_scales_update,
             sphere=sphere,
             init=init,
         )
@@ -700,11 +706,12 @@ class MuonMD(_MDBase):
         betas=(0.9, 0.99),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        ns_coefficients="jordan",
+        ns_coefficients="quintic",
         ns_steps: Optional[int] = None,
         ns_dtype: torch.dtype = torch.float32,
         scale: str = "shape_up",
         radius_scale=1.0,
+        radius_scales_update: bool = True,
         init: str = "project",
     ):
         super().__init__(
@@ -715,6 +722,7 @@ class MuonMD(_MDBase):
             eps=eps,
             weight_decay=weight_decay,
             radius_scale=radius_scale,
+            radius_scales_update=radius_scales_update,
             init=init,
         )
         self.momentum = momentum

@@ -53,6 +53,8 @@ OPTIMIZERS = {
     "AdamMD": ("AdamMD", dict(lr=0.01)),
     "AdamMD_rows": ("AdamMD", dict(lr=0.01, sphere="rows")),   # MD's output-head rule
     "MuonMD": ("MuonMD", dict(lr=0.02)),
+    # a radius scale that also scales the step (the authors' rule) and gains at their own LR
+    "MuonMD_radius": ("MuonMD", dict(lr=0.02, radius_scale=0.5, gains_lr=0.005)),
     "SFNorMuon": ("SFNorMuon", dict(lr=0.01, weight_decay=0.05)),
 }
 NS_METHODS = {"Muon", "NorMuon", "MuonH", "MuonMD", "SFNorMuon"}

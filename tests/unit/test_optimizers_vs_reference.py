@@ -20,6 +20,11 @@ CASES = {
     "AdamMD": dict(lr=3e-3, gains_lr=1e-2),
     "AdamMD-rows": dict(lr=3e-3, gains_lr=1e-2, sphere="rows"),  # MD's output-head rule
     "MuonMD": dict(lr=0.01),
+    "MuonMD-jordan": dict(lr=0.01, ns_coefficients="jordan"),
+    # a radius scale ρ: the step of D scales with it (default) or not
+    "MuonMD-radius": dict(lr=0.01, radius_scale=0.5, gains_lr=3e-3),
+    "MuonMD-radius-unscaled": dict(lr=0.01, radius_scale=0.5, radius_scales_update=False),
+    "AdamMD-radius-unscaled": dict(lr=3e-3, radius_scale=0.5, radius_scales_update=False),
     "SFAdamW": dict(lr=0.01, weight_decay=0.1, warmup_steps=3),
     "SFNorMuon": dict(lr=0.01, weight_decay=0.05, warmup_steps=4),
     "SFNorMuon-nesterov-r": dict(lr=0.01, nesterov=True, r=1.0, weight_decay=0.1),
@@ -109,3 +114,29 @@ def test_rows_sphere_head_keeps_unit_rows_and_moves_gains():
     with pytest.raises(ValueError, match="sphere"):
         optim.AdamMD([torch.nn.Parameter(torch.randn(4, 4))], sphere="ball")
 
+
+
+@pytest.mark.parametrize("cls", ["MuonMD", "AdamMD"])
+def test_radius_scale_keeps_the_angular_step(cls):
+    """With the gains frozen and the same gradients, D/‖D‖ follows the same path at radius scale 1
+    and 0.25 when the step scales with the radius (the authors' rule): only the radius differs. With
+    ``radius_scales_update=False`` the smaller sphere takes larger angular steps."""
+    torch.manual_seed(0)
+    init = [torch.randn(s) for s in SHAPES]
+
+    def run(rho, scaled):
+        params = [torch.nn.Parameter(w.clone()) for w in init]
+        kw = dict(lr=0.02, gains_lr=0.0, radius_scale=rho, radius_scales_update=scaled)
+        if cls == "MuonMD":
+            kw["ns_dtype"] = torch.float32
+        opt = getattr(optim, cls)(params, **kw)
+        for t in range(5):
+            for p, g in zip(params, _grads(3, t)):
+                p.grad = g
+            opt.step()
+        return [opt.direction(p) / opt.direction(p).norm() for p in params]
+
+    same = run(1.0, True)
+    for a, b in zip(same, run(0.25, True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(same, run(0.25, False))) > 1e-3
