@@ -46,7 +46,13 @@ def to_hf_state(state: dict, topo: dict) -> tuple[dict, dict]:
     wrong = [flag for key, want, flag in _NEEDS if m[key] != want]
     if wrong:
         raise ValueError(f"the checkpoint {NOT_MAPPABLE}{' '.join(f for _, _, f in _NEEDS)} (missing: {', '.join(wrong)})")
-    moe = bool(m["num_experts"])
+    recipe = [flag for key, flag in (("embedding_multiplier", "--embedding-multiplier"), ("post_norm", "--post-norm"),
+                                     ("fixed_layer_scale", "--fixed-layer-scale"), ("qk_layernorm", "--qk-layernorm"))
+              if m.get(key)]
+    if recipe:
+        raise ValueError(f"the checkpoint's model uses {', '.join(recipe)} (--model-recipe): no Llama/Mixtral "
+                         "architecture computes it; it cannot be exported to Hugging Face")
+        moe = bool(m["num_experts"])
     if moe and m["moe_router_pre_softmax"]:
         raise ValueError("--moe-router-pre-softmax routing (softmax, then top-k without renormalising) has no "
                          "Mixtral equivalent; train without it")

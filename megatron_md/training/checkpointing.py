@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..megatron.model_recipe import recipe_from_args
 from .errors import CheckpointError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_latest", "checkpoint_dir", "complete_iterations",
@@ -86,7 +87,14 @@ _MODEL_FLAGS = {
     "bias_linear": "--disable-bias-linear", "padded_vocab_size": "--vocab-size (padded)",
     "num_experts": "--num-experts", "moe_ffn_hidden_size": "--moe-ffn-hidden-size", "rotary_base": "--rotary-base",
     "moe_router_topk": "--moe-router-topk", "moe_router_pre_softmax": "--moe-router-pre-softmax",
+    # the model recipe (megatron_md.megatron.model_recipe): absent in older checkpoints = the defaults
+    "qk_layernorm": "--qk-layernorm", "embedding_multiplier": "--embedding-multiplier",
+    "post_norm": "--post-norm", "post_norm_gain": "--post-norm-gain/--no-post-norm-gain",
+    "fixed_layer_scale": "--fixed-layer-scale",
 }
+#: model keys that older checkpoints lack, with the value they stand for
+_MODEL_KEY_DEFAULTS = {"qk_layernorm": False, "embedding_multiplier": None, "post_norm": False,
+                       "post_norm_gain": True, "fixed_layer_scale": None}
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -210,11 +218,19 @@ def _topology(args) -> dict:
                   "moe_ffn_hidden_size": args.moe_ffn_hidden_size if args.num_experts else None,
                   "rotary_base": args.rotary_base if args.position_embedding_type == "rope" else None,
                   "moe_router_topk": args.moe_router_topk if args.num_experts else None,
-                  "moe_router_pre_softmax": args.moe_router_pre_softmax if args.num_experts else None},
+                  "moe_router_pre_softmax": args.moe_router_pre_softmax if args.num_experts else None,
+                  **_recipe_keys(args)},
         # not compared on load; read by tools/convert_checkpoint.py
         "info": {"vocab_size": args.vocab_size, "seq_length": args.seq_length, "layernorm_epsilon": 1e-5,
                  "transformer_impl": args.transformer_impl, "moe_grouped_gemm": bool(args.moe_grouped_gemm)},
     }
+
+
+def _recipe_keys(args) -> dict:
+    """The model recipe's manifest keys (the function of the model; not the init-only options)."""
+    r = recipe_from_args(args)
+    return {"qk_layernorm": r.qk_layernorm, "embedding_multiplier": r.embedding_multiplier, "post_norm": r.post_norm,
+            "post_norm_gain": r.post_norm_gain if r.post_norm else True, "fixed_layer_scale": r.fixed_layer_scale}
 
 
 def _coords() -> dict:
@@ -227,6 +243,8 @@ def _coords() -> dict:
 
 def _diffs(have: dict, want: dict, group: str, flags: dict) -> list:
     a, b = have.get(group, {}), want[group]
+    if group == "model":
+        a = {**_MODEL_KEY_DEFAULTS, **a}
     return [f"{flags[k]}: checkpoint {a.get(k)!r}, this run {b[k]!r}" for k in flags
             if a.get(k) != b[k] and not (k in _OPTIONAL_OPTIM_KEYS and k not in a)]
 

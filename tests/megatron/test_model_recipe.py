@@ -1,7 +1,8 @@
 """The MD authors' model recipe (``--model-recipe md-paper`` and its parts) on megatron-core.
 
 In-process: the preset's values, explicit flags winning over it, and invalid values refused naming
-the flag.
+the flag; the checkpoint manifest records the recipe (older ones stand for the defaults), ``reshard``
+rebuilds it, ``to-hf`` refuses it naming the flags.
 
 One spawned group of 2 gloo ranks (the real driver, ``pretrain`` in-process, on test_driver's
 synthetic indexed dataset):
@@ -59,6 +60,49 @@ def test_preset_values_and_explicit_flags_win():
     assert d.init_method_std == 0.02 and d.scaled_output_init and d.adam_beta2 == 0.999
     p = parse_args(BASE + ["--model-recipe", "md-paper", "--init-method-std=0.05"], world_size=1)
     assert p.init_method_std == 0.05 and p.adam_beta2 == 0.99
+
+
+def test_checkpoint_records_the_recipe_and_reshard_rebuilds_it():
+    """The manifest's model section carries the recipe (compared on load; older checkpoints without
+    the keys stand for the defaults) and ``reshard`` passes it back to the driver."""
+    import socket
+
+    import torch.distributed as dist
+
+    from megatron_md.convert.reshard import driver_flags
+    from megatron_md.training import checkpointing as ck
+    from megatron_md.training.arguments import parse_args
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        _check_manifest(ck, driver_flags, parse_args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_manifest(ck, driver_flags, parse_args):
+    a = parse_args(BASE + ["--model-recipe", "md-paper", "--no-post-norm-gain"], world_size=1)
+    a.padded_vocab_size, a.vocab_size, a.transformer_impl = 128, 100, "local"
+    topo = ck._topology(a)
+    m = topo["model"]
+    assert m["qk_layernorm"] and m["post_norm"] and not m["post_norm_gain"]
+    assert m["fixed_layer_scale"] == 0.5 and m["embedding_multiplier"] == pytest.approx(math.sqrt(32))
+    flags = driver_flags(topo, tp=1)
+    again = parse_args(flags + ["--micro-batch-size", "2", "--train-iters", "1", "--lr", "0.01", "--mock-data"],
+                       world_size=1)
+    assert ck._recipe_keys(again) == ck._recipe_keys(a)
+    plain = parse_args(BASE, world_size=1)
+    plain.padded_vocab_size, plain.vocab_size, plain.transformer_impl = 128, 100, "local"
+    old = ck._topology(plain)
+    for k in ck._MODEL_KEY_DEFAULTS:  # a checkpoint from before the recipe: same model as the defaults
+        del old["model"][k]
+    assert not ck._diffs(old, ck._topology(plain), "model", ck._MODEL_FLAGS)
+    assert any("--post-norm" in d for d in ck._diffs(old, topo, "model", ck._MODEL_FLAGS))
+    from megatron_md.convert.hf import to_hf_state
+    with pytest.raises(ValueError, match="--embedding-multiplier, --post-norm, --fixed-layer-scale, --qk-layernorm"):
+        to_hf_state({}, topo)  # no Llama/Mixtral computes the recipe: refused, naming its flags
 
 
 @pytest.mark.parametrize("extra, flag", [(["--fixed-layer-scale", "0"], "--fixed-layer-scale"),
