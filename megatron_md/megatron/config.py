@@ -271,10 +271,11 @@ class MuonHConfig(MethodConfig, _NewtonSchulz, _Momentum):
 
 @dataclass
 class _MagnitudeDirection:
-    gains_lr: Optional[float] = _f(None, "LR of the row/column gains' Adam (None = the partner LR, --partner-lr "
-                                         "or --lr, as the authors' --gains-lr falls back to the base --lr; the "
-                                         "matrix LR: pass the --lr value); kept as a ratio to the LR, so the LR "
-                                         "schedule scales both.", "nonneg")
+    gains_lr: Optional[float] = _f(None, "LR of the row/column gains' Adam (None = the matrix LR, --lr: the "
+                                         "gains follow their matrix's param group, as in the MD authors' dense "
+                                         "runs and released optimizer; their MoE recipe passes the base LR, "
+                                         "e.g. --partner-lr's value); kept as a ratio to --lr, so the LR schedule "
+                                         "scales both.", "nonneg")
     betas: tuple[float, float] = _f((0.9, 0.99), "Adam (β1, β2) of the gains (AdamMD: also of the direction).",
                                     "unit")
     eps: float = _f(1e-8, _EPS_HELP, "positive")
