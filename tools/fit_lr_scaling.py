@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
 
 from megatron_md.experiments import lr_scaling as ls  # noqa: E402
 from megatron_md.experiments import plots  # noqa: E402
-from megatron_md.experiments.sweep import read_log  # noqa: E402
+from megatron_md.experiments.sweep import log_path, read_log  # noqa: E402
 
 
 def _g(v, fmt=".3g"):
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                 rid = next(r["run_id"] for r in ok if (r["optimizer"], r["hidden_size"], r["train_iters"], r["lr"]) ==
                            (pt.optimizer, pt.hidden_size, pt.train_iters, pt.best_grid_lr))
                 best[f"{pt.optimizer} N{pt.hidden_size} D{pt.train_iters} η={pt.best_grid_lr:g}"] = \
-                    read_log(sweep / "runs" / rid / "log.jsonl")
+                    read_log(log_path(sweep / "runs" / rid))
         if best:
             files["Training curves and η_eff of the best-LR run per D"] = plots.run_curves(best, out / "eta_eff_traces.png")
     print(report(sweep, out, result, failed, missing, argv, files, a.eta_eff))

@@ -5,7 +5,9 @@ Grid: learning rate (per optimizer) × train iterations D × width N (--hidden-s
 × seed. Every finished run is kept (``<out>/runs/<id>/result.json``) and never rerun; failed
 runs are recorded with their error (``--retry-failed`` reruns them); ``<out>/results.csv`` and
 ``results.jsonl`` hold final validation loss, mean effective LR of the last 10% of iterations,
-tokens, wall time and the command of every run. Flags after ``--`` go to every driver run.
+tokens, wall time and the command of every run. Flags after ``--`` go to every driver run. A
+finished run keeps its driver log gzip-compressed (``log.jsonl.gz``); ``--compress-logs`` does that
+for the runs of a sweep written before.
 
 Examples::
 
@@ -20,6 +22,7 @@ Examples::
         --eval-interval 100000 --eval-iters 8 --log-interval 50
 
     python tools/sweep.py --out runs/mysweep --dry-run     # list pending runs and their commands
+    python tools/sweep.py --out runs/oldsweep --compress-logs   # gzip the plain logs of its finished runs
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from megatron_md.experiments.sweep import SweepConfig, driver_command, load_config, pending, run_sweep  # noqa: E402
+from megatron_md.experiments.sweep import (SweepConfig, compress_logs, driver_command, load_config, pending,  # noqa: E402
+                                           run_sweep)
 
 
 def _floats(s: str) -> list[float]:
@@ -86,7 +90,13 @@ def parse(argv=None):
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     p.add_argument("--dry-run", action="store_true", help="print the pending runs' commands and exit")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compress-logs", action="store_true",
+                   help="only replace the plain log.jsonl of every finished run in --out by log.jsonl.gz, and exit")
     a = p.parse_args(argv)
+    if a.compress_logs:
+        if not (Path(a.out) / "runs").is_dir():
+            p.error(f"--compress-logs: {a.out} is not a sweep directory (no runs/)")
+        return a, None
     kw = load_config(a.config) if a.config else {}
     for key in ("optimizers", "train_iters", "hidden_sizes", "seeds", "jobs", "nproc", "stats_interval", "data", "in_process",
                 "threads"):
@@ -113,6 +123,10 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     a, cfg = parse(argv)
+    if a.compress_logs:
+        done = compress_logs(Path(a.out))
+        print(f"sweep {a.out}: {len(done)} logs compressed")
+        return 0
     if a.dry_run:
         todo, done = pending(cfg, Path(a.out), a.retry_failed)
         print(f"{len(cfg.grid())} grid points: {done} finished, {len(todo)} pending")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .sweep import collect, read_log
+from .sweep import collect, log_path, read_log
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Row:
 
 def train_curve(run_dir: Path) -> list[tuple[int, float]]:
     """``(iteration, train loss)`` of a run's log (each point the mean over its log interval)."""
-    return [(e["iteration"], e["loss"]) for e in read_log(Path(run_dir) / "log.jsonl")
+    return [(e["iteration"], e["loss"]) for e in read_log(log_path(run_dir))
             if e.get("event") == "train" and isinstance(e.get("loss"), (int, float)) and math.isfinite(e["loss"])]
 
 

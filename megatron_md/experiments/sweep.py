@@ -2,9 +2,13 @@
 
 A sweep directory holds one folder per run, named by its grid point
 (``runs/adam-N64-D200-lr0.003-s1/``), with ``command.json`` (the exact command, grid point
-and git commit), the driver's ``log.jsonl`` (``--log-jsonl``: train/valid/optimizer-stats
-events), its ``stdout.txt``, and — written atomically when the run ends — ``result.json``
-(``status`` ``"ok"`` or ``"failed"`` with the return code and the tail of its output). A run
+and git commit), the driver's log (``--log-jsonl``: train/valid/optimizer-stats events; the
+driver appends to ``log.jsonl`` while it runs, and when the run ends the sweep replaces it by
+``log.jsonl.gz``, the same bytes gzip-compressed, about 4× smaller), its ``stdout.txt``, and —
+written atomically when the run ends, after the compressed log — ``result.json`` (``status``
+``"ok"`` or ``"failed"`` with the return code and the tail of its output). Readers
+(:func:`read_log`, :func:`log_path`) take either form, so older sweeps with plain logs read as
+before. A run
 with a ``result.json`` is never run again (``retry_failed`` reruns failed ones); a folder
 without one (an interrupted run) is cleared and rerun. After every finished run the tables
 ``results.jsonl`` and ``results.csv`` are rewritten from all ``result.json`` files: final
@@ -17,6 +21,8 @@ The driver runs as ``examples/pretrain_gpt.py`` (one process) or under ``torchru
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
 import json
 import os
 import shlex
@@ -37,6 +43,9 @@ RESULT_COLUMNS = ("run_id", "optimizer", "hidden_size", "train_iters", "lr", "se
 SCRIPT = "examples/pretrain_gpt.py"
 #: fraction of the run whose telemetry records give ``eta_eff_last10``
 LAST_FRACTION = 0.1
+#: the driver's log in a run folder, as it writes it, and as a finished run keeps it
+LOG = "log.jsonl"
+LOG_GZ = LOG + ".gz"
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,7 @@ def driver_command(cfg: SweepConfig, spec: RunSpec, run_dir: Path, data: Sequenc
     flags = [*cfg.base_args, *data, *cfg.optimizer_args.get(spec.optimizer, []),
              "--optimizer", spec.optimizer, "--lr", repr(spec.lr), "--train-iters", str(spec.train_iters),
              "--hidden-size", str(spec.hidden_size), "--seed", str(spec.seed),
-             "--log-optimizer-stats-interval", str(interval), "--log-jsonl", _rel(run_dir / "log.jsonl")]
+             "--log-optimizer-stats-interval", str(interval), "--log-jsonl", _rel(run_dir / LOG)]
     script = SCRIPT
     if cfg.nproc == 1:
         return [sys.executable, script, *flags]
@@ -162,17 +171,67 @@ def driver_command(cfg: SweepConfig, spec: RunSpec, run_dir: Path, data: Sequenc
             script, *flags]
 
 
+def log_path(run_dir: Path) -> Path:
+    """The log of a run folder: ``log.jsonl.gz`` when there is one (a finished run), else
+    ``log.jsonl`` (a running or killed run, or a sweep written before logs were compressed)."""
+    gz = Path(run_dir) / LOG_GZ
+    return gz if gz.exists() else Path(run_dir) / LOG
+
+
 def read_log(path: Path) -> list[dict]:
-    """Events of a ``--log-jsonl`` file (a torn last line of a killed run is ignored)."""
-    out = []
+    """Events of a ``--log-jsonl`` file, plain or gzip-compressed (a name ending in ``.gz``); a
+    plain path that does not exist is read from its ``.gz`` beside it when that exists. A torn
+    last line of a killed run is ignored; no file gives ``[]``; a damaged ``.gz`` raises
+    ``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.exists() and path.suffix != ".gz" and path.with_name(path.name + ".gz").exists():
+        path = path.with_name(path.name + ".gz")
     if not path.exists():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
+        return []
+    if path.suffix == ".gz":
+        try:
+            text = gzip.decompress(path.read_bytes()).decode("utf-8")
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a complete gzip-compressed log ({exc})") from exc
+    else:
+        text = path.read_text(encoding="utf-8")
+    out = []
+    for line in text.splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             continue
     return out
+
+
+def compress_log(path: Path) -> Path:
+    """Replace the plain log ``path`` by ``path.gz`` and return that.
+
+    The ``.gz`` holds exactly the plain file's bytes (checked by decompressing before the plain
+    file is removed) and is deterministic (no file name or time in its header: the same log
+    always compresses to the same bytes); it appears complete or not at all (written beside,
+    fsynced, renamed), and the plain file is removed only after that."""
+    path = Path(path)
+    raw = path.read_bytes()
+    gz = path.with_name(path.name + ".gz")
+    tmp = gz.with_name(gz.name + f".tmp{os.getpid()}-{threading.get_ident()}")
+    data = gzip.compress(raw, compresslevel=9, mtime=0)
+    if hashlib.sha256(gzip.decompress(data)).digest() != hashlib.sha256(raw).digest():
+        raise RuntimeError(f"{path}: gzip round trip changed the log")  # never expected; keep the plain file
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, gz)
+    path.unlink()
+    return gz
+
+
+def compress_logs(root: Path) -> list[Path]:
+    """Compress the plain log of every finished run (one with a ``result.json``) under
+    ``root/runs``; running or interrupted runs are left alone. Returns the ``.gz`` files written."""
+    return [compress_log(p / LOG) for p in sorted((Path(root) / "runs").glob("*/"))
+            if (p / "result.json").exists() and (p / LOG).exists()]
 
 
 def _mean(xs):
@@ -255,7 +314,9 @@ def run_one(cfg: SweepConfig, spec: RunSpec, root: Path, data: Sequence[str], th
         else:
             rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO)).returncode
     wall = time.perf_counter() - t0
-    events = read_log(run_dir / "log.jsonl")
+    events = read_log(run_dir / LOG)
+    if (run_dir / LOG).exists():
+        compress_log(run_dir / LOG)   # before result.json: a finished run's log is always the .gz
     summary = next((e for e in reversed(events) if e.get("event") == "summary"), None)
     result = {"run_id": spec.run_id, **asdict(spec), "command": shlex.join(cmd), "wall_s": round(wall, 1),
               "tokens": _tokens(flags, cfg.nproc)}

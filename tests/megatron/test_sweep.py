@@ -4,6 +4,7 @@ error, interrupted runs are rerun, and a grid extended later reuses what exists.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import subprocess
 import sys
@@ -44,7 +45,10 @@ def test_sweep_runs_records_and_resumes(tmp_path):
     assert "examples/pretrain_gpt.py" in ok["command"] and "--lr 0.003" in ok["command"]
     bad = json.loads((root / "runs" / "adamh-N32-D4-lr0.01-s1" / "result.json").read_text())
     assert bad["status"] == "failed" and bad["returncode"] == 2 and "--weight-decay" in bad["error"]
-    log = [json.loads(x) for x in open(root / "runs" / "adam-N32-D4-lr0.003-s1" / "log.jsonl")]
+    # a finished run keeps its log compressed (the driver's exact lines), nothing else beside it
+    run = root / "runs" / "adam-N32-D4-lr0.003-s1"
+    assert sorted(p.name for p in run.iterdir()) == ["command.json", "log.jsonl.gz", "result.json", "stdout.txt"]
+    log = [json.loads(x) for x in gzip.decompress((run / "log.jsonl.gz").read_bytes()).decode().splitlines()]
     assert [e["event"] for e in log].count("optimizer_stats") == 4 and log[-1]["event"] == "summary"
 
     # resume: nothing finished is rerun (failed runs stay recorded unless retried)

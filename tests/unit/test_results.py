@@ -193,3 +193,13 @@ def test_seed_mean_best_lr_over_the_lrs_with_every_seed(tmp_path):
     assert "| muon | 64 | 0.01, 0.02, 0.04 | 0.02 | 4.9000 (1 seed) | — |" in table
     # without any second opinion the column is not there
     assert "seed-mean" not in res.scaling_table({("muon", 64): muon}, "hidden_size")
+
+
+def test_quality_rows_same_from_compressed_logs(sweep):
+    from megatron_md.experiments.sweep import compress_logs
+    names = ["adam", "muon", "rmnp", "adamh"]
+    before = res.quality_rows(sweep, names)
+    assert any(r.fraction_of_baseline_steps is not None for r in before)   # the curves were read
+    n = len(list(sweep.glob("runs/*/log.jsonl")))
+    assert n == 15 and len(compress_logs(sweep)) == n and not list(sweep.glob("runs/*/log.jsonl"))
+    assert res.quality_rows(sweep, names) == before
