@@ -6,6 +6,8 @@ Factories cover Megatron's layouts:
 
 * :func:`fused_qkv` – ``linear_qkv.weight`` interleaves rows per query group as
   ``[q_0 … q_{h-1}, k, v]`` (GQA: ``h = heads / groups``); Q, K and V are separate matrices.
+* :func:`swiglu_fc1` – a gated MLP's ``linear_fc1.weight``, ``[gate; up]`` on every TP rank: the
+  gate and the up projection are separate matrices.
 * :func:`stacked_experts` – a 3-D ``[experts, out, in]`` weight.
 * :func:`concatenated_experts` – experts concatenated along one dimension of a 2-D weight.
 * :func:`grouped_mlp_experts` – legacy ``GroupedMLP`` weights, stored ``[in, E·out]`` /
@@ -29,12 +31,15 @@ class BlockView:
     """
 
     def __init__(self, shard: MatrixShard, *, index=None, rows: Optional[torch.Tensor] = None,
-                 view_shape: Optional[Sequence[int]] = None, transpose: bool = False):
+                 view_shape: Optional[Sequence[int]] = None, transpose: bool = False,
+                 segments: Optional[Sequence[tuple[int, int]]] = None):
         self.shard = shard
         self.index = index
         self.rows = rows
         self.view_shape = tuple(view_shape) if view_shape is not None else None
         self.transpose = transpose
+        #: ``[(a, b), ...]``: the block is ``cat(t[a:b] for ...)`` of a 1-D local tensor (a flat range)
+        self.segments = [(int(a), int(b)) for a, b in segments] if segments is not None else None
         self._rows_on: dict = {}
 
     def _rows(self, device) -> torch.Tensor:
@@ -45,6 +50,13 @@ class BlockView:
         return r
 
     def get(self, t: torch.Tensor) -> torch.Tensor:
+        if self.segments is not None:
+            if len(self.segments) == 1:
+                a, b = self.segments[0]
+                return t[a:b]
+            if not self.segments:
+                return t[:0]
+            return torch.cat([t[a:b] for a, b in self.segments])
         v = t.view(self.view_shape) if self.view_shape is not None else t
         if self.rows is not None:
             v = v.index_select(0, self._rows(v.device))
@@ -53,6 +65,12 @@ class BlockView:
         return v.mT if self.transpose else v
 
     def put(self, t: torch.Tensor, v: torch.Tensor) -> None:
+        if self.segments is not None and len(self.segments) > 1:
+            k = 0
+            for a, b in self.segments:
+                t[a:b].copy_(v[k:k + b - a])
+                k += b - a
+            return
         if self.rows is not None:
             tv = t.view(self.view_shape) if self.view_shape is not None else t
             tv.index_copy_(0, self._rows(t.device), v.mT if self.transpose else v)
@@ -64,7 +82,29 @@ class BlockView:
 
     @property
     def is_view(self) -> bool:
-        return self.rows is None
+        return self.rows is None and (self.segments is None or len(self.segments) <= 1)
+
+    def parent_rows(self) -> Optional[list[tuple[int, int]]]:
+        """The rows of the local 2-D tensor this block reads, as runs ``[(r0, r1), ...]`` in
+        the block's row order — None when the block is not a selection of whole rows."""
+        if self.view_shape is not None or self.transpose or self.segments is not None:
+            return None
+        if self.rows is not None:
+            rows = self.rows.tolist()
+            if any(b <= a for a, b in zip(rows, rows[1:])):
+                return None
+            runs: list[list[int]] = []
+            for r in rows:
+                if runs and runs[-1][1] == r:
+                    runs[-1][1] = r + 1
+                else:
+                    runs.append([r, r + 1])
+            return [(a, b) for a, b in runs]
+        idx = self.index
+        if (isinstance(idx, tuple) and len(idx) == 2 and isinstance(idx[0], slice) and idx[1] == slice(None)
+                and idx[0].step in (None, 1)):
+            return [(idx[0].start or 0, idx[0].stop)]
+        return None
 
 
 class Blocks:
@@ -110,6 +150,53 @@ def fused_qkv(*, num_query_groups: int, heads_per_group: int, head_dim: int, d_i
                          (rows_k, num_query_groups * head_dim), (rows_v, num_query_groups * head_dim)):
         out.append(BlockView(_sub((n_glob, d_in), tp_group, 0), rows=torch.cat(rows)))
     return Blocks(out, (g_loc * per, d_in))
+
+
+def swiglu_fc1(ffn_hidden: int, d_in: int, *, tp_group=None, tp_size: int = 1) -> Blocks:
+    """Gate and up blocks of a gated MLP's (column-parallel) ``linear_fc1`` weight.
+
+    ``ffn_hidden`` is the *global* FFN width; each TP rank holds ``[gate_r; up_r]`` (Megatron
+    splits the gate and the up projection separately over TP, then stacks them per rank)."""
+    if ffn_hidden % tp_size:
+        raise ValueError(f"swiglu_fc1: ffn_hidden={ffn_hidden} is not divisible by tp_size={tp_size}")
+    lo = ffn_hidden // tp_size
+    views = [BlockView(_sub((ffn_hidden, d_in), tp_group, 0), index=(slice(h * lo, (h + 1) * lo), slice(None)))
+             for h in range(2)]
+    return Blocks(views, (2 * lo, d_in))
+
+
+def flat_blocks(blocks: Blocks, start: int, end: int, group) -> Blocks:
+    """The elements ``[start, end)`` of the row-major flattening of ``blocks``' local 2-D tensor,
+    as held by one rank of ``group`` (ZeRO-1), with every block a
+    :class:`~megatron_md.shard.FlatRange` of its own layout (see module docstring). The
+    ranges of the group's ranks must tile the tensor, as for a plain FlatRange."""
+    from .layouts import FlatRange
+
+    if len(blocks.local_shape) != 2:
+        raise ValueError(f"flat_blocks: {blocks!r} is not a 2-D tensor of row blocks")
+    m, n = blocks.local_shape
+    if not (0 <= start <= end <= m * n):
+        raise ValueError(f"flat_blocks: [{start}, {end}) is not inside [0, {m * n}) of {blocks!r}")
+    views = []
+    for b, v in enumerate(blocks.views):
+        runs = v.parent_rows()
+        if runs is None or not isinstance(v.shard, (Whole, TensorParallel)):
+            raise ValueError(f"flat_blocks: block {b} of {blocks!r} is not a selection of whole rows of a "
+                             f"2-D layout; it cannot be cut into a flat range")
+        b_start = b_end = 0
+        segments = []
+        for r0, r1 in runs:
+            lo, hi = r0 * n, r1 * n
+            b_start += min(max(start - lo, 0), hi - lo)
+            b_end += min(max(end - lo, 0), hi - lo)
+            a, z = max(lo, start), min(hi, end)
+            if z > a:
+                if segments and segments[-1][1] == a - start:
+                    segments[-1] = (segments[-1][0], z - start)
+                else:
+                    segments.append((a - start, z - start))
+        views.append(BlockView(FlatRange(b_start, b_end, group, v.shard), segments=segments))
+    return Blocks(views, (end - start,))
 
 
 def stacked_experts(num_experts: int, d_out: int, d_in: int, *, tp_group=None, tp_dim: int = 0) -> Blocks:

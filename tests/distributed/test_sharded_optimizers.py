@@ -23,6 +23,12 @@ Layouts (``w`` = world size; at w=4 "tp" is {0,1},{2,3} and "dp" is {0,2},{1,3})
 * ``flat*``: FlatRange over Whole 13×10 with mid-row boundaries, empty and one-element shards;
 * ``tp0_flat`` / ``tp1_flat`` (w=4): FlatRange over the dp group of a TensorParallel(tp) shard;
 * ``qkv``: fused QKV with GQA (8 query heads in 2 groups), TP over the query groups (tp size 2);
+* ``qkv_flat``: ZeRO-1 flat ranges of that fused QKV (w=2: no TP, over the world; w=4: of each TP
+  shard, over dp), cutting K mid-row, leaving a rank without any V (w=2) or with nothing (w=4);
+  Q, K and V are each a FlatRange of their own layout, read as segments of the rank's flat piece;
+* ``fc1`` / ``fc1_flat``: a SwiGLU ``linear_fc1`` ``[gate; up]`` per TP rank split into its gate and
+  up matrices, TP over the world (w=2) and ZeRO-1 flat ranges of it (cutting a row mid-way; w=4:
+  one dp rank of one TP shard empty);
 * ``stacked*`` / ``concat0*`` / ``concat1*``: experts as 3-D stack or 2-D concatenation along
   dim 0/1, without TP (expert-parallel over the world) and with TP on each expert (EP over dp).
 
@@ -63,8 +69,18 @@ MD_METHODS = {"AdamMD", "MuonMD"}
 EXPERT_LAYOUTS = ["stacked", "stacked_tp0", "stacked_tp1", "concat0", "concat0_tp1", "concat1",
                   "concat1_tp0"]
 LAYOUTS = {
-    2: ["tp0", "tp1", "tp1_sizes", "flat", "flat_one", "flat_empty", "qkv", *EXPERT_LAYOUTS],
-    4: ["tp0", "tp1", "tp1_sizes", "flat", "flat2", "tp0_flat", "tp1_flat", "qkv", *EXPERT_LAYOUTS],
+    2: ["tp0", "tp1", "tp1_sizes", "flat", "flat_one", "flat_empty", "qkv", "qkv_flat", "fc1", "fc1_flat",
+        *EXPERT_LAYOUTS],
+    4: ["tp0", "tp1", "tp1_sizes", "flat", "flat2", "tp0_flat", "tp1_flat", "qkv", "qkv_flat", "fc1_flat",
+        *EXPERT_LAYOUTS],
+}
+#: ZeRO-1 boundaries of the (TP-local) fused tensor: world -> per TP rank, the dp ranks' bounds.
+#: QKV (2 groups × [4 q, 1 k, 1 v heads] × head_dim 3, d_in 10): w=2 360 elements, no TP — 125 is
+#: mid-row in group 0's K, rank 0 holds no V; w=4 180 per TP shard — 137 mid-row in K, and the second
+#: TP shard's dp rank 1 is empty. fc1 (ffn 7, or 8 at TP=2; d_in 5): mid-row cuts, an empty range.
+BLOCK_BOUNDS = {
+    ("qkv_flat", 2): [[0, 125, 360]], ("qkv_flat", 4): [[0, 137, 180], [0, 180, 180]],
+    ("fc1_flat", 2): [[0, 33, 70]], ("fc1_flat", 4): [[0, 22, 40], [0, 0, 40]],
 }
 # explicit per-rank boundaries of the 130 elements of a 13×10 matrix (row length 10)
 FLAT_BOUNDS = {
@@ -207,10 +223,31 @@ def _flat_desc(env, bounds, key, inner):
     return ("flat", bounds[r], bounds[r + 1], key, inner)
 
 
+def _flat_block_case(env, name, blocks, shapes, inners, fused):
+    """ZeRO-1 flat range of a tensor of row blocks: this rank's ``[s, e)`` of the flattened
+    (TP-local) tensor that ``fused`` builds from the logical matrices; each block's own flat range
+    counted here from a block-id map of the fused tensor (not with the product's segment code)."""
+    import torch
+
+    from megatron_md.shard import flat_blocks
+
+    tp_r = env.tp_rank if env.world == 4 else 0
+    bounds = BLOCK_BOUNDS[(name, env.world)][tp_r]
+    key = "dp" if env.world == 4 else "world"
+    r = env.coords(key)[1]
+    s, e = bounds[r], bounds[r + 1]
+    ids = fused([torch.full(sh, float(b)) for b, sh in enumerate(shapes)]).reshape(-1)
+    descs = [("flat", int((ids[:s] == b).sum()), int((ids[:e] == b).sum()), key, inner)
+             for b, inner in enumerate(inners)]
+    layout = flat_blocks(blocks, s, e, env.groups[key])
+    return _Case(layout, shapes, list(range(len(shapes))), descs,
+                 lambda fulls: fused(fulls).reshape(-1)[s:e].clone())
+
+
 def _build_case(env, name):
     import torch
 
-    from megatron_md.shard import concatenated_experts, fused_qkv, stacked_experts
+    from megatron_md.shard import concatenated_experts, fused_qkv, stacked_experts, swiglu_fc1
 
     w = env.world
     if name == "tp0":
@@ -244,6 +281,35 @@ def _build_case(env, name):
             return torch.cat(rows).tensor_split(env.tp_size)[env.tp_rank].clone()
 
         return _Case(blocks, shapes, [0, 1, 2], descs, assemble)
+    if name == "qkv_flat":  # per-block ZeRO-1 of the fused QKV above (w=2: without TP)
+        groups, heads, hd, d_in = 2, 4, 3, 10
+        tp_kw = dict(tp_group=env.groups["tp"], tp_size=2) if w == 4 else {}
+        shapes = [(groups * heads * hd, d_in), (groups * hd, d_in), (groups * hd, d_in)]
+
+        def fused(fulls):
+            q, k, v = fulls
+            rows = [torch.cat([q[g * heads * hd:(g + 1) * heads * hd], k[g * hd:(g + 1) * hd],
+                               v[g * hd:(g + 1) * hd]]) for g in range(groups)]
+            out = torch.cat(rows)
+            return out.tensor_split(2)[env.tp_rank] if w == 4 else out
+        blocks = fused_qkv(num_query_groups=groups, heads_per_group=heads, head_dim=hd, d_in=d_in, **tp_kw)
+        inners = [("tp", s, 0, "tp", None) if w == 4 else ("whole", s) for s in shapes]
+        return _flat_block_case(env, name, blocks, shapes, inners, fused)
+    if name in ("fc1", "fc1_flat"):  # SwiGLU fc1: [gate; up] per TP rank (fc1_flat, w=2: without TP)
+        tp = name == "fc1" or w == 4
+        ffn, d_in = (8, 5) if tp else (7, 5)
+        key = "world" if name == "fc1" else "tp"
+        tp_kw = dict(tp_group=env.groups[key], tp_size=2) if tp else {}
+        blocks = swiglu_fc1(ffn, d_in, **tp_kw)
+        shapes = [(ffn, d_in), (ffn, d_in)]
+        r = env.coords(key)[1]
+
+        def fused(fulls):
+            return torch.cat([f.tensor_split(2)[r] for f in fulls]) if tp else torch.cat(fulls)
+        inners = [("tp", s, 0, key, None) if tp else ("whole", s) for s in shapes]
+        if name == "fc1":
+            return _Case(blocks, shapes, [0, 1], inners, lambda fulls: fused(fulls).clone())
+        return _flat_block_case(env, name, blocks, shapes, inners, fused)
     # experts: 2 local experts of 7×5; without TP expert-parallel over the world, with TP
     # (over "tp") expert-parallel over "dp"
     kind, _, tp = name.partition("_")
