@@ -3,8 +3,9 @@
 * ``equal-<optimizer>``: the multi-tensor step with bucketed reductions (``foreach=True``) equals
   the per-matrix step (``foreach=False``, one collective per reduction) for 4 steps, on a mixed
   set of layouts: column- and row-parallel TP, a FlatRange over Whole that is **empty** on one DP
-  rank, a FlatRange of a row-parallel TP shard with a one-element piece, an unsharded matrix and
-  a fused QKV over TP. The per-matrix path is itself tested against the references in
+  rank, a FlatRange of a row-parallel TP shard with a one-element piece, an unsharded matrix, a
+  fused QKV over TP, and per-block ZeRO-1 flat ranges over DP of a TP-sharded fused QKV (cut mid-row)
+  and of a SwiGLU fc1 split into gate and up (empty on one DP rank). The per-matrix path is itself tested against the references in
   test_sharded_optimizers.py.
 * ``count-<optimizer>``: the collectives of one step, counted by ``comm.METER``: with bucketing the
   count is the same for 1 and for 3 copies of that set (it no longer grows with the number of
@@ -52,7 +53,7 @@ def _layer(env, seed):
     """[(local weight, layout)] of one set of mixed layouts (pieces of seeded global matrices)."""
     import torch
 
-    from megatron_md.shard import FlatRange, TensorParallel, Whole, fused_qkv
+    from megatron_md.shard import FlatRange, TensorParallel, Whole, flat_blocks, fused_qkv, swiglu_fc1
 
     tp, dp, tp_rank, dp_rank = env
     g = torch.Generator().manual_seed(seed)
@@ -73,6 +74,10 @@ def _layer(env, seed):
     out.append((torch.randn(6, 4, generator=g), Whole((6, 4))))
     qkv = fused_qkv(num_query_groups=2, heads_per_group=2, head_dim=2, d_in=6, tp_group=tp, tp_size=2)
     out.append((torch.randn(qkv.local_shape, generator=g), qkv))
+    for blocks, bounds in ((qkv, [0, 21, 48]), (swiglu_fc1(6, 4, tp_group=tp, tp_size=2), [0, 24, 24])):
+        s, e = bounds[dp_rank], bounds[dp_rank + 1]
+        out.append((torch.randn(blocks.local_shape, generator=g).reshape(-1)[s:e].clone(),
+                    flat_blocks(blocks, s, e, dp)))
     return out
 
 
