@@ -284,6 +284,9 @@ class _MagnitudeDirection:
     radius_scales_update: bool = _f(True, "Scale the step of D by the same factor ρ as its radius (η·ρ·U for "
                                           "R = ρ·√max(m, n), --md-residual-scaling included): the angular step "
                                           "stays, as in the authors' optimizer. Off: only R shrinks.")
+    shared_qkv_col_gains: bool = _f(True, "One column-gain vector for Q, K and V of a fused QKV (its gradient the "
+                                          "sum of theirs), as the authors' code (their --split-qkv-gains turns it "
+                                          "off); off: each block its own.")
 
 
 @dataclass

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import UNIT_GAIN, check_scale, inv_softplus, scale_factor
-from ..shard import Reductions, comm
+from ..shard import Blocks, Reductions, comm
 from .base import (Mat, MatrixOptimizer, adam_direction, batches, block_states, check_betas, check_lr,
                    check_positive, check_unit, foreach_vector_adam, momentum_direction, momentum_directions,
                    ns_defaults, put_all, vector_adam)
@@ -60,17 +60,21 @@ class _MD(MatrixOptimizer):
         g_r, g_c ← Adam(∇g, lr = gains_lr), no weight decay
         W ← softplus(g_r) D softplus(g_c)ᵀ
 
+    ``shared_qkv_col_gains`` (default, as the authors' code: one column gain per fused parameter):
+    Q, K and V of a fused QKV share one ``g_c`` whose gradient is the sum of theirs.
+
     ``gains_lr`` keeps its ratio to ``lr``, so an LR schedule applied to ``lr`` scales both.
     """
 
     def __init__(self, params, defaults, **kw):
+        self._shared_grad_c: dict = {}  # per-matrix path: id(param) → the summed column-gain gradient
         super().__init__(params, defaults, **kw)  # creates all state (init="project": projects W)
         with torch.no_grad(), comm.metered(type(self).__name__):
             self._factor([m for g in self.param_groups if g.get("init") == "factor"
                           for p in g["params"] for m in self.mats_of(p, g)])
 
     def _md_defaults(self, lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere="frobenius",
-                     init="project", radius_scales_update=True):
+                     init="project", radius_scales_update=True, shared_qkv_col_gains=True):
         if weight_decay:
             raise ValueError(f"weight_decay={weight_decay!r}: MD decoupling uses no weight decay (the sphere fixes ‖D‖_F)")
         lr = check_lr("lr", lr)
@@ -83,12 +87,30 @@ class _MD(MatrixOptimizer):
             raise ValueError(f"init={init!r}: expected one of {INITS}")
         return dict(lr=lr, gains_lr_ratio=(gains_lr / lr) if lr else 1.0, betas=check_betas(betas),
                     eps=check_positive("eps", eps), radius_scale=check_positive("radius_scale", radius_scale),
-                    radius_scales_update=bool(radius_scales_update), sphere=sphere, init=init)
+                    radius_scales_update=bool(radius_scales_update), shared_qkv_col_gains=bool(shared_qkv_col_gains),
+                    sphere=sphere, init=init)
 
     @staticmethod
     def step_lr(group: dict) -> float:
         """The LR of D's step: ``lr · radius_scale`` with ``radius_scales_update``, else ``lr``."""
         return group["lr"] * (group["radius_scale"] if group.get("radius_scales_update", True) else 1.0)
+
+    def _col_share_groups(self, mats: list[Mat]) -> list[list[int]]:
+        """Indices into ``mats`` of the blocks that share one column gain: the blocks of one parameter
+        whose layout reads the same columns (Q, K, V of a fused QKV: ``Blocks.same_columns``) when the
+        group's ``shared_qkv_col_gains`` is on. Their ``g_c`` (and its Adam moments) start equal and
+        get the same summed gradient, so they stay one vector."""
+        by: dict = {}
+        for i, m in enumerate(mats):
+            lay = self._layouts[m.param]
+            if m.group.get("shared_qkv_col_gains", True) and isinstance(lay, Blocks) and lay.same_columns:
+                by.setdefault(id(m.param), []).append(i)
+        groups = [ix for ix in by.values() if len(ix) > 1]
+        for ix in groups:
+            if len({mats[i].shard.col_range for i in ix}) != 1:
+                raise ValueError("shared_qkv_col_gains: the Q, K and V blocks of a parameter hold different column "
+                                 "ranges on this rank; pass shared_qkv_col_gains=False (--<method>-no-shared-qkv-col-gains)")
+        return groups
 
     def radius(self, m: Mat) -> float:
         """R of the Frobenius sphere, or each row's radius for ``sphere="rows"``."""
@@ -168,7 +190,12 @@ class _MD(MatrixOptimizer):
             fresh = [m for m in self._active_mats() if m.vec["step"] == 0 and m.group.get("init") == "factor"]
             with comm.metered(type(self).__name__):
                 self._factor(fresh)
+        self._shared_grad_c = {}
+        if not self.foreach:
+            with comm.metered(type(self).__name__):
+                self._share_col_grads()
         super()._step()
+        self._shared_grad_c = {}
 
     # -- the MD step, split around the base update ----------------------------------------
     def _gains_and_base_input(self, m: Mat) -> torch.Tensor:
@@ -178,8 +205,25 @@ class _MD(MatrixOptimizer):
         G = m.G
         P = (m.W / S).mul_(G)
         m.scratch["grad_g_r"] = torch.sigmoid(v["g_r"]) * sh.row_sum(P * sh.cols(s_c))
-        m.scratch["grad_g_c"] = torch.sigmoid(v["g_c"]) * sh.col_sum(P * sh.rows(s_r))
+        shared = self._shared_grad_c.get(id(m.param))
+        m.scratch["grad_g_c"] = (shared if shared is not None
+                                 else torch.sigmoid(v["g_c"]) * sh.col_sum(P * sh.rows(s_r)))
         return G * S
+
+    def _share_col_grads(self) -> None:
+        """Per-matrix path: the summed column-gain gradient of every shared group, from the old
+        gains, before any block of it is updated (one column reduction per block)."""
+        self._shared_grad_c = {}
+        mats = self._active_mats()
+        for ix in self._col_share_groups(mats):
+            total = 0
+            for i in ix:
+                m = mats[i]
+                sh, v = m.shard, m.vec
+                s_r, s_c = F.softplus(v["g_r"]), F.softplus(v["g_c"])
+                P = (m.W / (sh.rows(s_r) * sh.cols(s_c))).mul_(m.G)
+                total = total + torch.sigmoid(v["g_c"]) * sh.col_sum(P * sh.rows(s_r))
+            self._shared_grad_c[id(mats[ix[0]].param)] = total
 
     def _apply(self, m: Mat, U: torch.Tensor) -> None:
         g, sh, v = m.group, m.shard, m.vec
@@ -228,6 +272,11 @@ class _MD(MatrixOptimizer):
         norms = [red.row_sum(m.shard, D, square=True) if m.group.get("sphere", "frobenius") == "rows"
                  else red.total_sums(m.shard, [D], square=True) for m, D in zip(mats, Ds)]
         red.flush()
+        cols = [d["cols"].value for d in prep]
+        for ix in self._col_share_groups(mats):
+            total = sum(cols[i] for i in ix)
+            for i in ix:
+                cols[i] = total
         for g, t, idx in batches(mats):
             vecs, names, grads = [], [], []
             for i in idx:
@@ -236,7 +285,7 @@ class _MD(MatrixOptimizer):
                 vecs += [v, v]
                 names += ["g_r", "g_c"]
                 grads += [torch.sigmoid(v["g_r"]).div_(d["s_r"]).mul_(d["rows"].value),
-                          torch.sigmoid(v["g_c"]).div_(d["s_c"]).mul_(d["cols"].value)]
+                          torch.sigmoid(v["g_c"]).div_(d["s_c"]).mul_(cols[i])]
             foreach_vector_adam(vecs, names, grads, g["lr"] * g["gains_lr_ratio"], g["betas"], g["eps"], t)
         for m, d, D, n in zip(mats, prep, Ds, norms):
             v, sh = m.vec, m.shard
@@ -267,9 +316,10 @@ class AdamMD(_MD):
 
     def __init__(self, params, *, lr: float = 3e-3, gains_lr=None, betas=(0.9, 0.99), eps: float = 1e-8,
                  weight_decay: float = 0.0, radius_scale: float = 1.0, radius_scales_update: bool = True,
-                 sphere: str = "frobenius", init: str = "project", shards=None, nonfinite_group=None):
+                 shared_qkv_col_gains: bool = True, sphere: str = "frobenius", init: str = "project", shards=None,
+                 nonfinite_group=None):
         defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere, init,
-                                     radius_scales_update)
+                                     radius_scales_update, shared_qkv_col_gains)
         super().__init__(params, defaults, shards=shards, nonfinite_group=nonfinite_group)
 
     def _init_param_state(self, p, group, state):
@@ -314,11 +364,12 @@ class MuonMD(_MD):
 
     def __init__(self, params, *, lr: float = 0.01, gains_lr=None, momentum: float = 0.95, nesterov: bool = True,
                  betas=(0.9, 0.99), eps: float = 1e-8, weight_decay: float = 0.0, radius_scale: float = 1.0,
-                 radius_scales_update: bool = True, ns_coefficients="quintic", ns_steps=None, ns_dtype=None,
-                 scale: str = "shape_up", ns_mode: str = "owner", init: str = "project", shards=None,
-                 nonfinite_group=None):
+                 radius_scales_update: bool = True, shared_qkv_col_gains: bool = True, ns_coefficients="quintic",
+                 ns_steps=None, ns_dtype=None, scale: str = "shape_up", ns_mode: str = "owner", init: str = "project",
+                 shards=None, nonfinite_group=None):
         defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale, init=init,
-                                     radius_scales_update=radius_scales_update)
+                                     radius_scales_update=radius_scales_update,
+                                     shared_qkv_col_gains=shared_qkv_col_gains)
         defaults.update(momentum=check_unit("momentum", momentum), nesterov=bool(nesterov), scale=check_scale(scale),
                         **ns_defaults(ns_coefficients, ns_steps, ns_dtype, ns_mode))
         super().__init__(params, defaults, shards=shards, ns_mode=ns_mode, nonfinite_group=nonfinite_group)

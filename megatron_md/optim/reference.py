@@ -544,7 +544,9 @@ class _MDBase(_Reference):
     """W = diag(softplus(g_r)) · D · diag(softplus(g_c)), ‖D‖_F = R = sqrt(max(m, n))·radius_scale.
 
     ``radius_scale`` ρ is a float (all params) or a sequence with one value per param; with
-    ``radius_scales_update`` the step is ``D ← D − lr·ρ·U`` (else ``lr·U``).
+    ``radius_scales_update`` the step is ``D ← D − lr·ρ·U`` (else ``lr·U``). ``col_groups``: lists
+    of parameter indices (matrices with the same columns, e.g. Q, K, V) that share one column gain
+    vector ``g_c``: its gradient is the sum of the members' ``sigmoid(g_c) ⊙ (P_bᵀ s_r,b)``.
     The parameter W is what is stored; D is recovered as W / (s_r s_cᵀ) (as in the spec).
     ``sphere="rows"``: every row of D has norm ``radius_scale`` instead (the output-head rule).
     ``init="project"``: W is projected onto its sphere, gains 1; ``init="factor"``: W is kept and
@@ -552,9 +554,12 @@ class _MDBase(_Reference):
     """
 
     def __init__(self, params, *, lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere="frobenius",
-                 init="project", radius_scales_update=True):
+                 init="project", radius_scales_update=True, col_groups=()):
         super().__init__(params)
         self.radius_scales_update = radius_scales_update
+        #: groups of parameter indices that share one column gain vector (Q, K, V of a fused QKV)
+        self.col_groups = [list(g) for g in col_groups]
+        self._col_owner = {i: g[0] for g in self.col_groups for i in g}
         self.sphere = sphere
         if weight_decay != 0:
             raise ValueError(f"weight_decay={weight_decay!r}: MD optimizers have no weight decay")
@@ -602,52 +607,58 @@ class _MDBase(_Reference):
     def _base_update(self, i: int, G_D: torch.Tensor, t: int) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def _step_param(self, i, G):
+    def step(self, grads) -> None:
+        """One MD step of every parameter with a gradient. Everything is computed from the old
+        gains first; a column gain shared by a ``col_groups`` group gets the sum of its members'
+        gradients and one Adam update (one vector, one set of moments)."""
+        self._check_grads(grads)
+        live = [i for i, g in enumerate(grads) if g is not None]
+        parts = {i: self._md_parts(i, grads[i].detach().to(self._params[i].dtype)) for i in live}
+        for group in self.col_groups:
+            members = [i for i in group if i in parts]
+            if members:
+                total = sum(parts[i]["grad_g_c"] for i in members)
+                for i in members:
+                    parts[i]["grad_g_c"] = total
+        for i in live:  # gains Adam (a shared column gain: once, at the group's first member)
+            self._gains_adam(i, "g_r", parts[i]["grad_g_r"])
+            if self._col_owner.get(i, i) == i:
+                self._gains_adam(i, "g_c", parts[i]["grad_g_c"])
+        for i, j in self._col_owner.items():
+            self.state[i]["g_c"] = self.state[j]["g_c"]
+        for i in live:
+            state = self.state[i]
+            self._params[i] = softplus(state["g_r"])[:, None] * parts[i]["D"] * softplus(state["g_c"])[None, :]
+
+    def _gains_adam(self, i: int, name: str, grad: torch.Tensor) -> None:
+        state = self.state[i]
+        key = name + "_exp_avg"
+        if key not in state:
+            state[key] = torch.zeros_like(state[name])
+            state[key + "_sq"] = torch.zeros_like(state[name])
+        beta1, beta2 = self.betas
+        m, v, u = _adam_direction(state[key], state[key + "_sq"], grad, beta1, beta2, self.eps, state["step"])
+        state[key], state[key + "_sq"] = m, v
+        state[name] = state[name] - self.gains_lr * u
+
+    def _md_parts(self, i: int, G: torch.Tensor) -> dict:
+        """The step of parameter ``i`` from its old gains: the gains' gradients and the new,
+        retracted direction D."""
         W = self._params[i]
         state = self.state[i]
-        if "step" not in state:
-            state["step"] = 0
-            state["g_r_exp_avg"] = torch.zeros_like(state["g_r"])
-            state["g_r_exp_avg_sq"] = torch.zeros_like(state["g_r"])
-            state["g_c_exp_avg"] = torch.zeros_like(state["g_c"])
-            state["g_c_exp_avg_sq"] = torch.zeros_like(state["g_c"])
-        state["step"] += 1
+        state["step"] = state.get("step", 0) + 1
         t = state["step"]
-        R = state["R"]
-        beta1, beta2 = self.betas
-
-        g_r = state["g_r"]
-        g_c = state["g_c"]
-        s_r = softplus(g_r)  # old gains
-        s_c = softplus(g_c)
-
+        s_r = softplus(state["g_r"])  # old gains
+        s_c = softplus(state["g_c"])
         D = W / (s_r[:, None] * s_c[None, :])
         P = D * G
-        grad_g_r = torch.sigmoid(g_r) * (P @ s_c)
-        grad_g_c = torch.sigmoid(g_c) * (P.T @ s_r)
+        out = dict(grad_g_r=torch.sigmoid(state["g_r"]) * (P @ s_c), grad_g_c=torch.sigmoid(state["g_c"]) * (P.T @ s_r))
         G_D = G * (s_r[:, None] * s_c[None, :])
-
         U = self._base_update(i, G_D, t)
         # the step of D scales with the radius (the angular step stays), or not
         D = D - self.lr * (state["rho"] if self.radius_scales_update else 1.0) * U
-        D = self._retract(D, R)
-
-        m_r, v_r, u_r = _adam_direction(
-            state["g_r_exp_avg"], state["g_r_exp_avg_sq"], grad_g_r, beta1, beta2, self.eps, t
-        )
-        state["g_r_exp_avg"] = m_r
-        state["g_r_exp_avg_sq"] = v_r
-        m_c, v_c, u_c = _adam_direction(
-            state["g_c_exp_avg"], state["g_c_exp_avg_sq"], grad_g_c, beta1, beta2, self.eps, t
-        )
-        state["g_c_exp_avg"] = m_c
-        state["g_c_exp_avg_sq"] = v_c
-        g_r = g_r - self.gains_lr * u_r
-        g_c = g_c - self.gains_lr * u_c
-        state["g_r"] = g_r
-        state["g_c"] = g_c
-
-        self._params[i] = softplus(g_r)[:, None] * D * softplus(g_c)[None, :]
+        out["D"] = self._retract(D, state["R"])
+        return out
 
 
 class AdamMD(_MDBase):
@@ -666,6 +677,7 @@ class AdamMD(_MDBase):
         radius_scales_update: bool = True,
         sphere: str = "frobenius",
         init: str = "project",
+        col_groups=(),
     ):
         super().__init__(
             params,
@@ -678,6 +690,7 @@ class AdamMD(_MDBase):
             radius_scales_update=radius_scales_update,
             sphere=sphere,
             init=init,
+            col_groups=col_groups,
         )
 
     def _base_update(self, i, G_D, t):
@@ -713,6 +726,7 @@ class MuonMD(_MDBase):
         radius_scale=1.0,
         radius_scales_update: bool = True,
         init: str = "project",
+        col_groups=(),
     ):
         super().__init__(
             params,
@@ -724,6 +738,7 @@ class MuonMD(_MDBase):
             radius_scale=radius_scale,
             radius_scales_update=radius_scales_update,
             init=init,
+            col_groups=col_groups,
         )
         self.momentum = momentum
         self.nesterov = nesterov

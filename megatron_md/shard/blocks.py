@@ -110,11 +110,14 @@ class BlockView:
 class Blocks:
     """A parameter made of several logical matrices; ``views`` in a fixed order."""
 
-    def __init__(self, views: Sequence[BlockView], local_shape: Sequence[int]):
+    def __init__(self, views: Sequence[BlockView], local_shape: Sequence[int], *, same_columns: bool = False):
         if not views:
             raise ValueError("Blocks: at least one block is required")
         self.views = list(views)
         self.local_shape = tuple(local_shape)
+        #: the blocks read the same input columns (Q, K and V of a fused QKV), so a method may give
+        #: them one shared column-side state (MD's shared column gains); experts are separate matrices
+        self.same_columns = bool(same_columns)
 
     def __repr__(self):
         return f"Blocks({len(self.views)} × {[v.shard for v in self.views][:3]}…, local={self.local_shape})"
@@ -149,7 +152,7 @@ def fused_qkv(*, num_query_groups: int, heads_per_group: int, head_dim: int, d_i
     for rows, n_glob in ((rows_q, num_query_groups * heads_per_group * head_dim),
                          (rows_k, num_query_groups * head_dim), (rows_v, num_query_groups * head_dim)):
         out.append(BlockView(_sub((n_glob, d_in), tp_group, 0), rows=torch.cat(rows)))
-    return Blocks(out, (g_loc * per, d_in))
+    return Blocks(out, (g_loc * per, d_in), same_columns=True)
 
 
 def swiglu_fc1(ffn_hidden: int, d_in: int, *, tp_group=None, tp_size: int = 1) -> Blocks:
@@ -196,7 +199,7 @@ def flat_blocks(blocks: Blocks, start: int, end: int, group) -> Blocks:
                 else:
                     segments.append((a - start, z - start))
         views.append(BlockView(FlatRange(b_start, b_end, group, v.shard), segments=segments))
-    return Blocks(views, (end - start,))
+    return Blocks(views, (end - start,), same_columns=blocks.same_columns)
 
 
 def stacked_experts(num_experts: int, d_out: int, d_in: int, *, tp_group=None, tp_dim: int = 0) -> Blocks:

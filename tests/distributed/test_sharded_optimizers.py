@@ -389,7 +389,7 @@ def _new_opt(opt_name, params, layout, mode=None, **extra):
     return getattr(optim, cls_name)(params, shards={params[0]: layout}, **kw)
 
 
-def _new_ref(opt_name, mats):
+def _new_ref(opt_name, mats, case=None):
     import torch
 
     from megatron_md.optim import reference as ref
@@ -397,6 +397,8 @@ def _new_ref(opt_name, mats):
     cls_name, kw = OPTIMIZERS[opt_name]
     if cls_name in NS_METHODS:
         kw = dict(kw, ns_dtype=torch.float32)
+    if cls_name in MD_METHODS and getattr(getattr(case, "layout", None), "same_columns", False):
+        kw = dict(kw, col_groups=[list(range(len(mats)))])  # Q, K, V share one column gain (the default)
     return getattr(ref, cls_name)(mats, **kw)
 
 
@@ -420,7 +422,7 @@ def _check_reference(env, opt_name, layout_name):
     modes = ("owner", "gather") if OPTIMIZERS[opt_name][0] in NS_METHODS else (None,)
     params = {m: nn.Parameter(case.assemble(W0)) for m in modes}
     opts = {m: _new_opt(opt_name, [params[m]], case.layout, m) for m in modes}
-    oracle = _new_ref(opt_name, W0)
+    oracle = _new_ref(opt_name, W0, case)
     mm = _Mismatches()
     for m in modes:
         _compare(env, opt_name, case, opts[m], params[m], oracle, f"after construction (ns_mode={m})", mm)
@@ -448,7 +450,7 @@ def _check_nan(env, opt_name, layout_name):
     W0, grads = _data(_seed(f"nan-{opt_name}-{layout_name}", env.world), case, 4)
     p = nn.Parameter(case.assemble(W0))
     opt = _new_opt(opt_name, [p], case.layout)
-    oracle = _new_ref(opt_name, W0)
+    oracle = _new_ref(opt_name, W0, case)
     # the last rank whose shard is not empty gets the NaN
     sizes = torch.tensor([float(p.numel())])
     import torch.distributed as dist
