@@ -382,6 +382,8 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
         # the gains' LR is kept as a ratio to the matrix LR: construct with the peak matrix LR (the
         # class default 0.01 would make an explicit --muon-md-gains-lr a ratio to 0.01)
         kwargs["lr"] = config.lr
+        if kwargs.get("gains_lr") is None:  # the gains at the base LR (the MD paper; the authors' MoE recipe)
+            kwargs["gains_lr"] = _partner_lr(md, config)
     head_kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
     if md_run:
         kwargs["init"] = head_kwargs["init"] = md.md_init

@@ -271,10 +271,9 @@ class MuonHConfig(MethodConfig, _NewtonSchulz, _Momentum):
 
 @dataclass
 class _MagnitudeDirection:
-    gains_lr: Optional[float] = _f(None, "LR of the row/column gains' Adam (None = the matrix LR, --lr: the "
-                                         "gains follow their matrix's param group, as in the MD authors' dense "
-                                         "runs and released optimizer; their MoE recipe passes the base LR, "
-                                         "e.g. --partner-lr's value); kept as a ratio to --lr, so the LR schedule "
+    gains_lr: Optional[float] = _f(None, "LR of the row/column gains' Adam (None = the partner LR, --partner-lr "
+                                         "or --lr: the base LR, as the MD paper and the authors' MoE recipe; "
+                                         "docs/md_fidelity.md); kept as a ratio to --lr, so the LR schedule "
                                          "scales both.", "nonneg")
     betas: tuple[float, float] = _f((0.9, 0.99), "Adam (β1, β2) of the gains (AdamMD: also of the direction).",
                                     "unit")

@@ -95,7 +95,8 @@ def build_optimizer(model: torch.nn.Module, name: str, *, lr: float, adam_lr: fl
     * matrix methods: the method on ``matrix`` params (``lr``, ``weight_decay`` where it has
       one, ``matrix_kwargs``); AdamW (SF-AdamW for ``sf-normuon``) on embeddings, output head,
       vectors and unrecognized params at ``adam_lr`` (default ``lr``), with
-      ``adam_weight_decay`` (default ``weight_decay``) on 2-D ones and 0 on vectors.
+      ``adam_weight_decay`` (default ``weight_decay``) on 2-D ones and 0 on vectors. MD's
+      gains run at ``adam_lr`` unless ``gains_lr`` is given.
     """
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"optimizer={name!r}: expected one of {OPTIMIZER_NAMES}")
@@ -122,6 +123,8 @@ def build_optimizer(model: torch.nn.Module, name: str, *, lr: float, adam_lr: fl
     if not matrix:
         raise ValueError(f"optimizer={name!r}: the model has no hidden 2-D matrices (nn.Linear weights) to route to it")
     kw = dict(matrix_kwargs)
+    if cls in (AdamMD, MuonMD) and kw.get("gains_lr") is None:
+        kw["gains_lr"] = adam_lr  # MD's gains at the partner (base) LR, as the MD paper
     if weight_decay and cls not in (AdamH, MuonH, AdamMD, MuonMD):
         kw["weight_decay"] = weight_decay
     opts = {name: cls(matrix, lr=lr, **kw)}

@@ -11,7 +11,7 @@ synthetic indexed dataset):
   ``s · g ⊙ x / rms(x)`` of the plain megatron-core module's output (``s`` = 1/L, ``g`` the
   post-norm gain; no gain with ``--no-post-norm-gain``), the decoder input is √d × the embedding,
   the queries/keys pass a norm, and every matrix — ``linear_proj``/``linear_fc2`` included — starts
-  with std 1/√d; an explicit MuonMD gains LR is a ratio to --lr (default: the matrix LR);
+  with std 1/√d; MuonMD's gains run at the partner LR, or at an explicit gains LR;
 * the recipe trains with the losses of TP=1 (1e-5 relative) at TP=2 (with and without sequence
   parallelism), PP=2 (1F1B and interleaved) and ZeRO-1, with MuonMD and AdamW;
   the post-norm without gain the same way at TP=2;
@@ -182,10 +182,10 @@ def _semantics(ctx, base):
                 h.remove()
                 emb = gpt.embedding.word_embeddings(tok).transpose(0, 1)
                 assert torch.allclose(seen["x"], emb * math.sqrt(d), rtol=1e-6), "decoder input = sqrt(d) * embedding"
-            if gain:  # MD's gains: at the matrix LR by default, at --muon-md-gains-lr when given (a ratio to --lr)
+            if gain:  # MD's gains: at the partner LR by default, at --muon-md-gains-lr when given (a ratio to --lr)
                 from megatron_md.megatron.builder import get_megatron_optimizer, hybrid_optimizers
                 from megatron_md.training.arguments import optimizer_config
-                for extra, ratio in (([], 1.0), (["--muon-md-gains-lr", "0.001"], 0.001 / 0.04)):
+                for extra, ratio in (([], 0.002 / 0.04), (["--muon-md-gains-lr", "0.001"], 0.001 / 0.04)):
                     margs = parse_args(base + ["--model-recipe", "md-paper", "--optimizer", "muon-md", "--weight-decay",
                                                "0", "--lr", "0.04", "--partner-lr", "0.002"] + extra)
                     chunks = M.build_model(margs, M.transformer_config(margs))

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The evidence runs on the MD authors' architecture (docs/results/md_paper.toml; issue 17), in order;
+# resumable (every finished run is kept and never rerun), so a stopped queue continues where it stopped:
+#     nohup nice -n 10 bash docs/results/queue_md_paper.sh > runs/queue_md_paper.log 2>&1 &
+# One run at a time on one thread (a 2-core machine keeps a core free).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+Q=docs/results/md_paper
+C="--config docs/results/md_paper.toml"
+sweep() { "$PY" tools/sweep.py --no-progress "$@" || echo "queue: a sweep step had failed runs ($*)"; }
+best() { "$PY" tools/results_table.py "$1" --out docs/results --best-lrs --optimizers "$2"; }
+edges() { "$PY" tools/results_table.py "$1" --out docs/results --edge-lrs --optimizers "$2"; }
+names() { echo "$1" | sed 's/=[^;]*//g; s/;/,/g'; }
+# LR sweep (seed 1); a best LR at an end of its grid: two more LRs beyond it (twice at most); then
+# seeds 2 and 3 at the best. $1: optimizers; further arguments go to every sweep call.
+tune() {
+  local opts=$1; shift
+  sweep $C --out "$Q" --optimizers "$opts" "$@"
+  for _ in 1 2; do
+    local ext; ext=$(edges "$Q" "$opts")
+    [ -z "$ext" ] || sweep $C --out "$Q" --seeds 1 --lrs "$ext" --optimizers "$(names "$ext")" "$@"
+  done
+  local b; b=$(best "$Q" "$opts")
+  [ -z "$b" ] || sweep $C --out "$Q" --seeds 2,3 --lrs "$b" --optimizers "$(names "$b")" "$@"
+}
+# 1. MuonMD against its baselines, Muon and AdamW, each with its own recipe
+tune muon-md,muon,adam
+# 2. MuonMD with its gains at the matrix LR (the code path of the authors' dense scripts) instead of
+#    the base LR: one run per LR, the gains LR set to it
+Q=docs/results/md_paper_gains_matrix
+for lr in 1e-2 2e-2 4e-2 8e-2; do
+  sweep $C --out "$Q" --optimizers muon-md --lrs "muon-md=$lr" \
+    --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --md-embedding-lr 9e-3 --muon-md-gains-lr $lr"
+done
+# 3. AdamMD
+Q=docs/results/md_paper
+tune adam-md
+# 4. MuonMD sphere only (hidden-matrix gains frozen at 1), swept like MuonMD
+Q=docs/results/md_paper_sphere_only
+tune muon-md --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --md-embedding-lr 9e-3 --muon-md-gains-lr 0"
+# 5. width: hidden 64 and 256 (128: step 1), each its own LR sweep
+Q=docs/results/md_paper_width
+sweep $C --out "$Q" --optimizers muon-md,muon,adam --hidden-sizes 64,256
+echo "queue: done"
