@@ -45,8 +45,8 @@ __all__ = ["ModelRecipe", "RecipeName", "RECIPES", "preset_values", "PostNorm", 
            "PostNormMLP", "PostNormMoELayer", "apply_to_layer_spec", "add_embedding_multiplier",
            "recipe_from_args", "EMBEDDING_MULTIPLIER_ATTR"]
 
-RecipeName = Literal["default", "md-paper"]
-RECIPES: tuple[str, ...] = ("default", "md-paper")
+RecipeName = Literal["default", "md-paper", "md-paper-moe"]
+RECIPES: tuple[str, ...] = ("default", "md-paper", "md-paper-moe")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -93,9 +93,18 @@ def preset_values(name: str, hidden_size: int, num_layers: int) -> dict[str, Any
     ``--qk-norm RMSNorm``, ``--upscale-embedding √d``, ``--post-norm`` (with gain),
     ``--fixed-layer-scale 1/L``, init std ``1/√d`` with ``--no-scaled-output-layer-init``,
     ``--untie-embed``, RMSNorm, SwiGLU, RoPE, no linear biases, Adam β2 = 0.99.
+
+    md-paper-moe (their MoE framework, branch ``feat/experiment-framework``,
+    ``_research/launch/framework/lib/common.sh``): ``--qk-layernorm``, init std ``1/√d``, untied,
+    RMSNorm, SwiGLU, RoPE, Adam β2 = 0.95 — no post-norm, branch scale or embedding multiplier
+    (their ``--post-norm`` there is an ablation flag).
     """
     if name == "default":
         return {}
+    common = dict(init_method_std=1.0 / math.sqrt(hidden_size), untie_embeddings_and_output_weights=True,
+                  normalization="RMSNorm", swiglu=True, position_embedding_type="rope", disable_bias_linear=True)
+    if name == "md-paper-moe":
+        return dict(common, qk_layernorm=True, adam_beta2=0.95)
     if name != "md-paper":
         raise ValueError(f"--model-recipe {name!r}: expected one of {list(RECIPES)}")
     return dict(qk_layernorm=True, embedding_multiplier=math.sqrt(hidden_size), post_norm=True,
@@ -291,10 +300,11 @@ def add_recipe_args(parser) -> None:
                                   "model_recipe); --model-recipe sets several at once, explicit flags win.")
     if "--model-recipe" not in existing:
         g.add_argument("--model-recipe", choices=RECIPES, default="default",
-                       help="default: the model the other flags describe; md-paper: the MD paper's architecture "
-                            "(QK-norm, embedding ×√d, post-norm, branch scale 1/L, init std 1/√d without the "
-                            "residual-output shrink, untied head, RMSNorm, SwiGLU, RoPE, no linear biases, "
-                            "Adam β2 0.99), for dense and MoE models")
+                       help="default: the model the other flags describe; md-paper: the MD paper's dense "
+                            "architecture (QK-norm, embedding ×√d, post-norm, branch scale 1/L, init std 1/√d "
+                            "without the residual-output shrink, untied head, RMSNorm, SwiGLU, RoPE, no linear "
+                            "biases, Adam β2 0.99); md-paper-moe: their MoE framework's (QK-norm, init std 1/√d, "
+                            "untied, RMSNorm, SwiGLU, RoPE, Adam β2 0.95)")
     for spec in _flag_specs():
         opts = _option_strings(spec.option, spec.hint)
         if any(o in existing for o in opts):

@@ -60,6 +60,9 @@ def test_preset_values_and_explicit_flags_win():
     assert d.init_method_std == 0.02 and d.scaled_output_init and d.adam_beta2 == 0.999
     p = parse_args(BASE + ["--model-recipe", "md-paper", "--init-method-std=0.05"], world_size=1)
     assert p.init_method_std == 0.05 and p.adam_beta2 == 0.99
+    m = parse_args(BASE + ["--model-recipe", "md-paper-moe"], world_size=1)
+    assert m.qk_layernorm and not m.post_norm and m.embedding_multiplier is None and m.fixed_layer_scale is None
+    assert m.init_method_std == pytest.approx(1 / math.sqrt(32)) and m.adam_beta2 == 0.95 and m.scaled_output_init
 
 
 def test_checkpoint_records_the_recipe_and_reshard_rebuilds_it():
