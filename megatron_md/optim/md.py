@@ -357,7 +357,8 @@ class AdamMD(_MD):
 class MuonMD(_MD):
     r"""MuonMD: MD decoupling over a Muon base (``U = scale · NS(Nesterov momentum of G_D)``,
     ``scale="shape_up"`` by default, μ 0.95, the 5-triple "quintic" Newton–Schulz schedule as the
-    authors' optimizer); gains on Adam (betas (0.9, 0.99), ε 1e-8).
+    authors' optimizer); gains on Adam (betas (0.9, 0.99), ε 1e-8). ``sphere="rows"`` (a group
+    key; with ``scale="none"``): one unit sphere per row — the authors' rule for an MoE router.
     See :class:`_MD`. Best matrix LR ≈ 1.1e-2 at 181M in the paper; no warmup."""
 
     uses_ns = True
@@ -366,8 +367,8 @@ class MuonMD(_MD):
                  betas=(0.9, 0.99), eps: float = 1e-8, weight_decay: float = 0.0, radius_scale: float = 1.0,
                  radius_scales_update: bool = True, shared_qkv_col_gains: bool = True, ns_coefficients="quintic",
                  ns_steps=None, ns_dtype=None, scale: str = "shape_up", ns_mode: str = "owner", init: str = "project",
-                 shards=None, nonfinite_group=None):
-        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale, init=init,
+                 sphere: str = "frobenius", shards=None, nonfinite_group=None):
+        defaults = self._md_defaults(lr, gains_lr, betas, eps, weight_decay, radius_scale, sphere=sphere, init=init,
                                      radius_scales_update=radius_scales_update,
                                      shared_qkv_col_gains=shared_qkv_col_gains)
         defaults.update(momentum=check_unit("momentum", momentum), nesterov=bool(nesterov), scale=check_scale(scale),

@@ -727,6 +727,7 @@ class MuonMD(_MDBase):
         radius_scales_update: bool = True,
         init: str = "project",
         col_groups=(),
+        sphere: str = "frobenius",
     ):
         super().__init__(
             params,
@@ -739,6 +740,7 @@ class MuonMD(_MDBase):
             radius_scales_update=radius_scales_update,
             init=init,
             col_groups=col_groups,
+            sphere=sphere,
         )
         self.momentum = momentum
         self.nesterov = nesterov

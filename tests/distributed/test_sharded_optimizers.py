@@ -61,6 +61,7 @@ OPTIMIZERS = {
     "MuonMD": ("MuonMD", dict(lr=0.02)),
     # a radius scale that also scales the step (the authors' rule) and gains at their own LR
     "MuonMD_radius": ("MuonMD", dict(lr=0.02, radius_scale=0.5, gains_lr=0.005)),
+    "MuonMD_rows": ("MuonMD", dict(lr=0.02, sphere="rows", scale="none")),  # the authors' MoE-router rule
     "SFNorMuon": ("SFNorMuon", dict(lr=0.01, weight_decay=0.05)),
 }
 NS_METHODS = {"Muon", "NorMuon", "MuonH", "MuonMD", "SFNorMuon"}

@@ -21,6 +21,7 @@ CASES = {
     "AdamMD-rows": dict(lr=3e-3, gains_lr=1e-2, sphere="rows"),  # MD's output-head rule
     "MuonMD": dict(lr=0.01),
     "MuonMD-jordan": dict(lr=0.01, ns_coefficients="jordan"),
+    "MuonMD-rows": dict(lr=0.01, sphere="rows", scale="none"),  # the authors' MoE-router rule
     # a radius scale ρ: the step of D scales with it (default) or not
     "MuonMD-radius": dict(lr=0.01, radius_scale=0.5, gains_lr=3e-3),
     "MuonMD-radius-unscaled": dict(lr=0.01, radius_scale=0.5, radius_scales_update=False),
