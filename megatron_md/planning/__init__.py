@@ -1,0 +1,1 @@
+"""Cluster cost model: what each optimizer costs per rank and step at a given layout."""
