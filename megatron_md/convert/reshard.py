@@ -58,6 +58,7 @@ def driver_flags(topology: dict, tp: int) -> list[str]:
     f += ["--fixed-layer-scale", repr(m["fixed_layer_scale"])] if m.get("fixed_layer_scale") else []
     if opt.get("split_qkv") is False:
         f += ["--no-split-qkv"]
+    f += ["--split-fc1"] if opt.get("split_fc1") else []
     f += {"bf16": ["--bf16"], "fp16": ["--fp16"]}.get(opt.get("precision"), [])
     return [str(x) for x in f]
 

@@ -30,7 +30,7 @@ from ..optim import AdamMD
 from ..optim.base import nonfinite_flag
 from ..optim.md import project_rows_
 from ..optim.builder import MATRIX_OPTIMIZERS, fused_adamw_kwargs
-from ..shard import Blocks, FlatRange
+from ..shard import Blocks, FlatRange, flat_blocks
 from ..shard import comm as _comm
 from .hybrid import HybridOptimizer, MatrixItem
 from .routing import (ModelLayoutContext, RoutingOptions, matrix_layout, named_params, residual_output,
@@ -169,7 +169,7 @@ def _process_groups(model_chunks, use_gloo: bool) -> dict:
     return process_groups_for_optimizer(model_chunks, use_gloo)
 
 
-def _layout_context(model_chunks, split_qkv: bool) -> ModelLayoutContext:
+def _layout_context(model_chunks, split_qkv: bool, split_fc1: bool = False) -> ModelLayoutContext:
     from megatron.core import parallel_state as ps
     cfg = model_chunks[0].config
     heads = cfg.num_attention_heads
@@ -181,7 +181,8 @@ def _layout_context(model_chunks, split_qkv: bool) -> ModelLayoutContext:
         expert_tp_group=ps.get_expert_tensor_parallel_group() if num_experts else None,
         num_attention_heads=heads, num_query_groups=groups,
         kv_channels=cfg.kv_channels or cfg.hidden_size // heads, hidden_size=cfg.hidden_size,
-        num_local_experts=num_experts // ep if num_experts else 0, split_qkv=split_qkv)
+        num_local_experts=num_experts // ep if num_experts else 0, split_qkv=split_qkv, split_fc1=split_fc1,
+        gated=bool(getattr(cfg, "gated_linear_unit", False)))
 
 
 def model_matrices(model_chunks, *, router_on_matrix: bool = False) -> list[tuple[str, torch.Tensor, object]]:
@@ -253,8 +254,10 @@ def md_recipe_roles(model_chunks, names, roles: dict, md) -> tuple[dict, tuple]:
         flag = torch.tensor([float(tied)], device="cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
         tied = bool(flag.item())
-    unit, head = md.md_embedding_unit_norm, md.md_head_gains and not tied
-    if md.md_head_gains and tied:
+    # --md-head-gains defaults to the model (None: on for an untied head); only an explicit request on a
+    # tied head is worth a warning
+    unit, head = md.md_embedding_unit_norm, md.md_head_gains is not False and not tied
+    if md.md_head_gains is True and tied:
         logger.warning("megatron_md: --md-head-gains needs an untied output head "
                        "(--untie-embeddings-and-output-weights); the tied head follows the embedding%s",
                        "'s unit-norm rows" if unit else "")
@@ -326,9 +329,12 @@ def zero_range(model_param, buffers, dp_group) -> tuple[int, int]:
     raise ValueError("distributed optimizer: parameter not found in any grad buffer")
 
 
-def _flat_range(model_param, buffers, dp_group, inner) -> FlatRange:
-    """This rank's ZeRO-1 :class:`FlatRange` of ``model_param`` (see :func:`zero_range`)."""
+def _flat_range(model_param, buffers, dp_group, inner):
+    """This rank's ZeRO-1 :class:`FlatRange` of ``model_param`` (see :func:`zero_range`); a
+    parameter of several matrices (:class:`Blocks`) gets one FlatRange per block (:func:`flat_blocks`)."""
     s, e = zero_range(model_param, buffers, dp_group)
+    if isinstance(inner, Blocks):
+        return flat_blocks(inner, s, e, dp_group)
     return FlatRange(s, e, dp_group, inner)
 
 
@@ -358,7 +364,8 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     validate(md, config)
     name = md.optimizer
     matrix_cls = MATRIX_OPTIMIZERS.get(name)
-    ctx = _layout_context(model_chunks, split_qkv=md.split_qkv and name in _PER_BLOCK)
+    ctx = _layout_context(model_chunks, split_qkv=md.split_qkv and name in _PER_BLOCK,
+                          split_fc1=md.split_fc1 and name in _PER_BLOCK)
     names = named_params(model_chunks)
     opts = RoutingOptions(router_on_matrix=md.router_on_matrix)
     roles = {n: (role_of(n, p, opts) if matrix_cls is not None else "adam") for n, p in names}
@@ -368,12 +375,14 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
         roles, group_roles = md_recipe_roles(model_chunks, names, roles, md)
     layouts = {n: matrix_layout(n, p, ctx) for n, p in names if roles[n] in ("matrix", "head", "embedding")}
     if config.use_distributed_optimizer and md.dp_mode != "layer-wise":
-        bad = [n for n, lay in layouts.items() if isinstance(lay, Blocks) and roles[n] == "matrix"]
+        # per-block ZeRO-1 (flat_blocks) needs blocks that select whole rows: fused QKV, SwiGLU fc1
+        bad = [n for n, lay in layouts.items() if isinstance(lay, Blocks) and roles[n] == "matrix"
+               and any(v.parent_rows() is None for v in lay.views)]
         if bad:
             raise ValueError(
-                f"--optimizer {name} with --use-distributed-optimizer: ZeRO-1 flat shards of parameters that hold "
-                f"several logical matrices ({bad[0]}, …) are not supported; use --no-split-qkv, the SequentialMLP/"
-                f"TE grouped experts, or --dp-mode layer-wise")
+                f"--optimizer {name} with --use-distributed-optimizer: ZeRO-1 flat shards of legacy GroupedMLP "
+                f"expert weights ({bad[0]}, …: --moe-grouped-gemm without Transformer Engine; each expert a "
+                f"transposed chunk) are not supported; drop --moe-grouped-gemm, or use --dp-mode layer-wise")
     num_layers = model_chunks[0].config.num_layers
     radius = {n: (residual_radius_scale(num_layers) if md.md_residual_scaling and residual_output(n) else 1.0)
               for n in layouts}
@@ -423,7 +432,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
                 n = by_id[id(mp)]
                 main = mains.get(id(mp))
                 lay = _flat_range(mp, buffers, dp_group, layouts[n]) if flat else layouts[n]
-                if flat and main is not None and main.numel() != lay.end - lay.start:
+                if flat and main is not None and main.numel() != lay.local_shape[0]:
                     raise RuntimeError(f"{n}: DistributedOptimizer shard of {main.numel()} elements does not match "
                                        f"the computed range {lay!r}")
                 items.append(MatrixItem(gi, n, main, lay, radius[n]))

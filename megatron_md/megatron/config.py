@@ -17,7 +17,7 @@ The learning rate and everything Megatron already has a flag for are *not* dupli
 matrix methods), ``--lr-decay-style`` and the ``--lr-warmup-*`` flags. The builder passes
 ``lr``/``weight_decay`` itself, which is why :meth:`MDConfig.matrix_kwargs` leaves them out.
 
-Flag names: ``--optimizer``, ``--ns-mode``, ``--dp-mode``, ``--split-qkv/--no-split-qkv``,
+Flag names: ``--optimizer``, ``--ns-mode``, ``--dp-mode``, ``--split-qkv/--no-split-qkv``, ``--split-fc1``,
 ``--router-on-matrix``, ``--md-residual-scaling``, ``--partner-lr`` and, per method,
 ``--<method>-<field>`` (``--muon-momentum``, ``--muon-md-gains-lr``,
 ``--sf-normuon-warmup-steps``, ...). When a host parser already owns one of a method's option
@@ -369,6 +369,8 @@ class MDConfig:
                                  "without --use-distributed-optimizer).")
     split_qkv: bool = _f(True, "Treat Q, K and V of a fused linear_qkv as separate matrices (methods that "
                                "see the whole matrix; RMNP is row-wise and needs no split).")
+    split_fc1: bool = _f(False, "Treat the gate and up halves of a SwiGLU linear_fc1 as separate matrices "
+                                "(methods that see the whole matrix; no effect without --swiglu).")
     router_on_matrix: bool = _f(False, "Give MoE router weights to the matrix optimizer instead of the "
                                        "AdamW partner.")
     md_residual_scaling: bool = _f(False, "MD: shrink the sphere radius of linear_proj/linear_fc2 by √(1/(2L)).")
@@ -381,10 +383,10 @@ class MDConfig:
     md_embedding_unit_norm: bool = _f(
         True, "MD (adam-md, muon-md): the word embedding on Adam with every vocabulary row projected back to "
               "unit norm after each step (no gains). A head tied to the embedding follows this rule.")
-    md_head_gains: bool = _f(
-        True, "MD (adam-md, muon-md): the untied output head on Adam with one unit sphere per row and row and "
-              "column gains (AdamMD with sphere='rows', at the partner LR). Needs "
-              "--untie-embeddings-and-output-weights; a tied head follows --md-embedding-unit-norm.")
+    md_head_gains: Optional[bool] = _f(
+        None, "MD (adam-md, muon-md): the untied output head on Adam with one unit sphere per row and row and "
+              "column gains (AdamMD with sphere='rows', at the partner LR). Default (None): on for an untied head; "
+              "a tied head silently follows --md-embedding-unit-norm. --md-head-gains on a tied head warns.")
     md_embedding_lr: Optional[float] = _f(None, "MD: LR of the word embedding under --md-embedding-unit-norm "
                                                 "(None = the partner LR).", "positive")
     partner_lr: Optional[float] = _f(None, "LR of the AdamW partner (embeddings, output head, norms, biases); "

@@ -27,7 +27,7 @@ import torch
 from ..ops import ns_flops
 from ..optim import AdamMD, SFAdamW
 from ..optim.md import project_rows_
-from ..shard import FlatRange, comm
+from ..shard import Blocks, FlatRange, comm
 from ..shard.orthogonalize import assign_owners
 
 
@@ -123,7 +123,8 @@ class HybridOptimizer(torch.optim.AdamW):
         p = it.main
         if p is None:
             p = torch.empty(0, dtype=torch.float32)
-            if not isinstance(it.layout, FlatRange):
+            flat = [v.shard for v in it.layout.views] if isinstance(it.layout, Blocks) else [it.layout]
+            if not all(isinstance(f, FlatRange) for f in flat):
                 raise ValueError(f"{it.name}: only a FlatRange layout may have an empty local piece")
             self._placeholders.append(p)
         elif not p.is_leaf:

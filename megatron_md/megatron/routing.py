@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..shard import TensorParallel, Whole, fused_qkv, grouped_mlp_experts
+from ..shard import TensorParallel, Whole, fused_qkv, grouped_mlp_experts, swiglu_fc1
 
 Matcher = Callable[[str, torch.nn.Parameter, "RoutingOptions"], bool]
 
@@ -96,6 +96,9 @@ class ModelLayoutContext:
     hidden_size: int
     num_local_experts: int = 0
     split_qkv: bool = True
+    #: a gated (SwiGLU) MLP's linear_fc1 as two matrices, gate and up (``gated``: the model's MLP is gated)
+    split_fc1: bool = False
+    gated: bool = False
 
 
 def matrix_layout(name: str, p: torch.Tensor, ctx: ModelLayoutContext, *, local_shape=None):
@@ -128,6 +131,8 @@ def matrix_layout(name: str, p: torch.Tensor, ctx: ModelLayoutContext, *, local_
         hpg = ctx.num_attention_heads // ctx.num_query_groups
         return fused_qkv(num_query_groups=ctx.num_query_groups, heads_per_group=hpg, head_dim=ctx.kv_channels,
                          d_in=shape[1], tp_group=tp_group, tp_size=tp)
+    if name.endswith("linear_fc1.weight") and ctx.split_fc1 and ctx.gated and not expert:
+        return swiglu_fc1(shape[0] // 2 * tp, shape[1], tp_group=tp_group, tp_size=tp)
     if dim is None:
         return Whole(shape)
     full = list(shape)

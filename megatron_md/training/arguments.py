@@ -274,13 +274,8 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.md = validate(md_config_from_args(args), args)
     except ValueError as exc:
         raise ArgumentError(str(exc)) from None
-    if args.use_distributed_optimizer and args.md.dp_mode != "layer-wise" and args.md.split_qkv:
-        from ..megatron.builder import _PER_BLOCK  # methods that treat Q, K, V as separate matrices
-        if name in _PER_BLOCK:
-            raise ArgumentError(
-                f"--optimizer {name} with --use-distributed-optimizer: ZeRO-1 flat shards of the fused QKV weight "
-                f"cannot be split into Q, K and V; pass --no-split-qkv (or --dp-mode layer-wise without "
-                f"--use-distributed-optimizer)")
+    if args.md.split_fc1 and not args.swiglu:
+        raise ArgumentError("--split-fc1 splits a SwiGLU linear_fc1 into its gate and up halves; it needs --swiglu")
 
     _validate_overlap(args)
 

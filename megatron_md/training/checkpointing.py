@@ -74,11 +74,12 @@ _LAYOUT_FLAGS = {
 }
 _OPTIM_FLAGS = {
     "optimizer": "--optimizer", "use_distributed_optimizer": "--use-distributed-optimizer",
-    "dp_mode": "--dp-mode", "split_qkv": "--split-qkv/--no-split-qkv", "precision": "--bf16/--fp16",
+    "dp_mode": "--dp-mode", "split_qkv": "--split-qkv/--no-split-qkv", "split_fc1": "--split-fc1/--no-split-fc1",
+    "precision": "--bf16/--fp16",
     "zero_buckets": "--overlap-grad-reduce/--ddp-bucket-size (ZeRO-1 shards follow the gradient buckets)",
 }
 #: optimizer-setup keys compared only when the checkpoint records them (older checkpoints do not)
-_OPTIONAL_OPTIM_KEYS = ("zero_buckets",)
+_OPTIONAL_OPTIM_KEYS = ("zero_buckets", "split_fc1")
 _MODEL_FLAGS = {
     "num_layers": "--num-layers", "hidden_size": "--hidden-size", "num_attention_heads": "--num-attention-heads",
     "num_query_groups": "--num-query-groups", "ffn_hidden_size": "--ffn-hidden-size", "kv_channels": "--kv-channels",
@@ -201,6 +202,7 @@ def _topology(args) -> dict:
                    "dp": args.data_parallel_size},
         "optim": {"optimizer": args.optimizer, "use_distributed_optimizer": args.use_distributed_optimizer,
                   "dp_mode": getattr(md, "dp_mode", None), "split_qkv": getattr(md, "split_qkv", None),
+                  "split_fc1": getattr(md, "split_fc1", None),
                   "precision": prec,
                   # ZeRO-1 flat ranges are cut per gradient bucket: another bucket layout, other shards
                   "zero_buckets": ([bool(getattr(args, "overlap_grad_reduce", False)),
@@ -617,7 +619,8 @@ def _save_dist_checkpoint(root, iteration, model_chunks, optimizer, scheduler, a
 
 #: optimizer-setup keys a torch_dist checkpoint must share with the run that loads its optimizer
 #: state (its state is in the unsharded model's coordinates: the DP mode and ZeRO buckets may change)
-_DIST_OPTIM_FLAGS = {k: v for k, v in _OPTIM_FLAGS.items() if k in ("optimizer", "split_qkv", "precision")}
+_DIST_OPTIM_FLAGS = {k: v for k, v in _OPTIM_FLAGS.items() if k in ("optimizer", "split_qkv", "split_fc1",
+                                                                      "precision")}
 
 
 def _load_dist_checkpoint(root, latest, man, model_chunks, optimizer, scheduler, args, load_optim, load_rng):

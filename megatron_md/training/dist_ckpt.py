@@ -23,7 +23,8 @@ Everything is expressed in the coordinates of the *unsharded* model, so that
   ``d_in``) values of the logical matrix (Q, K and V of a fused QKV are blocks 0, 1, 2), split
   along whichever TP dimension splits it and replicated otherwise; rows that a ZeRO range cuts
   are reassembled first (each row taken from the rank holding its first element); a SwiGLU
-  ``linear_fc1``'s row vectors go through the parameter's factory (its gate and up halves);
+  ``linear_fc1``'s row vectors go through the parameter's factory (its gate and up halves), or with
+  ``--split-fc1`` are the gate's and the up's own (blocks 0 and 1);
 * per-matrix scalars (step counts, hyperball radii) keyed ``optimizer.scalar.<key>...``;
 * in ``common.pt`` (rank 0): the iteration, the LR scheduler, the loss history, and per
   optimizer (dense/expert) its param groups' scalars (schedule-free counters, LRs), skip counters
@@ -199,7 +200,7 @@ def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[_Entry
             continue
         lay = sub.layout(q)
         views = lay.views if isinstance(lay, Blocks) else [None]
-        if isinstance(lay, Blocks) and not rec.name.endswith("linear_qkv.weight"):
+        if isinstance(lay, Blocks) and not rec.name.endswith(("linear_qkv.weight", "linear_fc1.weight")):
             raise CheckpointError(f"--ckpt-format torch_dist: {rec.name} holds several experts in one tensor "
                                   "(grouped GEMM weights); their per-expert optimizer state cannot be named "
                                   "globally yet — use --ckpt-format torch, or the SequentialMLP/TE experts")
@@ -208,7 +209,8 @@ def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[_Entry
             shard = lay if view is None else view.shard
             suffix = "" if view is None else f".block{b}"
             for k, v in vec.items():
-                entries.append(_matrix_value(k, v, vec, T, rep, shard, f"{T.key}{suffix}", loading))
+                entries.append(_matrix_value(k, v, vec, T, rep, shard, f"{T.key}{suffix}", loading,
+                                             whole_param=view is None))
     return entries
 
 
@@ -298,7 +300,7 @@ def _first_shard(T) -> bool:
     return all(o == 0 for o in T.global_offset[T.prepend_axis_num:])
 
 
-def _matrix_value(k, v, vec, T, rep, shard, name, loading) -> _Entry:
+def _matrix_value(k, v, vec, T, rep, shard, name, loading, whole_param=True) -> _Entry:
     canon = shard.inner if isinstance(shard, FlatRange) else shard
     r0, c0 = canon.row_range[0], canon.col_range[0]
     axis = _axis(k)
@@ -346,7 +348,8 @@ def _matrix_value(k, v, vec, T, rep, shard, name, loading) -> _Entry:
         def restore(x, k=k):
             vec[k].copy_(x)
     _, Factory, _ = _sharded_types()
-    if isinstance(T, Factory):  # SwiGLU fc1: the gate and up halves, as the weight's own factory
+    if whole_param and isinstance(T, Factory):  # SwiGLU fc1 as one matrix: its gate and up halves, as the
+        # weight's own factory (split into gate and up blocks, each block is a plain vector)
         sh = replace(T, key=key, data=data[:, None],
                      replica_id=rep if isinstance(T.replica_id, tuple) else rep[0])
         return _Entry(sh, (lambda x, f=restore: f(x.reshape(-1))) if loading else None)

@@ -85,6 +85,8 @@ def _block_labels(name: str, layout, expert_offset: int) -> list[Optional[str]]:
         return [None]
     if name.endswith("linear_qkv.weight") and len(views) == 3:
         return ["q", "k", "v"]
+    if name.endswith("linear_fc1.weight") and len(views) == 2:
+        return ["gate", "up"]
     return [f"expert{expert_offset + e}" for e in range(len(views))]
 
 

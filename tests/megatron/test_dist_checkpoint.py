@@ -19,10 +19,12 @@ scenario saves at one layout and loads iteration 2 at another, and asserts
   reductions differs between layouts; 1e-4 in bf16, whose weights round those differences each
   step).
 
-Scenarios: every optimizer from DP=2 with ZeRO-1 flat shards to TP=2, from TP=2 to PP=2, and from
-an EP=2 MoE (dense and expert optimizers chained) to TP=2 (ZeRO-1 from TP=2 for two); PP=2 → TP=2; layer-wise DP=2 → TP=2; MoE EP=2 → EP=1 × DP=2 and the reverse; bf16 ZeRO-1 → bf16 TP=2 (the fp32
+Scenarios: every optimizer from DP=2 with ZeRO-1 flat shards (Q, K, V flat-sharded per block) to TP=2,
+from TP=2 to PP=2, and from
+an EP=2 MoE (dense and expert optimizers chained) to TP=2 (ZeRO-1 from TP=2 for two); PP=2 → TP=2; layer-wise DP=2 → TP=2, ZeRO-1 ↔ layer-wise; MoE EP=2 → EP=1 × DP=2 and the reverse; bf16 ZeRO-1 → bf16 TP=2 (the fp32
 main copies); the Llama-style model (SwiGLU ``linear_fc1`` row vectors through the weight's
-own gate/up factory, untied head with MD's head gains, GQA) DP=2 → TP=2. Bad input: a
+own gate/up factory, untied head with MD's head gains, GQA) DP=2 → TP=2, and with ``--split-fc1``
+(gate and up as blocks, ZeRO-1 flat-sharded per block) ZeRO-1 ↔ TP=2. Bad input: a
 corrupted ``.distcp`` file, a checkpoint of another optimizer and one of another model shape are refused before anything
 is loaded, naming the file or the flag. ``tools/convert_checkpoint.py reshard`` (a driver run
 with nothing left to train) writes a torch_dist checkpoint as per-rank files at one rank: the
@@ -44,34 +46,37 @@ from megatron_md.testing.spawn import group_fixture  # noqa: E402
 pytestmark = [pytest.mark.megatron]
 
 OPTIMIZERS = ["adam", "muon", "normuon", "rmnp", "adamh", "muonh", "adam-md", "muon-md", "sf-adamw", "sf-normuon"]
-#: ZeRO-1 serves a fused QKV as one matrix (--no-split-qkv), so its counterpart does too
-ZERO = "--use-distributed-optimizer --no-split-qkv"
+#: ZeRO-1 flat-shards the per-block methods' Q, K, V (and, with --split-fc1, gate and up) per block
+ZERO = "--use-distributed-optimizer"
 TP2 = "--tensor-model-parallel-size 2"
-TP2_NSQ = f"{TP2} --no-split-qkv"
+FC1 = "--split-fc1"
 LLAMA = ("--swiglu --normalization RMSNorm --position-embedding-type rope --untie-embeddings-and-output-weights "
          "--disable-bias-linear --num-query-groups 2")
 MOE = "--num-experts 4 --moe-router-topk 2 --moe-token-dispatcher-type alltoall --disable-bias-linear"
 #: name: (optimizer, flags of the saving run, flags of the loading run)
 #: every optimizer three times: ZeRO-1 → TP=2, TP=2 → PP=2, MoE EP=2 → MoE TP=2 (each also resumed
 #: at its saving layout)
-SCENARIOS = {f"{o}/zero1-to-tp2": (o, ZERO, TP2_NSQ) for o in OPTIMIZERS}
+SCENARIOS = {f"{o}/zero1-to-tp2": (o, ZERO, TP2) for o in OPTIMIZERS}
 SCENARIOS.update({f"{o}/tp2-to-pp2": (o, TP2, "--pipeline-model-parallel-size 2") for o in OPTIMIZERS})
 #: megatron-core's MoE layer needs sequence parallelism under TP
 SCENARIOS.update({f"{o}/moe-ep2-to-tp2": (o, f"{MOE} --expert-model-parallel-size 2", f"{MOE} {TP2} --sequence-parallel")
                   for o in OPTIMIZERS})
 SCENARIOS.update({
-    "muon-md/tp2-to-zero1": ("muon-md", TP2_NSQ, ZERO),
-    "sf-normuon/tp2-to-zero1": ("sf-normuon", TP2_NSQ, ZERO),
+    "muon-md/tp2-to-zero1": ("muon-md", TP2, ZERO),
+    "sf-normuon/tp2-to-zero1": ("sf-normuon", TP2, ZERO),
     "normuon/layerwise-to-tp2": ("normuon", "--dp-mode layer-wise", TP2),
+    "muon-md/zero1-to-layerwise": ("muon-md", ZERO, "--dp-mode layer-wise"),
+    "adam-md/layerwise-to-zero1": ("adam-md", "--dp-mode layer-wise", ZERO),
     "adam-md/layerwise-to-tp2": ("adam-md", "--dp-mode layer-wise", TP2),
     "adamh/pp2-to-tp2": ("adamh", "--pipeline-model-parallel-size 2", TP2),
     "muon-md/ep2-to-ep1": ("muon-md", f"{MOE} --expert-model-parallel-size 2", MOE),
     "rmnp/ep1-to-ep2": ("rmnp", MOE, f"{MOE} --expert-model-parallel-size 2"),
     "adam/ep2-to-ep1": ("adam", f"{MOE} --expert-model-parallel-size 2", MOE),
-    "muon/bf16-zero1-to-tp2": ("muon", f"--bf16 {ZERO}", f"--bf16 {TP2_NSQ}"),
+    "muon/bf16-zero1-to-tp2": ("muon", f"--bf16 {ZERO}", f"--bf16 {TP2}"),
     "muon-md/llama-dp2-to-tp2": ("muon-md", LLAMA, f"{LLAMA} {TP2}"),
-    "normuon/llama-dp2-to-tp2": ("normuon", LLAMA, f"{LLAMA} {TP2}"),
-    "adam-md/llama-zero1-to-tp2": ("adam-md", f"{LLAMA} {ZERO}", f"{LLAMA} {TP2_NSQ}"),
+    "normuon/llama-fc1-zero1-to-tp2": ("normuon", f"{LLAMA} {FC1} {ZERO}", f"{LLAMA} {FC1} {TP2}"),
+    "muon-md/llama-fc1-tp2-to-zero1": ("muon-md", f"{LLAMA} {FC1} {TP2}", f"{LLAMA} {FC1} {ZERO}"),
+    "adam-md/llama-zero1-to-tp2": ("adam-md", f"{LLAMA} {ZERO}", f"{LLAMA} {TP2}"),
 })
 RTOL = 1e-5
 #: bf16 runs: the layouts' different reduction orders are rounded to bf16 weights each step
@@ -148,7 +153,7 @@ def _dist_checks(ctx):
             open(p, "wb").write(bytes(data))
         dist.barrier()
         with pytest.raises(CheckpointError, match=r"\.distcp is corrupted"):
-            run("muon-md", TP2_NSQ, "--load", bad, "--ckpt-step", "2")
+            run("muon-md", TP2, "--load", bad, "--ckpt-step", "2")
 
 
     with ctx.check("reshard_tool"):

@@ -1,15 +1,15 @@
 """Our optimizers inside megatron-core's optimizer stack, on real GPTModel / MoE models (CPU, gloo).
 
-One spawned group of 2 ranks runs, for every optimizer, a tiny GQA GPT for 5 steps at
+One spawned group of 2 ranks runs, for every optimizer, a tiny GQA SwiGLU GPT for 5 steps, the
+per-block methods seeing Q, K, V of the fused QKV and (``split_fc1``) the gate and up halves of
+``linear_fc1`` as separate matrices, at
   * reference: TP=1 with the full batch on both DP ranks (the DP mean of identical gradients is
     that gradient: exactly the single-process trajectory),
-  * TP=2 (fused QKV split per query group across TP),
-  * DP=2 + Megatron's DistributedOptimizer (ZeRO-1 flat shards; each rank half the batch),
+  * TP=2 (fused QKV split per query group across TP, fc1 per half),
+  * DP=2 + Megatron's DistributedOptimizer (ZeRO-1 flat shards cut per block; each rank half the batch),
   * DP=2 + layer-wise distribution (each rank half the batch),
 and a tiny MoE GPT (4 experts, top-2, alltoall) at EP=2 against EP=1; then the bf16 path.
 Each sharded run must give the reference's losses and final (gathered) parameters.
-The ZeRO-1 runs compare with a reference built with ``split_qkv=False`` (flat shards of a
-fused QKV are served as one matrix; see builder).
 """
 from __future__ import annotations
 
@@ -29,8 +29,12 @@ LRS = {"adam": 3e-3, "muon": 0.02, "normuon": 0.02, "rmnp": 3e-3, "adamh": 0.01,
        "adam-md": 3e-3, "muon-md": 0.01, "sf-adamw": 3e-3, "sf-normuon": 0.01}
 OPTIMIZERS = list(LRS)
 MODES = ["tp2", "zero1", "layerwise"]
-PER_BLOCK = {"muon", "normuon", "adamh", "muonh", "adam-md", "muon-md", "sf-normuon"}  # split Q/K/V
 RTOL_LOSS, RTOL_PARAM = 1e-5, 1e-4
+#: AdamH with the fc1 split, DP=2 (ZeRO-1 and layer-wise alike, half the batch per rank): one element of
+#: the word embedding (on the Adam partner; [12, 20]) has a near-zero gradient, and Adam's m/√v turns the
+#: DP mean's 1e-7 rounding into a 2e-4 (ZeRO-1; layer-wise 1.2e-4) relative difference of that weight
+#: after 5 steps — the same element is the worst without the split (2e-6); every matrix agrees to 1e-6
+RTOL_PARAM_BY = {"adamh": 5e-4}
 
 
 # ----------------------------------------------------------------------------- rank side
@@ -42,7 +46,7 @@ def _config(tp=1, ep=1, moe=False, bf16=False):
     return TransformerConfig(num_layers=LAYERS, hidden_size=HIDDEN, ffn_hidden_size=2 * HIDDEN,
                              num_attention_heads=HEADS, num_query_groups=GROUPS, use_cpu_initialization=True,
                              hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False,
-                             tensor_model_parallel_size=tp, bf16=bf16,
+                             tensor_model_parallel_size=tp, bf16=bf16, gated_linear_unit=not moe,
                              params_dtype=torch.bfloat16 if bf16 else torch.float32, **extra)
 
 
@@ -66,7 +70,7 @@ def _build(name, tp=1, ep=1, moe=False, dist_opt=False, md_kw=None, bf16=False, 
         grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt), module=gpt)
     ocfg = OptimizerConfig(optimizer="adam", lr=LRS[name], min_lr=0.0, weight_decay=0.0, clip_grad=1.0,
                            use_distributed_optimizer=dist_opt, bf16=bf16, params_dtype=cfg.params_dtype)
-    md = MDConfig(optimizer=name, **(md_kw or {}))
+    md = MDConfig(optimizer=name, **dict(dict(split_fc1=not moe), **(md_kw or {})))
     return model, get_megatron_optimizer(ocfg, [model], md)
 
 
@@ -94,8 +98,14 @@ def _reinit_by_global_name(gpt, ep):
                 full[dim] *= tp
             w = torch.randn(full, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))) * 0.05
             if dim is not None:
-                w = w.chunk(tp, dim=dim)[tp_rank]
+                w = torch.cat([h.chunk(tp, dim=dim)[tp_rank] for h in _halves(name, w)])
             p.copy_(w)
+
+
+def _halves(name, w):
+    """A gated MLP's linear_fc1 ``[gate; up]`` as its two halves (TP splits each; every rank holds
+    ``[gate_r; up_r]``); any other weight as itself."""
+    return w.chunk(2) if name.endswith("mlp.linear_fc1.weight") else [w]
 
 
 def _batch(step, dp_rank=0, dp_size=1):
@@ -146,7 +156,8 @@ def _full_params(model, num_experts=0):
         if tp > 1 and getattr(p, "tensor_model_parallel", False):
             parts = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(parts, t.contiguous(), group=tp_group)
-            t = torch.cat(parts, dim=p.partition_dim)
+            halves = list(zip(*[_halves(name, x) for x in parts]))
+            t = torch.cat([torch.cat(h, dim=p.partition_dim) for h in halves])
         m = re.search(r"local_experts\.(\d+)\.", name)
         if m and ep > 1:
             parts = [torch.empty_like(t) for _ in range(ep)]
@@ -159,13 +170,13 @@ def _full_params(model, num_experts=0):
     return out
 
 
-def _compare(ref, got):
+def _compare(ref, got, rtol_param=RTOL_PARAM):
     (l0, p0), (l1, p1) = ref, got
     for a, b in zip(l1, l0):
         assert abs(a - b) <= RTOL_LOSS * abs(b) + 1e-6, f"losses {l1} vs reference {l0}"
     assert p0.keys() == p1.keys(), sorted(set(p0) ^ set(p1))
     worst = max(((p1[k] - p0[k]).norm() / p0[k].norm()).item() for k in p0)
-    assert worst <= RTOL_PARAM, f"max relative parameter difference {worst:.2e}"
+    assert worst <= rtol_param, f"max relative parameter difference {worst:.2e}"
     return worst
 
 
@@ -195,31 +206,28 @@ def _checks(ctx):
     creates gloo groups (and their threads) that are never freed, so there are three of them."""
     refs, moe_refs = {}, {}
 
-    def reference(name, split):
-        if not split and name not in PER_BLOCK:  # the split changes nothing: reuse the reference
-            return refs.get((name, True))
+    def reference(name, split=True):
         return refs.get((name, split))
 
     ctx.init_model_parallel(tp=1, ep=1)
     for name in OPTIMIZERS:
-        for split in (True, False):
-            if not split and name not in PER_BLOCK:
-                continue
-            with ctx.check(f"{name}/reference{'' if split else '-nosplit'}"):
-                model, opt = _build(name, md_kw=dict(split_qkv=split))
-                losses = _train(model, opt, split_data=False)
-                assert losses[-1] < losses[0], losses
-                refs[(name, split)] = (losses, _full_params(model))
+        with ctx.check(f"{name}/reference"):
+            model, opt = _build(name)
+            losses = _train(model, opt, split_data=False)
+            assert losses[-1] < losses[0], losses
+            refs[(name, True)] = (losses, _full_params(model))
         with ctx.check(f"{name}/zero1"):
-            ref = reference(name, False)
+            ref = reference(name)
             assert ref is not None, "reference failed"
-            model, opt = _build(name, dist_opt=True, md_kw=dict(split_qkv=False))
-            ctx.record(f"{name}/zero1", _compare(ref, (_train(model, opt, split_data=True), _full_params(model))))
+            model, opt = _build(name, dist_opt=True)
+            ctx.record(f"{name}/zero1", _compare(ref, (_train(model, opt, split_data=True), _full_params(model)),
+                                                 RTOL_PARAM_BY.get(name, RTOL_PARAM)))
         with ctx.check(f"{name}/layerwise"):
             ref = reference(name, True)
             assert ref is not None, "reference failed"
             model, opt = _build(name, md_kw=dict(dp_mode="layer-wise"))
-            ctx.record(f"{name}/layerwise", _compare(ref, (_train(model, opt, split_data=True), _full_params(model))))
+            ctx.record(f"{name}/layerwise", _compare(ref, (_train(model, opt, split_data=True), _full_params(model)),
+                                                 RTOL_PARAM_BY.get(name, RTOL_PARAM)))
         with ctx.check(f"{name}/moe-ep1"):
             model, opt = _build(name, moe=True)
             moe_refs[name] = (_train(model, opt, split_data=False), _full_params(model, 4))
@@ -238,13 +246,10 @@ def _checks(ctx):
             model, opt = _build("adam-md", md_kw=kw, tied=key.endswith("tied"))
             losses = _train(model, opt, split_data=False)
             refs[(key, True)] = (losses, _full_params(model))
-            if key.endswith("alpha"):
-                model, opt = _build("adam-md", md_kw=dict(kw, split_qkv=False))
-                refs[(key, False)] = (_train(model, opt, split_data=False), _full_params(model))
         if key.endswith("alpha"):
             with ctx.check(f"{key}/zero1"):
-                model, opt = _build("adam-md", dist_opt=True, md_kw=dict(kw, split_qkv=False))
-                ctx.record(f"{key}/zero1", _compare(refs[(key, False)], (_train(model, opt, split_data=True),
+                model, opt = _build("adam-md", dist_opt=True, md_kw=kw)
+                ctx.record(f"{key}/zero1", _compare(refs[(key, True)], (_train(model, opt, split_data=True),
                                                                             _full_params(model))))
 
     ctx.init_model_parallel(tp=2)
@@ -313,7 +318,7 @@ def _checks(ctx):
 group = group_fixture(2, _checks, megatron=True, timeout=1800)
 
 CHECKS = [f"{n}/{s}" for n in OPTIMIZERS
-          for s in ["reference", *(["reference-nosplit"] if n in PER_BLOCK else []), *MODES, "moe-ep1", "moe-ep2"]] + \
+          for s in ["reference", *MODES, "moe-ep1", "moe-ep2"]] + \
     ["muon-md/bf16", "rmnp/bf16", "nonfinite-skips-on-every-rank", "sf-normuon/state-dict-resume",
      "muon-md/state-dict-resume", "adam-md/recipe-rows", "muon-md/recipe-rows"] + \
     [f"{k}/{s}" for k in RECIPE_VARIANTS for s in ("reference", "tp2", *(["zero1"] if k.endswith("alpha") else []))]
