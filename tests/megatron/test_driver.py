@@ -42,7 +42,7 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
     (["--optimizer", "no-such-optimizer"], ["--optimizer", "invalid choice"]),
     (["--optimizer", "muon-md", "--weight-decay", "0.1"], ["--optimizer muon-md", "--weight-decay"]),
     (["--dp-mode", "layer-wise", "--use-distributed-optimizer"], ["--dp-mode layer-wise", "--use-distributed-optimizer"]),
-    (["--use-distributed-optimizer", "--optimizer", "muon-md"], ["--use-distributed-optimizer", "--no-split-qkv"]),
+    (["--split-fc1"], ["--split-fc1", "--swiglu"]),
     (["--tensor-model-parallel-size", "3"], ["--tensor-model-parallel-size 3"]),
     (["--num-experts", "3", "--expert-model-parallel-size", "2"], ["--num-experts 3", "--expert-model-parallel-size 2"]),
     (["--expert-model-parallel-size", "2"], ["--expert-model-parallel-size 2", "--num-experts"]),
@@ -130,8 +130,7 @@ CONFIGS = {
     # TP=2 (DP=1): Muon-MD, FP32Optimizer wrapper
     "tp2_muon_md": ["--tensor-model-parallel-size", "2", "--optimizer", "muon-md"],
     # DP=2, ZeRO-1: schedule-free NorMuon (eval swaps x/y; group-level SF counters checkpointed)
-    "dp2_distopt_sf_normuon": ["--use-distributed-optimizer", "--optimizer", "sf-normuon", "--no-split-qkv",
-                               "--global-batch-size", "4"],
+    "dp2_distopt_sf_normuon": ["--use-distributed-optimizer", "--optimizer", "sf-normuon", "--global-batch-size", "4"],
     # DP=2, bf16 params with fp32 main params (Float16OptimizerWithFloat16Params), AdamW
     "dp2_bf16_adam": ["--bf16", "--optimizer", "adam", "--lr-warmup-iters", "2"],
     # DP=2, ZeRO-1 + bf16: Muon-MD on flat shards (fused QKV kept whole)
