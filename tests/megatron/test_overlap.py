@@ -11,7 +11,9 @@ schedule's ``no_sync_func`` holds back the first micro-batch's reductions), each
 final checkpoint. For every optimizer:
 
 * DP=2 plain DDP with ``--overlap-grad-reduce`` and several buckets (``--ddp-bucket-size``),
-* DP=2 ZeRO-1 with ``--overlap-grad-reduce --overlap-param-gather``, in one bucket and in several,
+* DP=2 ZeRO-1 with ``--overlap-grad-reduce --overlap-param-gather``, in one bucket and in several
+  (the fused QKV split into Q, K, V flat-sharded per block; without overlap its losses are plain DP=2's
+  to ``LAYOUT_RTOL``),
 * DP=2 ``--dp-mode layer-wise`` with ``--overlap-grad-reduce`` and several buckets,
 
 give the losses and saved final weights of the same run without overlap, bit for bit (ZeRO-1 in
@@ -44,8 +46,6 @@ from megatron_md.training.arguments import ArgumentError, parse_args  # noqa: E4
 pytestmark = [pytest.mark.megatron]
 
 OPTIMIZERS = ["adam", "muon", "normuon", "rmnp", "adamh", "muonh", "adam-md", "muon-md", "sf-adamw", "sf-normuon"]
-#: methods that split the fused QKV into Q, K, V: ZeRO-1 flat shards need --no-split-qkv (as in test_driver)
-PER_BLOCK = {"muon", "normuon", "adamh", "muonh", "adam-md", "muon-md", "sf-normuon"}
 #: elements per gradient bucket: the 1-layer model's 26k parameters make 6 buckets (several in flight at once)
 BUCKET = "500"
 #: ZeRO-1 in several buckets against one bucket, a sanity check of the ranges cut per bucket (megatron-core
@@ -166,13 +166,16 @@ def _overlap_checks(ctx):
 
     for opt in OPTIMIZERS:
         flags = ["--optimizer", opt]
+        ddp = None
         with ctx.check(f"ddp_{opt}"):
-            ref = run(flags)
+            ref = ddp = run(flags)
             assert ref[0]["dp"] == 2 and ref[0]["grad_buckets"] == 1, ref[0]
             same(ref, run(flags + OVERLAP + ["--ddp-bucket-size", BUCKET]))
         with ctx.check(f"zero1_{opt}"):
-            zflags = flags + ["--use-distributed-optimizer"] + (["--no-split-qkv"] if opt in PER_BLOCK else [])
+            zflags = flags + ["--use-distributed-optimizer"]  # per-block methods: Q, K, V flat-sharded per block
             ref = run(zflags)
+            assert ddp is not None, "the plain DP=2 run failed"
+            ctx.record(f"zero1_{opt}_vs_ddp_rel_diff", _compare(ddp[0], ref[0], LAYOUT_RTOL))  # ZeRO-1 == plain DP
             same(ref, run(zflags + OVERLAP_ZERO1[1:]))  # one bucket, as without overlap
             grads_only = run(zflags + OVERLAP + ["--ddp-bucket-size", BUCKET])
             many = run(zflags + OVERLAP_ZERO1[1:] + ["--ddp-bucket-size", BUCKET])
@@ -190,7 +193,7 @@ def _overlap_checks(ctx):
             for tag, extra in (("ref", []), ("overlap", OVERLAP_ZERO1[1:])):
                 ckpt = os.path.join(ctx.tmpdir, f"{opt}_{tag}")
                 summary = pretrain(parse_args(
-                    base + ["--optimizer", opt, "--use-distributed-optimizer", "--no-split-qkv", "--train-iters", "5",
+                    base + ["--optimizer", opt, "--use-distributed-optimizer", "--train-iters", "5",
                             "--eval-iters", "1", "--eval-interval", "2", "--log-optimizer-stats-interval", "4",
                             "--save", ckpt, "--save-interval", "3", "--log-jsonl", ckpt + ".jsonl"] + extra))
                 out.append((summary, ckpt, ckpt + ".jsonl"))
@@ -206,7 +209,7 @@ def _overlap_checks(ctx):
 
     # a resume under overlap: the first iteration after --load runs with the hooks off, on the loaded weights
     with ctx.check("zero1_resume"):
-        flags = ["--optimizer", "muon-md", "--use-distributed-optimizer", "--no-split-qkv"] + OVERLAP_ZERO1[1:]
+        flags = ["--optimizer", "muon-md", "--use-distributed-optimizer"] + OVERLAP_ZERO1[1:]
         full_dir, res_dir = (os.path.join(ctx.tmpdir, f"resume_{t}") for t in ("full", "resumed"))
         full = pretrain(parse_args(base + flags + ["--save", full_dir, "--save-interval", "1"]))
         res = pretrain(parse_args(base + flags + ["--load", full_dir, "--ckpt-step", "1", "--save", res_dir]))
@@ -215,12 +218,11 @@ def _overlap_checks(ctx):
 
     # DP=1 pipeline schedules (grad_sync_func; interleaved: aligned param_sync_func) and MoE expert buckets
     pp = ["--optimizer", "muon-md", "--num-layers", "2", "--pipeline-model-parallel-size", "2", "--global-batch-size", "4"]
-    vpp = pp + ["--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1", "--use-distributed-optimizer",
-                "--no-split-qkv"]
+    vpp = pp + ["--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1", "--use-distributed-optimizer"]
     moe = ["--num-experts", "4", "--expert-model-parallel-size", "2", "--moe-router-topk", "2",
            "--moe-aux-loss-coeff", "0.01", "--moe-token-dispatcher-type", "alltoall", "--optimizer", "muon",
            "--weight-decay", "0.0"]
-    bf16 = ["--optimizer", "muon-md", "--bf16", "--use-distributed-optimizer", "--no-split-qkv"]
+    bf16 = ["--optimizer", "muon-md", "--bf16", "--use-distributed-optimizer"]
     for name, flags, overlap in (("pp2_1f1b", pp, OVERLAP), ("vpp2_zero1", vpp, OVERLAP_ZERO1[1:]),
                                  ("ep2_moe", moe, OVERLAP), ("zero1_bf16", bf16, OVERLAP_ZERO1[1:])):
         with ctx.check(name):
