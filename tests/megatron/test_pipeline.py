@@ -12,9 +12,10 @@ untied output layer are checked the same way, and a PP=2 run saved at iteration 
 reproduces the uninterrupted iterations 3..4 bit for bit.
 
 A second group of 4 ranks runs PP=2 × DP=2 with ZeRO-1 (``--use-distributed-optimizer``) and
-with layer-wise DP (``--dp-mode layer-wise``) for every optimizer against PP=1 × DP=4 (the same
-global batch of 8; plain DDP; ``--no-split-qkv`` on both sides for ZeRO-1, whose flat shards of a
-fused QKV are served as one matrix), to the same 1e-5.
+with layer-wise DP (``--dp-mode layer-wise``), and TP=2 × DP=2 with ZeRO-1, for every optimizer
+against PP=1 × DP=4 (the same global batch of 8; plain DDP; GQA, 4 heads in 2 query groups; the
+per-block methods split the fused QKV into Q, K, V, which ZeRO-1 flat-shards per block), to the
+same 1e-5.
 """
 from __future__ import annotations
 
@@ -98,9 +99,6 @@ def _pipeline_checks(ctx):
 
 pipeline_group = group_fixture(2, _pipeline_checks, megatron=True, timeout=500)
 
-#: methods whose math sees Q, K, V separately (ZeRO-1 runs them with --no-split-qkv)
-PER_BLOCK = {"muon", "normuon", "adamh", "muonh", "adam-md", "muon-md", "sf-normuon"}
-
 
 def _pipeline_dp_checks(ctx):
     from megatron_md.training.arguments import parse_args
@@ -108,30 +106,35 @@ def _pipeline_dp_checks(ctx):
 
     base = _sibling("test_driver").synthetic_base(
         ctx, "--train-iters", "3", "--global-batch-size", "8", "--log-interval", "1", "--eval-interval", "3",
-        "--eval-iters", "1")
+        "--eval-iters", "1", "--num-query-groups", "2")
     pp2 = ["--pipeline-model-parallel-size", "2"]
 
     def run(extra):
         return pretrain(parse_args(base + extra))
 
     for opt in OPTIMIZERS:
-        nosplit = ["--no-split-qkv"] if opt in PER_BLOCK else []
-        refs = {}
+        ref = None
         with ctx.check(f"pp2_dp2_zero1_{opt}"):
-            refs["zero1"] = run(["--optimizer", opt] + nosplit)
-            got = run(["--optimizer", opt, "--use-distributed-optimizer"] + nosplit + pp2)
-            assert got["pp"] == 2 and got["dp"] == 2 and refs["zero1"]["dp"] == 4
-            _compare(refs["zero1"], got)
+            ref = run(["--optimizer", opt])
+            got = run(["--optimizer", opt, "--use-distributed-optimizer"] + pp2)
+            assert got["pp"] == 2 and got["dp"] == 2 and ref["dp"] == 4
+            _compare(ref, got)
         with ctx.check(f"pp2_dp2_layerwise_{opt}"):
-            ref = run(["--optimizer", opt]) if nosplit or "zero1" not in refs else refs["zero1"]
+            assert ref is not None, "the PP=1 × DP=4 reference failed"
             _compare(ref, run(["--optimizer", opt, "--dp-mode", "layer-wise"] + pp2))
+        with ctx.check(f"tp2_dp2_zero1_{opt}"):
+            assert ref is not None, "the PP=1 × DP=4 reference failed"
+            got = run(["--optimizer", opt, "--use-distributed-optimizer", "--tensor-model-parallel-size", "2"])
+            assert got["tp"] == 2 and got["dp"] == 2, got
+            _compare(ref, got)
 
 
 pipeline_w4 = group_fixture(4, _pipeline_dp_checks, megatron=True, timeout=900)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", [f"pp2_dp2_{mode}_{o}" for mode in ("zero1", "layerwise") for o in OPTIMIZERS])
+@pytest.mark.parametrize("name", [f"{par}_dp2_{mode}_{o}" for par, mode in (("pp2", "zero1"), ("pp2", "layerwise"),
+                                                                         ("tp2", "zero1")) for o in OPTIMIZERS])
 def test_pipeline_with_data_parallel_modes(pipeline_w4, name):
     pipeline_w4.assert_ok(name)
 
