@@ -4,7 +4,7 @@
 Runs the driver's ``pretrain`` in this process (one rank, mock data, fp32) for each optimizer:
 2 iterations with ``--save`` (the final save is timed), then a run that ``--load``s it with nothing
 left to train (the load is timed: verifying the manifest's sha256 of every file, reading, and
-for torch_dist resharding into this run's optimizer). ``checkpointing.save_checkpoint`` and
+for torch_dist resharding into this run's optimizer). ``megatron_md.checkpoint.save_checkpoint`` and
 ``load_checkpoint`` are timed from outside (wrapped; nothing in the driver changes). Both formats
 run in the same process, interleaved per optimizer; torch_dist is reported relative to torch.
 
@@ -34,10 +34,10 @@ EXTRA = {"adam": ["--weight-decay", "0.1"], "muon-md": ["--weight-decay", "0"],
 
 
 def _timed(flags: list[str], what: str) -> float:
-    from megatron_md.training import checkpointing
+    from megatron_md import checkpoint
     from megatron_md.training.arguments import parse_args
     from megatron_md.training.pretrain import pretrain
-    fn = getattr(checkpointing, what)
+    fn = getattr(checkpoint, what)
     took = []
 
     def wrapped(*a, **k):
@@ -45,12 +45,12 @@ def _timed(flags: list[str], what: str) -> float:
         out = fn(*a, **k)
         took.append(time.perf_counter() - t0)
         return out
-    setattr(checkpointing, what, wrapped)
+    setattr(checkpoint, what, wrapped)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             pretrain(parse_args(flags))
     finally:
-        setattr(checkpointing, what, fn)
+        setattr(checkpoint, what, fn)
     return took[-1]
 
 

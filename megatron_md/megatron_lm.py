@@ -181,6 +181,8 @@ def _hook_validate_args(original: Callable) -> Callable:
             result = original(args, *a, **k)
         md = dataclasses.replace(md_config_for_megatron_lm(args), optimizer=name)
         validate(md, args)
+        from .checkpoint.md import check_resume  # a to-md checkpoint names its flags
+        check_resume(md, args)
         fmt = getattr(args, "ckpt_format", "torch")
         saves = bool(getattr(args, "save", None) or getattr(args, "load", None))
         if saves and fmt not in ("torch", "torch_dist"):

@@ -75,8 +75,8 @@ if str(REPO) not in sys.path:  # allow running without an editable install
 
 
 def _to_hf(a) -> None:
-    from megatron_md.convert.hf import write_hf
-    from megatron_md.convert.megatron_ckpt import load_full_model
+    from megatron_md.checkpoint.hf import write_hf
+    from megatron_md.checkpoint.merge import load_full_model
     state, topo, it = load_full_model(a.load, a.ckpt_step)
     config = write_hf(state, topo, a.out)
     print(f"wrote {config['architectures'][0]} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
@@ -84,13 +84,13 @@ def _to_hf(a) -> None:
 
 
 def _sf_to_x(a) -> None:
-    from megatron_md.convert.sf import sf_to_x
+    from megatron_md.checkpoint.sf import sf_to_x
     it = sf_to_x(a.load, a.save, a.ckpt_step)
     print(f"wrote the averaged (x) weights of iteration {it} to {a.save} (load with --no-load-optim)")
 
 
 def _to_md(a) -> None:
-    from megatron_md.convert.md import to_md
+    from megatron_md.checkpoint.md import to_md
     r = to_md(a.load, a.save, a.ckpt_step)
     lay = r["layout"]
     print(f"wrote the weights of iteration {r['iteration']} (trained with --optimizer {r['from']}) to {a.save}, MD-ready; "
@@ -102,7 +102,7 @@ def _to_md(a) -> None:
 def _reshard(a) -> None:
     import shlex
 
-    from megatron_md.convert.reshard import reshard
+    from megatron_md.checkpoint.reshard import reshard
     cmd = reshard(a.load, a.save, nproc=a.nproc, layout=shlex.split(a.layout), ckpt_format=a.ckpt_format,
                   iteration=a.ckpt_step, extra=shlex.split(a.driver_args), dry_run=a.dry_run)
     if a.dry_run:
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    from megatron_md.training.errors import RunError
+    from megatron_md.errors import RunError
     try:
         a.func(a)
     except (RunError, ValueError, KeyError) as exc:

@@ -33,6 +33,7 @@ from ..optim.builder import MATRIX_OPTIMIZERS, fused_adamw_kwargs
 from ..shard import Blocks, FlatRange, flat_blocks
 from ..shard import comm as _comm
 from .hybrid import HybridOptimizer, MatrixItem
+from .sharded_state import is_wrapper_sharded_state, wrapper_load, wrapper_sharded_state
 from .routing import (ModelLayoutContext, RoutingOptions, matrix_layout, named_params, residual_output,
                       residual_radius_scale, role_of)
 
@@ -51,13 +52,11 @@ class _SkipNonFinite:
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
         """Megatron's torch_dist seam (Megatron-LM's ``save_checkpoint``/``load_checkpoint``): every
-        optimizer state in the unsharded model's coordinates (:mod:`megatron_md.training.dist_ckpt`),
+        optimizer state in the unsharded model's coordinates (:mod:`.sharded_state`),
         whatever the wrapper and DP mode — not Megatron's Adam-shaped layout."""
-        from ..training.dist_ckpt import wrapper_sharded_state
         return wrapper_sharded_state(self, model_sharded_state_dict, is_loading)
 
     def load_state_dict(self, state_dict):
-        from ..training.dist_ckpt import is_wrapper_sharded_state, wrapper_load
         if is_wrapper_sharded_state(state_dict):
             return wrapper_load(self, state_dict)
         return super().load_state_dict(state_dict)
@@ -438,7 +437,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
                 items.append(MatrixItem(gi, n, main, lay, radius[n]))
         inner.bind(items, layerwise_group=dp_group if md.dp_mode == "layer-wise" else None)
         #: every model param of this wrapper in a fixed order (the same on every rank of its DP
-        #: group): what ``megatron_md.training.dist_ckpt`` maps optimizer state through
+        #: group): what :mod:`.sharded_state` maps optimizer state through
         w.md_records = [ParamRecord(by_id[id(mp)], mp, mains.get(id(mp)),
                                     zero_range(mp, buffers, dp_group) if config.use_distributed_optimizer else None,
                                     inner.param_groups[gi]["md_role"], dp_group, expert)

@@ -634,11 +634,6 @@ def validate(md: MDConfig, args_or_optimizer_config: Any = None) -> MDConfig:
             f"--optimizer {name} with --md-init factor and --md-embedding-unit-norm (on by default): factoring keeps "
             "the model's outputs, but the embedding rule rescales every vocabulary row to norm 1, which no gain "
             "absorbs; pass --no-md-embedding-unit-norm (the embedding then trains on the Adam partner)")
-    if get("load"):
-        from ..convert.md import resume_error  # a to-md checkpoint names the flags it must be resumed with
-        why = resume_error(get("load"), get("ckpt_step"), md, no_load_optim=bool(get("no_load_optim", False)))
-        if why:
-            raise ValueError(why)
     if md.dp_mode == "layer-wise" and get("use_distributed_optimizer", False):
         raise ValueError(
             "--dp-mode layer-wise with --use-distributed-optimizer: layer-wise distributes whole matrices over "

@@ -41,7 +41,7 @@ Every patch, and why (details in each function's docstring):
 Removed, because they changed megatron-core's optimizer or checkpoint logic rather than a
 device call: ``distopt_torch_adam`` (``DistributedOptimizer.state_dict``/``load_state_dict``/
 ``_set_main_param_and_optimizer_states`` for torch-native Adam's per-param ``step``; our
-optimizers are checkpointed by megatron_md's own code, ``training/checkpointing.py``, and
+optimizers are checkpointed by megatron_md's own code, ``megatron_md/checkpoint/``, and
 megatron-core's torch-Adam fallback is not what clusters run) and ``ckpt_without_psutil``
 (``dist_checkpointing``'s async writer; install ``psutil`` to save torch_dist checkpoints).
 

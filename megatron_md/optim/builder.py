@@ -11,7 +11,11 @@ from typing import Any
 
 import torch
 
-from . import AdamH, AdamMD, Muon, MuonH, MuonMD, NorMuon, RMNP, SFAdamW, SFNorMuon
+from .hyperball import AdamH, MuonH
+from .md import AdamMD, MuonMD
+from .muon import Muon, NorMuon
+from .rmnp import RMNP
+from .schedule_free import SFAdamW, SFNorMuon
 from .base import nonfinite_flag
 from .routing import DEFAULT_RULES, classify
 

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from ..checkpoint.md import check_resume
 from ..megatron.config import NO_WEIGHT_DECAY, SCHEDULE_FREE, add_md_args, md_config_from_args, validate
 from ..megatron.model_recipe import add_recipe_args, apply_recipe_preset
 
@@ -272,6 +273,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                             f"{args.lr_decay_iters} (default --train-iters)")
     try:
         args.md = validate(md_config_from_args(args), args)
+        check_resume(args.md, args)  # a to-md checkpoint names the flags it must be resumed with
     except ValueError as exc:
         raise ArgumentError(str(exc)) from None
     if args.md.split_fc1 and not args.swiglu:

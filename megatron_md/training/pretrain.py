@@ -20,7 +20,7 @@ LR, tokens/s, grad norm and skipped steps (and the MoE load-balancing loss), and
 TensorBoard with ``--tensorboard-dir`` when ``tensorboard`` is installed. Every
 ``--eval-interval`` iterations and at the end it evaluates ``--eval-iters`` fixed validation
 batches (schedule-free optimizers are swapped to their averaged iterate ``x`` for evaluation
-and back afterwards). Checkpoints: :mod:`megatron_md.training.checkpointing`.
+and back afterwards). Checkpoints: :mod:`megatron_md.checkpoint`.
 
 The last line printed by rank 0 is a JSON object ``{"event": "summary", ...}`` with the final
 train loss (mean of the last logging interval), the final validation loss, the iteration
@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .arguments import ArgumentError, build_parser, optimizer_config, parse_with_recipe, validate_args
-from .errors import DivergenceError, RunError
+from ..errors import DivergenceError, RunError
 
 __all__ = ["main", "pretrain", "SUMMARY_EVENT"]
 
@@ -226,7 +226,7 @@ def pretrain(args) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ..megatron.builder import get_megatron_optimizer, skipped_steps
-    from . import checkpointing
+    from .. import checkpoint
     from .data import build_datasets
     from .model import ParamGatherHooks, build_model, initialize, shutdown, sync_params, transformer_config
     from .telemetry import JsonlLog, OptimizerTelemetry
@@ -262,7 +262,7 @@ def pretrain(args) -> dict:
         iteration, extra = 0, {}
         if args.load is not None:
             t0 = time.perf_counter()
-            got = checkpointing.load_checkpoint(args.load, model, optimizer, scheduler, args,
+            got = checkpoint.load_checkpoint(args.load, model, optimizer, scheduler, args,
                                                 iteration=args.ckpt_step, load_optim=not args.no_load_optim,
                                                 load_rng=not args.no_load_rng)
             if got is None:
@@ -388,7 +388,7 @@ def pretrain(args) -> dict:
             if args.save and ((args.save_interval and iteration % args.save_interval == 0) or iteration == last_it):
                 t0 = time.perf_counter()
                 sync_params(model)  # the saved weights are the updated ones on every rank
-                checkpointing.save_checkpoint(args.save, iteration, model, optimizer, scheduler, args,
+                checkpoint.save_checkpoint(args.save, iteration, model, optimizer, scheduler, args,
                                               extra={"train": history["train"], "valid": history["valid"],
                                                      "skipped": skipped})
                 last_saved = iteration
@@ -400,7 +400,7 @@ def pretrain(args) -> dict:
             # nothing left to train after --load: write the loaded state at this run's layout and
             # format (what `tools/convert_checkpoint.py reshard` runs)
             t0 = time.perf_counter()
-            checkpointing.save_checkpoint(args.save, iteration, model, optimizer, scheduler, args,
+            checkpoint.save_checkpoint(args.save, iteration, model, optimizer, scheduler, args,
                                           extra={"train": history["train"], "valid": history["valid"],
                                                  "skipped": skipped})
             last_saved = iteration
@@ -438,7 +438,7 @@ def pretrain(args) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None, prog: Optional[str] = None) -> int:
     """Command-line entry: usage errors exit 2 before anything is built; errors after start-up
-    (:class:`~megatron_md.training.errors.RunError`: a bad checkpoint, a diverged loss) print one
+    (:class:`~megatron_md.errors.RunError`: a bad checkpoint, a diverged loss) print one
     line from rank 0 and exit 1."""
     parser = build_parser(defaults, prog=prog)
     try:

@@ -78,9 +78,9 @@ def _failure_checks(ctx):
     import torch
     import torch.distributed as dist
 
-    from megatron_md.training import checkpointing as ck
+    from megatron_md.checkpoint import integrity as ck
     from megatron_md.training.arguments import parse_args
-    from megatron_md.training.errors import CheckpointError, DivergenceError
+    from megatron_md.errors import CheckpointError, DivergenceError
     from megatron_md.training.pretrain import main, pretrain
 
     drv = _sibling("test_driver")
@@ -235,7 +235,8 @@ def _failure_checks(ctx):
     # ----------------------------------------------------------------- interrupted save
     inter = os.path.join(ctx.tmpdir, "interrupted")
     with ctx.check("interrupted_save_keeps_previous_latest"):
-        real = ck._atomic_torch_save
+        from megatron_md.checkpoint import per_rank  # the per-rank format's writer calls it
+        real = per_rank.atomic_torch_save
 
         def dying_save(obj, path):  # a kill while iteration 4's rank files are being written
             if obj.get("iteration") == 4:
@@ -244,14 +245,14 @@ def _failure_checks(ctx):
                 raise KeyboardInterrupt("simulated kill during the save of iteration 4")
             return real(obj, path)
 
-        ck._atomic_torch_save = dying_save
+        per_rank.atomic_torch_save = dying_save
         try:
             pretrain(parse_args(base + ["--save", inter, "--save-interval", "2"]))
             raise AssertionError("the simulated kill did not happen")
         except KeyboardInterrupt:
             pass
         finally:
-            ck._atomic_torch_save = real
+            per_rank.atomic_torch_save = real
         dist.barrier()
         if ctx.rank == 0:
             assert ck.read_latest(inter) == 2
@@ -359,7 +360,7 @@ def _args(**kw):
 
 
 def test_loss_check_rules():
-    from megatron_md.training.errors import DivergenceError
+    from megatron_md.errors import DivergenceError
     from megatron_md.training.pretrain import _check_loss
     full = deque([5.0, 5.2, 4.8], maxlen=3)
     _check_loss(_args(), 4, 49.0, full, 2)                        # 9.8x the mean: allowed
@@ -384,8 +385,8 @@ def test_loss_check_flags_validate():
 
 
 def test_stale_tmp_cleanup_and_tracker(tmp_path):
-    from megatron_md.training import checkpointing as ck
-    from megatron_md.training.errors import CheckpointError
+    from megatron_md.checkpoint import integrity as ck
+    from megatron_md.errors import CheckpointError
     (tmp_path / ck.TRACKER).write_text("x\n")
     with pytest.raises(CheckpointError, match=ck.TRACKER):
         ck.read_latest(str(tmp_path))
@@ -395,7 +396,7 @@ def test_stale_tmp_cleanup_and_tracker(tmp_path):
     os.makedirs(tmp_path / "iter_0000004.tmp77")
     (tmp_path / "iter_0000004.tmp77" / "rank_00000.pt").write_bytes(b"stale")
     (tmp_path / f"{ck.TRACKER}.tmp5").write_text("4")
-    removed = ck._clean_stale(str(tmp_path))
+    removed = ck.clean_stale(str(tmp_path))
     assert len(removed) == 3, removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", ck.TRACKER]
     assert os.listdir(tmp_path / "iter_0000002") == ["rank_00000.pt"]

@@ -36,6 +36,7 @@ pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from megatron_md.checkpoint.integrity import TRACKER  # noqa: E402
 from megatron_md.testing.spawn import group_fixture  # noqa: E402
 
 pytestmark = [pytest.mark.megatron]
@@ -62,8 +63,8 @@ def _convert_checks(ctx):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_md.convert.megatron_ckpt import load_full_model
-    from megatron_md.training import checkpointing as ck
+    from megatron_md.checkpoint.merge import load_full_model
+    from megatron_md.checkpoint import load_checkpoint
     from megatron_md.training import model as M
     from megatron_md.training.arguments import parse_args
     from megatron_md.training.pretrain import pretrain
@@ -85,7 +86,7 @@ def _convert_checks(ctx):
             M.initialize(args)
             try:
                 model = M.build_model(args, M.transformer_config(args))
-                ck.load_checkpoint(save, model, None, None, args, load_optim=False)
+                load_checkpoint(save, model, None, None, args, load_optim=False)
                 g = torch.Generator().manual_seed(3)
                 tokens = torch.randint(3, 250, (2, 16), generator=g)
                 pos = torch.arange(16).unsqueeze(0).expand(2, 16)
@@ -141,7 +142,7 @@ def _convert_checks(ctx):
             M.initialize(args)
             try:
                 model = M.build_model(args, M.transformer_config(args))
-                ck.load_checkpoint(path, model, None, None, args, load_optim=False)
+                load_checkpoint(path, model, None, None, args, load_optim=False)
                 losses[which] = evaluate(args, model, None, build_datasets(args)[1], get_forward_backward_func())
             finally:
                 ps.destroy_model_parallel()
@@ -157,7 +158,7 @@ def _convert_checks(ctx):
             plain = os.path.join(ctx.tmpdir, "pp1")  # its layout is fine; rewrite the topology as a GPT-2 style one
             state, topo, _ = load_full_model(plain)
             topo["model"]["normalization"] = "LayerNorm"
-            from megatron_md.convert.hf import to_hf_state
+            from megatron_md.checkpoint.hf import to_hf_state
             with pytest.raises(ValueError, match="--normalization RMSNorm"):
                 to_hf_state(state, topo)
             missing = os.path.join(ctx.tmpdir, "nothing_here")
@@ -245,14 +246,14 @@ def _md_model_after_zero_step(args, path, tokens):
     from megatron.core import parallel_state as ps
 
     from megatron_md.megatron.builder import get_megatron_optimizer
-    from megatron_md.training import checkpointing as ck
+    from megatron_md.checkpoint import load_checkpoint
     from megatron_md.training import model as M
     from megatron_md.training.arguments import optimizer_config
     M.initialize(args)
     try:
         model = M.build_model(args, M.transformer_config(args))
         optimizer = get_megatron_optimizer(optimizer_config(args), model, args.md)
-        ck.load_checkpoint(path, model, optimizer, None, args, load_optim=False, load_rng=False)
+        load_checkpoint(path, model, optimizer, None, args, load_optim=False, load_rng=False)
         before = _logits(model, tokens)
         for c in model:
             c.zero_grad_buffer()
@@ -274,7 +275,7 @@ def _to_md_checks(ctx, base, tool):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_md.training import checkpointing as ck
+    from megatron_md.checkpoint import load_checkpoint
     from megatron_md.training import model as M
     from megatron_md.training.arguments import ArgumentError, parse_args
     from megatron_md.training.pretrain import pretrain
@@ -294,7 +295,7 @@ def _to_md_checks(ctx, base, tool):
             M.initialize(args)
             try:
                 model = M.build_model(args, M.transformer_config(args))
-                ck.load_checkpoint(orig, model, None, None, args, load_optim=False)
+                load_checkpoint(orig, model, None, None, args, load_optim=False)
                 ref = _logits(model, tokens)
             finally:
                 ps.destroy_model_parallel()
@@ -338,7 +339,7 @@ def _to_md_checks(ctx, base, tool):
                     rc = tool.main(["to-md", "--load", load, "--save", save])
                 lines = err.getvalue().strip().splitlines()
                 assert rc == 1 and len(lines) == 1 and "to-md: error:" in lines[0] and needle in lines[0], (load, lines)
-            assert not os.path.exists(os.path.join(never, ck.TRACKER))
+            assert not os.path.exists(os.path.join(never, TRACKER))
 
     with ctx.check("to_md_resume_without_its_flags_is_refused"):
         if ctx.rank == 0:

@@ -98,7 +98,7 @@ def _dist_checks(ctx):
     import torch
 
     from megatron_md.training.arguments import parse_args
-    from megatron_md.training.errors import CheckpointError
+    from megatron_md.errors import CheckpointError
     from megatron_md.training.pretrain import pretrain
     td = _sibling("test_driver")
     base = td.synthetic_base(ctx, "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1",
@@ -161,8 +161,8 @@ def _dist_checks(ctx):
         # per-rank converters read; the weights are the checkpoint's, the optimizer state is there
         import torch.distributed as dist
 
-        from megatron_md.convert.megatron_ckpt import load_full_model
-        from megatron_md.training.checkpointing import checkpoint_dir, load_verified
+        from megatron_md.checkpoint.merge import load_full_model
+        from megatron_md.checkpoint.integrity import checkpoint_dir, load_verified
         src = os.path.join(ctx.tmpdir, "muon-md_llama-dp2-to-tp2")
         out = os.path.join(ctx.tmpdir, "resharded_torch")
         plain = _plain(os.path.join(src, "iter_0000002"))  # collective: every rank

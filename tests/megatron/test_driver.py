@@ -112,15 +112,15 @@ def test_preprocess_documents_group_whole_paragraphs():
 
 
 def test_checkpoint_pointer_is_atomic_and_ignores_partial_files(tmp_path):
-    from megatron_md.training import checkpointing as ck
+    from megatron_md.checkpoint import integrity as ck
     assert ck.read_latest(str(tmp_path)) is None
-    ck._atomic_write_text(str(tmp_path / ck.TRACKER), "4\n")
+    ck.atomic_write_text(str(tmp_path / ck.TRACKER), "4\n")
     # a crash while writing iteration 8: a partial temp file, the pointer still says 4
     os.makedirs(ck.checkpoint_dir(str(tmp_path), 8))
     (tmp_path / "iter_0000008" / "rank_00000.pt.tmp999").write_bytes(b"partial")
     (tmp_path / f"{ck.TRACKER}.tmp999").write_text("8")
     assert ck.read_latest(str(tmp_path)) == 4
-    ck._atomic_torch_save({"x": 1}, str(tmp_path / "obj.pt"))
+    ck.atomic_torch_save({"x": 1}, str(tmp_path / "obj.pt"))
     assert sorted(p.name for p in tmp_path.iterdir() if "obj" in p.name) == ["obj.pt"]
 
 
@@ -181,7 +181,7 @@ def _write_synthetic(prefix: str) -> None:
 def _driver_checks(ctx):
     import torch.distributed as dist
 
-    from megatron_md.training.checkpointing import TRACKER
+    from megatron_md.checkpoint.integrity import TRACKER
     from megatron_md.training.pretrain import pretrain
 
     prefix = os.path.join(ctx.tmpdir, "synthetic")

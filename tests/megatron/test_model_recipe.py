@@ -72,8 +72,8 @@ def test_checkpoint_records_the_recipe_and_reshard_rebuilds_it():
 
     import torch.distributed as dist
 
-    from megatron_md.convert.reshard import driver_flags
-    from megatron_md.training import checkpointing as ck
+    from megatron_md.checkpoint.reshard import driver_flags
+    from megatron_md.checkpoint import topology as ck
     from megatron_md.training.arguments import parse_args
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -88,7 +88,7 @@ def test_checkpoint_records_the_recipe_and_reshard_rebuilds_it():
 def _check_manifest(ck, driver_flags, parse_args):
     a = parse_args(BASE + ["--model-recipe", "md-paper", "--no-post-norm-gain"], world_size=1)
     a.padded_vocab_size, a.vocab_size, a.transformer_impl = 128, 100, "local"
-    topo = ck._topology(a)
+    topo = ck.run_topology(a)
     m = topo["model"]
     assert m["qk_layernorm"] and m["post_norm"] and not m["post_norm_gain"]
     assert m["fixed_layer_scale"] == 0.5 and m["embedding_multiplier"] == pytest.approx(math.sqrt(32))
@@ -98,12 +98,12 @@ def _check_manifest(ck, driver_flags, parse_args):
     assert ck._recipe_keys(again) == ck._recipe_keys(a)
     plain = parse_args(BASE, world_size=1)
     plain.padded_vocab_size, plain.vocab_size, plain.transformer_impl = 128, 100, "local"
-    old = ck._topology(plain)
+    old = ck.run_topology(plain)
     for k in ck._MODEL_KEY_DEFAULTS:  # a checkpoint from before the recipe: same model as the defaults
         del old["model"][k]
-    assert not ck._diffs(old, ck._topology(plain), "model", ck._MODEL_FLAGS)
-    assert any("--post-norm" in d for d in ck._diffs(old, topo, "model", ck._MODEL_FLAGS))
-    from megatron_md.convert.hf import to_hf_state
+    assert not ck.topology_diffs(old, ck.run_topology(plain), "model", ck.MODEL_FLAGS)
+    assert any("--post-norm" in d for d in ck.topology_diffs(old, topo, "model", ck.MODEL_FLAGS))
+    from megatron_md.checkpoint.hf import to_hf_state
     with pytest.raises(ValueError, match="--embedding-multiplier, --post-norm, --fixed-layer-scale, --qk-layernorm"):
         to_hf_state({}, topo)  # no Llama/Mixtral computes the recipe: refused, naming its flags
 

@@ -108,7 +108,7 @@ def _weights(ckpt: str, iteration: int, rank: int) -> dict:
     """This rank's saved model (and, schedule-free, averaged-x) tensors of one checkpoint."""
     import torch
 
-    from megatron_md.training.checkpointing import checkpoint_dir
+    from megatron_md.checkpoint.integrity import checkpoint_dir
     st = torch.load(os.path.join(checkpoint_dir(ckpt, iteration), f"rank_{rank:05d}.pt"), weights_only=False)
     out = {}
     for tag, chunks in (("model", st["model"]), ("model_x", st["model_x"] or [])):

@@ -8,7 +8,7 @@
   the first step; a restored state that has stepped is not factored again;
 * validation: ``init`` values, ``--md-init factor`` with ``--md-embedding-unit-norm``, a to-md
   checkpoint loaded without its flags (Megatron-LM directories are left alone);
-* ``convert.md.to_md`` on a hand-built driver checkpoint: the same bytes of weights, no optimizer
+* ``checkpoint.md.to_md`` on a hand-built driver checkpoint: the same bytes of weights, no optimizer
   state, a verified manifest with the record; MD, schedule-free, converted and missing inputs and
   an existing output are refused.
 """
@@ -215,7 +215,7 @@ def test_md_init_flag_and_its_incompatible_embedding_rule():
 
 def _fake_checkpoint(root, optimizer="adam", iteration=3, extra_topology=None, world=2):
     """A driver checkpoint directory as save_checkpoint writes it (two rank files)."""
-    from megatron_md.training import checkpointing as ck
+    from megatron_md.checkpoint import integrity as ck
     topo = {"layout": {"world_size": world, "tp": world, "pp": 1, "vpp": None, "ep": 1, "etp": 1, "dp": 1},
             "optim": {"optimizer": optimizer, "use_distributed_optimizer": False, "dp_mode": "auto",
                       "split_qkv": True, "precision": "fp32"},
@@ -231,21 +231,21 @@ def _fake_checkpoint(root, optimizer="adam", iteration=3, extra_topology=None, w
                  "model": [w], "optimizer": [{"inner": {"state": {0: torch.ones(2)}}}], "scheduler": {"x": 1},
                  "rng": {"torch": torch.get_rng_state()}, "extra": {"train": {1: 2.0}}, "model_x": None}
         path = os.path.join(staging, f"rank_{r:05d}.pt")
-        ck._atomic_torch_save(state, path)
-        files[f"rank_{r:05d}.pt"] = {"bytes": os.path.getsize(path), "sha256": ck._sha256(path)}
-    ck._publish(root, iteration, staging, ck.checkpoint_dir(root, iteration),
+        ck.atomic_torch_save(state, path)
+        files[f"rank_{r:05d}.pt"] = {"bytes": os.path.getsize(path), "sha256": ck.sha256(path)}
+    ck.publish(root, iteration, staging, ck.checkpoint_dir(root, iteration),
                 {"format": ck.FORMAT, "iteration": iteration, "topology": topo, "files": files})
     return weights
 
 
 def test_to_md_writes_the_same_weights_without_optimizer_state(tmp_path):
-    from megatron_md.convert.md import RESUME_FLAGS, TO_MD_KEY, to_md
-    from megatron_md.training import checkpointing as ck
+    from megatron_md.checkpoint.md import RESUME_FLAGS, TO_MD_KEY, to_md
+    from megatron_md.checkpoint import integrity as ck
     src, out = str(tmp_path / "adam"), str(tmp_path / "md")
     weights = _fake_checkpoint(src)
     got = to_md(src, out)
     assert got["iteration"] == 3 and got["from"] == "adam" and got["resume_flags"] == list(RESUME_FLAGS)
-    man = ck._read_manifest(out, 3)
+    man = ck.read_manifest(out, 3)
     assert man["topology"][TO_MD_KEY]["from"] == "adam" and man["topology"]["optim"]["optimizer"].startswith("none")
     for r, w in enumerate(weights):
         name = f"rank_{r:05d}.pt"
@@ -258,8 +258,8 @@ def test_to_md_writes_the_same_weights_without_optimizer_state(tmp_path):
     ("missing", "does not exist"), ("muon-md", "already MD"), ("sf-normuon", "sf-to-x first"),
     ("converted", "already MD-ready"), ("existing_out", "already a checkpoint directory")])
 def test_to_md_refuses(tmp_path, case, needle):
-    from megatron_md.convert.md import TO_MD_KEY, to_md
-    from megatron_md.training.errors import CheckpointError
+    from megatron_md.checkpoint.md import TO_MD_KEY, to_md
+    from megatron_md.errors import CheckpointError
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     if case in ("muon-md", "sf-normuon"):
         _fake_checkpoint(src, optimizer=case)
@@ -278,47 +278,48 @@ def _ns(load, **kw):
 
 
 def test_a_to_md_checkpoint_names_the_flags_it_needs(tmp_path):
-    from megatron_md.convert.md import to_md
-    from megatron_md.megatron.config import MDConfig, validate
+    from megatron_md.checkpoint.md import check_resume, to_md
+    from megatron_md.megatron.config import MDConfig
     src, out = str(tmp_path / "adam"), str(tmp_path / "md")
     _fake_checkpoint(src)
     to_md(src, out)
     md = MDConfig(optimizer="muon-md")
     with pytest.raises(ValueError) as err:
-        validate(md, _ns(out))
+        check_resume(md, _ns(out))
     for flag in ("--no-load-optim", "--md-init factor", "--no-md-embedding-unit-norm", "to-md"):
         assert flag in str(err.value)
     ok = MDConfig(optimizer="muon-md", md_init="factor", md_embedding_unit_norm=False)
     with pytest.raises(ValueError, match="pass --no-load-optim"):
-        validate(ok, _ns(out))
-    validate(ok, argparse.Namespace(load=out, ckpt_step=3, no_load_optim=True))
-    validate(MDConfig(optimizer="adam"), argparse.Namespace(load=out, ckpt_step=None, no_load_optim=True))
-    validate(md, _ns(src))  # not converted: the driver's own checks apply
+        check_resume(ok, _ns(out))
+    check_resume(ok, argparse.Namespace(load=out, ckpt_step=3, no_load_optim=True))
+    check_resume(MDConfig(optimizer="adam"), argparse.Namespace(load=out, ckpt_step=None, no_load_optim=True))
+    check_resume(md, _ns(src))  # not converted: the driver's own checks apply
 
 
 def test_other_load_directories_are_left_to_their_loaders(tmp_path):
-    from megatron_md.megatron.config import MDConfig, validate
+    from megatron_md.checkpoint.md import check_resume
+    from megatron_md.megatron.config import MDConfig
     md = MDConfig(optimizer="muon-md")
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("release")  # Megatron-LM's tracker
-    validate(md, _ns(str(tmp_path)))
-    validate(md, _ns(str(tmp_path / "nothing")))
+    check_resume(md, _ns(str(tmp_path)))
+    check_resume(md, _ns(str(tmp_path / "nothing")))
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("5")
     os.makedirs(tmp_path / "iter_0000005")
     (tmp_path / "iter_0000005" / "manifest.json").write_text("{not json")
-    validate(md, _ns(str(tmp_path)))
+    check_resume(md, _ns(str(tmp_path)))
 
 
 def test_a_to_md_checkpoint_resumes_in_bf16_with_its_flags(tmp_path):
     """A weights-only load refreshes the bf16 wrapper's fp32 main copies (checkpointing calls
     reload_model_params; tests/megatron/test_checkpoint_failures.py shows the weights survive),
     so bf16 needs no extra flag; the to-md flags are still required."""
-    from megatron_md.convert.md import to_md
-    from megatron_md.megatron.config import MDConfig, validate
+    from megatron_md.checkpoint.md import check_resume, to_md
+    from megatron_md.megatron.config import MDConfig
     src, out = str(tmp_path / "adam"), str(tmp_path / "md")
     _fake_checkpoint(src)
     to_md(src, out)
     ok = MDConfig(optimizer="muon-md", md_init="factor", md_embedding_unit_norm=False)
-    validate(ok, argparse.Namespace(load=out, ckpt_step=None, no_load_optim=True, bf16=True))
+    check_resume(ok, argparse.Namespace(load=out, ckpt_step=None, no_load_optim=True, bf16=True))
     with pytest.raises(ValueError, match="--md-init factor"):
-        validate(MDConfig(optimizer="muon-md", md_embedding_unit_norm=False),
+        check_resume(MDConfig(optimizer="muon-md", md_embedding_unit_norm=False),
                  argparse.Namespace(load=out, ckpt_step=None, no_load_optim=True, bf16=True))

@@ -1,6 +1,8 @@
 """Errors the user can act on after start-up (a bad checkpoint, a diverged run).
 
-The driver's entry point (:func:`megatron_md.training.pretrain.main`) prints a :class:`RunError`
+A leaf module (no imports): every layer may raise them.
+
+The driver's entry point (:func:`megatron_md.training.pretrain.main`, and ``tools/convert_checkpoint.py``) prints a :class:`RunError`
 as one ``<prog>: error: <message>`` line from rank 0 and exits with code 1, without a traceback.
 Every rank raises the same error at the same point (the checks agree across ranks first), so
 no rank is left waiting in a collective.

@@ -13,8 +13,8 @@ a per-token scale. A converted checkpoint is therefore resumed with
 ``--no-md-embedding-unit-norm`` (the embedding, and a tied head, train on the Adam partner).
 
 :func:`to_md` writes a checkpoint of the same layout with the same weights (bit for bit) and no
-optimizer state, and records the conversion in its manifest; :func:`resume_error` (called by
-``megatron_md.megatron.config.validate``) makes a driver run that loads it without
+optimizer state, and records the conversion in its manifest; :func:`check_resume` (called by the
+driver's and Megatron-LM's argument checks) makes a run that loads it without
 ``--no-load-optim --md-init factor --no-md-embedding-unit-norm`` fail before training, naming the
 missing flags. Every rank file is verified against the source manifest first (``load_verified``).
 """
@@ -25,12 +25,12 @@ import json
 import os
 from typing import Optional
 
+from ..errors import CheckpointError
 from ..megatron.config import MD_METHODS, SCHEDULE_FREE
-from ..training import checkpointing as ck
-from ..training.errors import CheckpointError
-from .megatron_ckpt import latest_iteration, require_per_rank, rewrite_checkpoint
+from .integrity import MANIFEST, checkpoint_dir, read_latest, read_manifest
+from .merge import latest_iteration, require_per_rank, rewrite_checkpoint
 
-__all__ = ["to_md", "resume_error", "RESUME_FLAGS", "TO_MD_KEY"]
+__all__ = ["to_md", "resume_error", "check_resume", "RESUME_FLAGS", "TO_MD_KEY"]
 
 #: the manifest topology key that marks a to-md checkpoint
 TO_MD_KEY = "to_md"
@@ -46,7 +46,7 @@ def to_md(root: str, out: str, iteration: Optional[int] = None) -> dict:
     (``sf-to-x`` first: its weights ``y`` are not the model) and an ``out`` that holds a checkpoint.
     """
     iteration = latest_iteration(root, iteration)
-    man = ck._read_manifest(root, iteration)
+    man = read_manifest(root, iteration)
     require_per_rank(root, man)
     topo = man["topology"]
     opt = topo["optim"]["optimizer"]
@@ -77,10 +77,10 @@ def _to_md_record(load: str, ckpt_step: Optional[int]) -> Optional[dict]:
     """The to-md record of the checkpoint ``--load`` would read (None: none, or not ours to judge:
     no checkpoint, a Megatron-LM directory, an unreadable manifest — the loader reports those)."""
     try:
-        it = ckpt_step if ckpt_step is not None else ck.read_latest(load)
+        it = ckpt_step if ckpt_step is not None else read_latest(load)
         if it is None:
             return None
-        with open(os.path.join(ck.checkpoint_dir(load, it), ck.MANIFEST)) as fh:
+        with open(os.path.join(checkpoint_dir(load, it), MANIFEST)) as fh:
             rec = json.load(fh).get("topology", {}).get(TO_MD_KEY)
     except (OSError, ValueError, CheckpointError, AttributeError):
         return None
@@ -110,3 +110,15 @@ def resume_error(load: str, ckpt_step: Optional[int], md, *, no_load_optim: bool
     if not missing:
         return None
     return f"{where}: pass {' '.join(missing)} ({'; '.join(reasons)})"
+
+
+def check_resume(md, args) -> None:
+    """Raise ``ValueError`` naming the missing flags when ``args.load`` (``args.ckpt_step``) is a
+    to-md checkpoint that a run with MD config ``md`` would not resume as converted; anything else
+    (no ``--load``, not a to-md checkpoint, not ours) passes, for the loader to judge."""
+    load = getattr(args, "load", None)
+    if load:
+        why = resume_error(load, getattr(args, "ckpt_step", None), md,
+                           no_load_optim=bool(getattr(args, "no_load_optim", False)))
+        if why:
+            raise ValueError(why)

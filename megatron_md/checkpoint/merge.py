@@ -27,8 +27,9 @@ from typing import Optional
 
 import torch
 
-from ..training import checkpointing as ck
-from ..training.errors import CheckpointError
+from ..errors import CheckpointError
+from .integrity import (FORMAT, TRACKER, atomic_torch_save, checkpoint_dir, clean_stale, load_verified,
+                        publish, read_latest, read_manifest, sha256)
 
 __all__ = ["load_full_model", "merge_shards", "split_shard", "local_model_state", "latest_iteration",
            "rewrite_checkpoint"]
@@ -81,9 +82,9 @@ def latest_iteration(root: str, iteration: Optional[int] = None, flag: str = "--
     """``iteration``, or the latest one of ``root``; a :class:`CheckpointError` if there is none."""
     if iteration is not None:
         return iteration
-    found = ck.read_latest(root)
+    found = read_latest(root)
     if found is None:
-        what = "does not exist" if not os.path.exists(root) else f"has no {ck.TRACKER}"
+        what = "does not exist" if not os.path.exists(root) else f"has no {TRACKER}"
         raise CheckpointError(f"{flag} {root}: {what} (not a checkpoint directory written by the driver)")
     return found
 
@@ -101,32 +102,32 @@ def rewrite_checkpoint(root: str, iteration: int, manifest: dict, out: str, topo
     """Write checkpoint ``out`` (iteration ``iteration``, same rank files and layout as ``root``):
     each rank file of ``root``, verified against ``manifest``, passed through ``edit(state, path)``
     (in place) and saved with ``topology``. ``out`` must not hold a checkpoint yet."""
-    if os.path.abspath(out) == os.path.abspath(root) or ck.read_latest(out) is not None:
+    if os.path.abspath(out) == os.path.abspath(root) or read_latest(out) is not None:
         raise CheckpointError(f"--save {out}: already a checkpoint directory; choose a new one (nothing is overwritten)")
     os.makedirs(out, exist_ok=True)
-    ck._clean_stale(out)
-    final = ck.checkpoint_dir(out, iteration)
+    clean_stale(out)
+    final = checkpoint_dir(out, iteration)
     staging = f"{final}.tmp{os.getpid()}"
     os.makedirs(staging)
     files = {}
-    src = ck.checkpoint_dir(root, iteration)
+    src = checkpoint_dir(root, iteration)
     for name, entry in sorted(manifest["files"].items()):
         path = os.path.join(src, name)
-        state = ck.load_verified(path, entry)
+        state = load_verified(path, entry)
         edit(state, path)
         state["topology"] = topology
         dst = os.path.join(staging, name)
-        ck._atomic_torch_save(state, dst)
-        files[name] = {"bytes": os.path.getsize(dst), "sha256": ck._sha256(dst)}
-    ck._publish(out, iteration, staging, final,
-                {"format": ck.FORMAT, "iteration": iteration, "topology": topology, "files": files})
+        atomic_torch_save(state, dst)
+        files[name] = {"bytes": os.path.getsize(dst), "sha256": sha256(dst)}
+    publish(out, iteration, staging, final,
+                {"format": FORMAT, "iteration": iteration, "topology": topology, "files": files})
 
 
 def load_full_model(root: str, iteration: Optional[int] = None) -> tuple[dict, dict, int]:
     """``(state, topology, iteration)``: the unsharded model weights of the checkpoint in ``root``
     (the latest one, or ``iteration``), after verifying every rank file against the manifest."""
     iteration = latest_iteration(root, iteration)
-    man = ck._read_manifest(root, iteration)
+    man = read_manifest(root, iteration)
     require_per_rank(root, man)
     topo = man["topology"]
     if "info" not in topo:
@@ -139,10 +140,10 @@ def load_full_model(root: str, iteration: Optional[int] = None) -> tuple[dict, d
     if topo["info"].get("moe_grouped_gemm"):
         raise CheckpointError(f"{root}: grouped-GEMM experts (--moe-grouped-gemm) are not supported by the converter")
     pieces: dict[str, dict[int, torch.Tensor]] = {}
-    d = ck.checkpoint_dir(root, iteration)
+    d = checkpoint_dir(root, iteration)
     for name, entry in sorted(man["files"].items()):
         path = os.path.join(d, name)
-        state = ck.load_verified(path, entry)
+        state = load_verified(path, entry)
         c = state["coords"]
         for v, sd in enumerate(state["model"]):
             for key, t in sd.items():

@@ -52,7 +52,7 @@ def to_hf_state(state: dict, topo: dict) -> tuple[dict, dict]:
     if recipe:
         raise ValueError(f"the checkpoint's model uses {', '.join(recipe)} (--model-recipe): no Llama/Mixtral "
                          "architecture computes it; it cannot be exported to Hugging Face")
-        moe = bool(m["num_experts"])
+    moe = bool(m["num_experts"])
     if moe and m["moe_router_pre_softmax"]:
         raise ValueError("--moe-router-pre-softmax routing (softmax, then top-k without renormalising) has no "
                          "Mixtral equivalent; train without it")

@@ -2,7 +2,7 @@
 optimizer state included — a thin front end to the driver.
 
 The driver's ``--load`` of a ``torch_dist`` checkpoint already reshards the model and every
-optimizer state (:mod:`megatron_md.training.dist_ckpt`); a run with nothing left to train
+optimizer state (:mod:`megatron_md.checkpoint.dist`); a run with nothing left to train
 (``--train-iters`` = the checkpoint's iteration) writes the loaded state at its own layout and
 ``--ckpt-format`` and stops. This module builds that run's command line from the checkpoint's
 manifest (model shape, optimizer, QKV split, precision) plus the target layout, and runs it
@@ -16,9 +16,9 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-from ..training import checkpointing as ck
-from ..training.errors import CheckpointError
-from .megatron_ckpt import latest_iteration
+from ..errors import CheckpointError
+from .integrity import read_latest, read_manifest
+from .merge import latest_iteration
 
 __all__ = ["driver_flags", "reshard"]
 
@@ -68,8 +68,8 @@ def reshard(load: str, save: str, *, nproc: int, layout: Sequence[str] = (), ckp
     """Run the driver on ``nproc`` ranks with ``layout`` (e.g. ``["--tensor-model-parallel-size", "2"]``)
     to write checkpoint ``iteration`` of ``load`` into ``save``; returns the command."""
     it = latest_iteration(load, iteration)
-    man = ck._read_manifest(load, it)
-    if os.path.abspath(save) == os.path.abspath(load) or ck.read_latest(save) is not None:
+    man = read_manifest(load, it)
+    if os.path.abspath(save) == os.path.abspath(load) or read_latest(save) is not None:
         raise CheckpointError(f"--save {save}: already a checkpoint directory; choose a new one (nothing is overwritten)")
     tp = 1
     lay = list(layout)
@@ -96,6 +96,6 @@ def reshard(load: str, save: str, *, nproc: int, layout: Sequence[str] = (), ckp
         said = [ln for ln in lines if "error:" in ln and "ChildFailedError" not in ln]
         tail = "\n".join(dict.fromkeys(said)) or "\n".join(lines[-12:])
         raise CheckpointError(f"the resharding run failed (exit {proc.returncode}):\n{tail}")
-    if ck.read_latest(save) != it:
+    if read_latest(save) != it:
         raise CheckpointError(f"the resharding run wrote no checkpoint of iteration {it} into {save}")
     return cmd

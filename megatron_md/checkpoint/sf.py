@@ -12,10 +12,10 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
+from ..errors import CheckpointError
 from ..megatron.config import SCHEDULE_FREE
-from ..training import checkpointing as ck
-from ..training.errors import CheckpointError
-from .megatron_ckpt import latest_iteration, require_per_rank, rewrite_checkpoint
+from .integrity import read_manifest
+from .merge import latest_iteration, require_per_rank, rewrite_checkpoint
 
 __all__ = ["sf_to_x"]
 
@@ -24,7 +24,7 @@ def sf_to_x(root: str, out: str, iteration: Optional[int] = None) -> int:
     """Write the ``x`` weights of checkpoint ``root`` (latest or ``iteration``) to ``out``; returns
     the iteration. ``out`` must not already hold a checkpoint (nothing is overwritten)."""
     iteration = latest_iteration(root, iteration)
-    man = ck._read_manifest(root, iteration)
+    man = read_manifest(root, iteration)
     require_per_rank(root, man)
     opt = man["topology"]["optim"]["optimizer"]
     if opt not in SCHEDULE_FREE:

@@ -1,17 +1,13 @@
-"""Megatron distributed checkpoints (``--ckpt-format torch_dist``) of the model and of every
-optimizer's whole state, loadable at any TP/PP/EP/DP layout and DP mode.
+"""The sharded state of our Megatron optimizer wrappers: the seam a checkpoint builds on.
 
-Layout (Megatron-LM's names; the directory is what ``megatron.core.dist_checkpointing.save``
-writes, plus our integrity manifest)::
+Megatron's checkpoints ask an optimizer for ``sharded_state_dict(model_sharded_state_dict)`` and
+give the loaded dict back to ``load_state_dict``. Our wrappers (:mod:`.builder`) answer with
+:func:`wrapper_sharded_state` / :func:`wrapper_load` — in Megatron-LM's loop — and the driver's
+``torch_dist`` format (:mod:`megatron_md.checkpoint.dist`) builds its sharded dict from the same
+pieces (:func:`wrapper_entries`, :func:`wrapper_common`, :func:`merge_commons`,
+:func:`apply_wrapper_common`). Every state is named by the model parameter it belongs to, in the
+coordinates of the *unsharded* model, so that ``dist_checkpointing`` reshards it on load:
 
-    <save>/iter_0000100/{__0_0.distcp, ..., .metadata, common.pt, metadata.json}
-    <save>/iter_0000100/manifest.json        # sha256 + size of every file, the run's layout
-    <save>/latest_checkpointed_iteration.txt # written last
-
-Everything is expressed in the coordinates of the *unsharded* model, so that
-``dist_checkpointing`` reshards it on load:
-
-* the model: each chunk's own ``sharded_state_dict()`` (global layer and expert numbers);
 * param-shaped optimizer state (momentum, Adam moments, schedule-free ``z``, the fp32 main
   copies of a bf16/fp16 run) as ShardedTensors keyed ``optimizer.state.<key>.<model key>``, made
   from the model parameter's own ShardedTensor (or SwiGLU factory), so it is sharded exactly like
@@ -26,44 +22,35 @@ Everything is expressed in the coordinates of the *unsharded* model, so that
   ``linear_fc1``'s row vectors go through the parameter's factory (its gate and up halves), or with
   ``--split-fc1`` are the gate's and the up's own (blocks 0 and 1);
 * per-matrix scalars (step counts, hyperball radii) keyed ``optimizer.scalar.<key>...``;
-* in ``common.pt`` (rank 0): the iteration, the LR scheduler, the loss history, and per
-  optimizer (dense/expert) its param groups' scalars (schedule-free counters, LRs), skip counters
-  and grad-scaler state — merged over all ranks, since pipeline stages hold different groups;
-* every rank's RNG states (a ShardedObject), restored only at the same layout.
+* common state (``common.pt``): per optimizer (dense/expert) its param groups' scalars
+  (schedule-free counters, LRs), skip counters and grad-scaler state — merged over all ranks,
+  since pipeline stages hold different groups.
 
-Every state exists before the first save (the matrix optimizers create theirs at
-construction; the Adam partner's is created here when it has not stepped yet). Loading checks
-first — the tracker, the manifest, every file's size and sha256 (hashed in parallel over the
-ranks), the model shape and optimizer setup recorded in the manifest, and that the checkpoint
-holds every key this run asks for with the same global shape — the ranks agree, and only then
-is anything loaded.
+Every state exists before the first save (the matrix optimizers create theirs at construction; the
+Adam partner's is created here when it has not stepped yet). A loading entry is an empty buffer
+whose ``restore`` writes the loaded value into the optimizer.
 """
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from ..errors import CheckpointError
 from ..optim.base import BlockState
 from ..shard import Blocks, FlatRange
-from .errors import CheckpointError
 
-__all__ = ["save_dist", "load_dist", "CKPT_FORMAT", "wrapper_entries", "wrapper_sharded_state", "wrapper_load"]
+__all__ = ["wrapper_entries", "wrapper_sharded_state", "is_wrapper_sharded_state", "wrapper_load", "wrapper_common",
+           "merge_commons", "apply_wrapper_common", "template_map", "optimizer_wrappers", "sharded_types", "Entry"]
 
-CKPT_FORMAT = "torch_dist"
 _ROW_KEYS = ("g_r", "row_moment")
 _COL_KEYS = ("g_c",)
 
 
-# ------------------------------------------------------------------------------ small helpers
-def _dc():
-    from megatron.core import dist_checkpointing
-    return dist_checkpointing
-
-
-def _sharded_types():
+# -------------------------------------------------------------------------------- small helpers
+def sharded_types():
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
     return ShardedTensor, ShardedTensorFactory, ShardedObject
 
@@ -72,13 +59,7 @@ def _rid(r) -> tuple:
     return tuple(r) if isinstance(r, tuple) else (int(r),)
 
 
-def _unwrapped(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
-def _wrappers(optimizer) -> list:
+def optimizer_wrappers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
@@ -90,15 +71,10 @@ def _axis(key: str) -> Optional[str]:
     return None
 
 
-def model_templates(model_chunks) -> list[dict]:
-    """Each chunk's ``sharded_state_dict()`` (what Megatron saves for the model)."""
-    return [_unwrapped(c).sharded_state_dict() for c in model_chunks]
-
-
-def _template_map(templates) -> dict:
+def template_map(templates) -> dict:
     """id(model param) → its ShardedTensor / ShardedTensorFactory in the model's sharded dict."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    ShardedTensor, ShardedTensorFactory, _ = _sharded_types()
+    ShardedTensor, ShardedTensorFactory, _ = sharded_types()
     out = {}
     for sd in templates:
         for t in nested_values(sd):
@@ -107,7 +83,7 @@ def _template_map(templates) -> dict:
     return out
 
 
-class _Entry:
+class Entry:
     """One sharded value of the optimizer: what is saved/loaded and how a load is applied."""
 
     __slots__ = ("sharded", "restore")
@@ -116,11 +92,11 @@ class _Entry:
         self.sharded, self.restore = sharded, restore
 
 
-# ------------------------------------------------------------------------------ geometry
+# ------------------------------------------------------------------------------------- geometry
 def _prepend(T):
     """(shape, offset, fragmentation) of the prepended axes of the template (experts of a
     SequentialMLP); for a factory, of the tensors it builds."""
-    ShardedTensor, _, _ = _sharded_types()
+    ShardedTensor, _, _ = sharded_types()
     if not isinstance(T, ShardedTensor):
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         built = [t for t in nested_values(T.build()) if isinstance(t, ShardedTensor)]
@@ -132,7 +108,7 @@ def _prepend(T):
 def _vector_tensor(key: str, data: torch.Tensor, T, length: int, offset: int, replica: tuple):
     """A ShardedTensor of ``data`` (1-D) at ``offset`` of a ``length`` vector, below ``T``'s
     prepended axes."""
-    ShardedTensor, _, _ = _sharded_types()
+    ShardedTensor, _, _ = sharded_types()
     shape, off, frag = _prepend(T)
     n = max(int(data.shape[0]), 1)
     sh = ShardedTensor(key=key, data=data, dtype=data.dtype, local_shape=tuple(data.shape),
@@ -143,30 +119,17 @@ def _vector_tensor(key: str, data: torch.Tensor, T, length: int, offset: int, re
     return sh
 
 
-# ------------------------------------------------------------------------------ the optimizer's entries
-def _collect(optimizer, model_chunks, templates, args, *, loading: bool) -> tuple[list[_Entry], list[dict]]:
-    """Every optimizer value of this rank as sharded entries (``loading``: empty buffers whose
-    ``restore`` writes the loaded value into the optimizer), and the per-wrapper common state."""
-    tmap = _template_map(templates)
-    mixed = bool(args.bf16 or args.fp16)
-    entries: list[_Entry] = []
-    commons = []
-    for w in _wrappers(optimizer):
-        entries.extend(wrapper_entries(w, tmap, mixed, loading=loading))
-        commons.append(_wrapper_common(w))
-    return entries, commons
-
-
-def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[_Entry]:
+# ------------------------------------------------------------------------ one wrapper's entries
+def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[Entry]:
     """The sharded entries of one Megatron wrapper (FP32 / Float16 / Distributed optimizer) of
-    megatron_md's builder; ``tmap``: :func:`_template_map` of the model's sharded state dict."""
+    megatron_md's builder; ``tmap``: :func:`template_map` of the model's sharded state dict."""
     inner = w.optimizer
     inner.ensure_partner_state()
     records = getattr(w, "md_records", None)
     if records is None:
         raise CheckpointError("--ckpt-format torch_dist needs the optimizer of megatron_md's builder")
     partner_keys = ("z", "exp_avg_sq") if "SFAdamW" in type(inner._partner).__name__ else ("exp_avg", "exp_avg_sq")
-    entries: list[_Entry] = []
+    entries: list[Entry] = []
     for rec in records:
         T = tmap.get(id(rec.model))
         if T is None:
@@ -214,19 +177,19 @@ def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[_Entry
     return entries
 
 
-# ------------------------------------------------------------------------------ Megatron-LM's seam
+# --------------------------------------------------------------------------- Megatron-LM's seam
 def wrapper_sharded_state(w, model_sharded_state_dict, is_loading: bool) -> dict:
     """``sharded_state_dict()`` of one of our Megatron wrappers, as Megatron-LM's
     ``save_checkpoint``/``load_checkpoint`` call it (``--ckpt-format torch_dist`` there): the
     entries of :func:`wrapper_entries` and, in ``common.pt``, the wrapper's merged common state.
     When loading, the entries are kept on ``w`` for :func:`wrapper_load`."""
-    tmap = _template_map([model_sharded_state_dict])
+    tmap = template_map([model_sharded_state_dict])
     cfg = getattr(w, "config", None)
     mixed = bool(getattr(cfg, "bf16", False) or getattr(cfg, "fp16", False))
     entries = wrapper_entries(w, tmap, mixed, loading=is_loading)
     if is_loading:
         w._md_pending_entries = entries
-    common = None if is_loading else _merge_commons([_wrapper_common(w)])[0]
+    common = None if is_loading else merge_commons([wrapper_common(w)])[0]
     return {"md_sharded": {f"e{i}": e.sharded for i, e in enumerate(entries)}, "md_common": common}
 
 
@@ -244,13 +207,13 @@ def wrapper_load(w, state_dict: dict) -> None:
     with torch.no_grad():
         for i, e in enumerate(entries):
             e.restore(loaded[f"e{i}"])
-    _apply_wrapper_common(w, state_dict["md_common"])
+    apply_wrapper_common(w, state_dict["md_common"])
     if hasattr(w.optimizer, "_share_state"):
         w.optimizer._share_state()
     w._md_pending_entries = None
 
 
-def _param_shaped(prefix, T, rec, t, loading) -> _Entry:
+def _param_shaped(prefix, T, rec, t, loading) -> Entry:
     """``t`` (this rank's piece of a param-shaped value, or None) as its parameter's TP-local
     tensor: ZeRO pieces summed over the data-parallel group first."""
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
@@ -273,10 +236,10 @@ def _param_shaped(prefix, T, rec, t, loading) -> _Entry:
 
         def restore(v, t=t):
             t.copy_(v.view_as(t))
-    return _Entry(make_sharded_optimizer_tensor(T, full, prefix), restore if loading else None)
+    return Entry(make_sharded_optimizer_tensor(T, full, prefix), restore if loading else None)
 
 
-def _partner_step(T, rep, rec, st, loading) -> _Entry:
+def _partner_step(T, rep, rec, st, loading) -> Entry:
     step = st.get("step") if st is not None else None
     val = torch.zeros(1, dtype=torch.float32, device=rec.model.device)
     if not loading and step is not None:
@@ -288,19 +251,19 @@ def _partner_step(T, rep, rec, st, loading) -> _Entry:
     def restore(v):
         if st is not None and "step" in st:
             st["step"].copy_(v.reshape(()).to(st["step"]))
-    return _Entry(sh, restore if loading else None)
+    return Entry(sh, restore if loading else None)
 
 
 def _first_shard(T) -> bool:
     """Whether this rank holds the first TP shard of ``T`` (offset 0 on every non-prepended axis)."""
-    ShardedTensor, _, _ = _sharded_types()
+    ShardedTensor, _, _ = sharded_types()
     if not isinstance(T, ShardedTensor):
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         T = [t for t in nested_values(T.build()) if isinstance(t, ShardedTensor)][0]
     return all(o == 0 for o in T.global_offset[T.prepend_axis_num:])
 
 
-def _matrix_value(k, v, vec, T, rep, shard, name, loading, whole_param=True) -> _Entry:
+def _matrix_value(k, v, vec, T, rep, shard, name, loading, whole_param=True) -> Entry:
     canon = shard.inner if isinstance(shard, FlatRange) else shard
     r0, c0 = canon.row_range[0], canon.col_range[0]
     axis = _axis(k)
@@ -320,7 +283,7 @@ def _matrix_value(k, v, vec, T, rep, shard, name, loading, whole_param=True) -> 
                 vec[k].copy_(x.reshape(()).to(vec[k]))
             else:
                 vec[k] = type(v)(x.item())
-        return _Entry(sh, restore if loading else None)
+        return Entry(sh, restore if loading else None)
     key = f"optimizer.vec.{k}.{name}"
     if axis == "cols":
         data = torch.zeros_like(v) if loading else v.detach()
@@ -328,7 +291,7 @@ def _matrix_value(k, v, vec, T, rep, shard, name, loading, whole_param=True) -> 
 
         def restore(x, k=k):
             vec[k].copy_(x)
-        return _Entry(sh, restore if loading else None)
+        return Entry(sh, restore if loading else None)
     # rows: reassemble a ZeRO range's partial rows to the TP-local rows first
     m = canon.local_shape[0]
     if isinstance(shard, FlatRange):
@@ -347,17 +310,17 @@ def _matrix_value(k, v, vec, T, rep, shard, name, loading, whole_param=True) -> 
 
         def restore(x, k=k):
             vec[k].copy_(x)
-    _, Factory, _ = _sharded_types()
+    _, Factory, _ = sharded_types()
     if whole_param and isinstance(T, Factory):  # SwiGLU fc1 as one matrix: its gate and up halves, as the
         # weight's own factory (split into gate and up blocks, each block is a plain vector)
         sh = replace(T, key=key, data=data[:, None],
                      replica_id=rep if isinstance(T.replica_id, tuple) else rep[0])
-        return _Entry(sh, (lambda x, f=restore: f(x.reshape(-1))) if loading else None)
+        return Entry(sh, (lambda x, f=restore: f(x.reshape(-1))) if loading else None)
     sh = _vector_tensor(key, data, T, canon.shape[0], r0, rep + (0 if c0 == 0 else 1,))
-    return _Entry(sh, restore if loading else None)
+    return Entry(sh, restore if loading else None)
 
 
-# ------------------------------------------------------------------------------ common state
+# --------------------------------------------------------------------------------- common state
 def _plain(v):
     if torch.is_tensor(v):
         return v.detach().cpu().clone()
@@ -368,7 +331,7 @@ def _group_scalars(g: dict) -> dict:
     return {k: _plain(v) for k, v in g.items() if k != "params"}
 
 
-def _wrapper_common(w) -> dict:
+def wrapper_common(w) -> dict:
     inner = w.optimizer
     groups = {}
     for gi, g in enumerate(inner.param_groups):
@@ -383,7 +346,7 @@ def _wrapper_common(w) -> dict:
             "grad_scaler": scaler.state_dict() if scaler is not None else None}
 
 
-def _merge_commons(commons: list) -> list:
+def merge_commons(commons: list) -> list:
     """Every rank's per-wrapper common state merged (a pipeline stage or layer-wise rank holds
     only some sub-optimizer groups; equal groups on every rank that has them)."""
     gathered = [None] * dist.get_world_size()
@@ -403,12 +366,7 @@ def _merge_commons(commons: list) -> list:
     return out
 
 
-def _apply_commons(optimizer, commons: list) -> None:
-    for w, c in zip(_wrappers(optimizer), commons):
-        _apply_wrapper_common(w, c)
-
-
-def _apply_wrapper_common(w, c: dict) -> None:
+def apply_wrapper_common(w, c: dict) -> None:
     inner = w.optimizer
     for gi, g in enumerate(inner.param_groups):
         _set_group(g, c["groups"].get(("partner", gi)))
@@ -432,96 +390,3 @@ def _set_group(g: dict, saved: Optional[dict]) -> None:
             g[k].copy_(v)
         else:
             g[k] = v
-
-
-# ------------------------------------------------------------------------------ the sharded dict
-def _rng_object(args, state=None):
-    _, _, ShardedObject = _sharded_types()
-    from .checkpointing import _rng_state
-    return ShardedObject("rng_state", state if state is not None else _rng_state(), (dist.get_world_size(),),
-                         (dist.get_rank(),), replica_id=0)
-
-
-def _model_key(i: int, n: int) -> str:
-    return "model" if n == 1 else f"model{i}"
-
-
-def build_sharded(model_chunks, optimizer, args, *, loading: bool, with_optim: bool, with_rng: bool):
-    """(sharded state dict, optimizer entries, per-wrapper commons) of this rank."""
-    templates = model_templates(model_chunks)
-    sd: dict[str, Any] = {_model_key(i, len(templates)): t for i, t in enumerate(templates)}
-    entries, commons = [], []
-    if with_optim and optimizer is not None:
-        entries, commons = _collect(optimizer, model_chunks, templates, args, loading=loading)
-        sd["optimizer"] = {f"e{i}": e.sharded for i, e in enumerate(entries)}
-    if with_rng:
-        sd["rng_state"] = _rng_object(args)
-    return sd, entries, commons
-
-
-def save_dist(staging: str, model_chunks, optimizer, args, common: dict) -> None:
-    """Write this rank's part of a torch_dist checkpoint into ``staging`` (collective)."""
-    sd, _, commons = build_sharded(model_chunks, optimizer, args, loading=False, with_optim=optimizer is not None,
-                                   with_rng=True)
-    sd["common"] = dict(common, optimizer_common=_merge_commons(commons) if optimizer is not None else None)
-    _dc().save(sd, staging)
-
-
-def _requested(sd) -> list:
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    ShardedTensor, Factory, _ = _sharded_types()
-    out = []
-    for t in nested_values(sd):
-        if isinstance(t, Factory):
-            out.extend(x for x in nested_values(t.build()) if isinstance(x, ShardedTensor))
-        elif isinstance(t, ShardedTensor):
-            out.append(t)
-    return out
-
-
-def check_keys(directory: str, sd) -> Optional[str]:
-    """Why the checkpoint in ``directory`` cannot give this rank's ``sd`` (a key it lacks, or
-    another global shape); None if it can."""
-    meta = _dc().load_tensors_metadata(directory)
-    for t in _requested(sd):
-        have = meta.get(t.key)
-        if have is None:
-            what = ("optimizer state" if t.key.startswith("optimizer.") else "model weights")
-            return f"{directory} has no {what} {t.key!r}"
-        if tuple(have.global_shape) != tuple(t.global_shape):
-            return (f"{directory}: {t.key} has global shape {tuple(have.global_shape)}, this run "
-                    f"{tuple(t.global_shape)}")
-    return None
-
-
-def load_dist(directory: str, model_chunks, optimizer, args, *, load_optim: bool, load_rng: bool,
-              check: Callable[[Optional[str]], None]) -> dict:
-    """Load a torch_dist checkpoint into the model (and optimizer): returns its common state.
-    ``check(error)`` is the ranks' agreement (raises everywhere if any rank has an error)."""
-    sd, entries, _ = build_sharded(model_chunks, optimizer, args, loading=True,
-                                   with_optim=load_optim and optimizer is not None, with_rng=load_rng)
-    error = None
-    try:
-        error = check_keys(directory, sd)
-    except Exception as exc:  # noqa: BLE001 - unreadable metadata is a bad checkpoint
-        error = f"{directory}: its metadata cannot be read ({type(exc).__name__}: {exc})"
-    check(error)
-    sd["common"] = None
-    got = _dc().load(sd, directory)
-    for i, c in enumerate(model_chunks):
-        _unwrapped(c).load_state_dict(got[_model_key(i, len(model_chunks))], strict=True)
-    common = got["common"]
-    if entries:
-        with torch.no_grad():
-            loaded = got["optimizer"]
-            for i, e in enumerate(entries):
-                e.restore(loaded[f"e{i}"])
-        _apply_commons(optimizer, common["optimizer_common"])
-        for w in _wrappers(optimizer):
-            inner = w.optimizer
-            if hasattr(inner, "_share_state"):
-                inner._share_state()
-    if load_rng:
-        from .checkpointing import _set_rng_state
-        _set_rng_state(got["rng_state"])
-    return common

@@ -1,0 +1,23 @@
+"""Checkpoints: the two formats, their integrity, topology and resharding, and the converters.
+
+One-way imports: this package builds on the optimizer and Megatron layers (a wrapper's sharded
+optimizer state is :mod:`megatron_md.megatron.sharded_state`, the seam Megatron's own checkpoints
+call) and never the other way; the driver (:mod:`megatron_md.training`) and the tools import it.
+
+* :mod:`.integrity`: the directory layout, atomic writes, the sha256 manifest, verification,
+  publishing (the same for both formats).
+* :mod:`.topology`: the run's identity recorded in the manifest (layout, optimizer setup, model
+  shape and recipe) and the checks a load makes against it, naming the flags.
+* :mod:`.per_rank` (``--ckpt-format torch``) and :mod:`.dist` (``torch_dist``, any layout on
+  load): the formats; :mod:`.rng`: every rank's RNG states.
+* :mod:`.save_load`: :func:`save_checkpoint` / :func:`load_checkpoint`, the driver's entry points.
+* Converters (``tools/convert_checkpoint.py``): :mod:`.merge` merges per-rank model shards into one
+  unsharded state dict (and cuts it for another layout; the writer of ``sf-to-x`` and ``to-md``);
+  :mod:`.hf` maps it onto Hugging Face Llama / Mixtral; :mod:`.sf` (schedule-free → its averaged
+  weights ``x``); :mod:`.md` (a plain checkpoint → one MD resumes unchanged); :mod:`.reshard` (a
+  driver run that rewrites a checkpoint at another layout or format).
+"""
+from ..errors import CheckpointError
+from .save_load import load_checkpoint, save_checkpoint
+
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]

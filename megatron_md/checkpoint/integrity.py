@@ -1,0 +1,235 @@
+"""The checkpoint directory and its integrity: names, atomic writes, the manifest, verification.
+
+Layout (Megatron-LM's names), the same for both formats::
+
+    <save>/iter_0000100/...                     # rank_<r>.pt (torch) or *.distcp + metadata (torch_dist)
+    <save>/iter_0000100/manifest.json           # sha256 + size of every file, the run's topology
+    <save>/latest_checkpointed_iteration.txt    # "100", written last
+
+A save writes into a staging directory ``iter_0000100.tmp<pid>`` (:func:`new_staging`), hashes
+what is on disk (:func:`hash_tree`, in parallel over the ranks), and :func:`publish` writes the
+manifest, renames the staging directory to ``iter_0000100`` and only then the tracker (each step
+atomic, directories fsynced): a crash at any point leaves the previous checkpoint as the latest,
+and the ``*.tmp<pid>`` leftovers are removed at the start of the next save (:func:`clean_stale`).
+A load checks every file against the manifest (:func:`verify_file`: present, size, sha256) and the
+ranks :func:`agree` before anything is restored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import CheckpointError
+
+__all__ = ["TRACKER", "MANIFEST", "FORMAT", "checkpoint_dir", "rank_name", "rank_file", "atomic_torch_save",
+           "atomic_write_text", "sha256", "read_latest", "complete_iterations", "clean_stale", "agree",
+           "verify_file", "load_verified", "read_manifest", "new_staging", "hash_tree", "publish"]
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "manifest.json"
+FORMAT = 2
+_TMP = re.compile(r"\.tmp\d+$")
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def rank_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def rank_file(root: str, iteration: int, rank: int) -> str:
+    return os.path.join(checkpoint_dir(root, iteration), rank_name(rank))
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_latest(root: str) -> Optional[int]:
+    """Iteration named by ``<root>/latest_checkpointed_iteration.txt`` (None if absent)."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        text = fh.read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def complete_iterations(root: str) -> list[int]:
+    """Iterations under ``root`` whose directory has a manifest (their save completed)."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _ITER.match(name)
+        if m and os.path.exists(os.path.join(root, name, MANIFEST)):
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def clean_stale(root: str) -> list[str]:
+    """Remove ``*.tmp<pid>`` files and staging directories an interrupted save left behind."""
+    removed = []
+    for d in [root] + [os.path.join(root, n) for n in os.listdir(root) if _ITER.match(n)]:
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            if _TMP.search(name):
+                p = os.path.join(d, name)
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+                removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------------- verification
+def agree(error: Optional[str]) -> None:
+    """Every rank raises the same CheckpointError if any rank has one (lowest rank's message)."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if bad:
+        others = sum(1 for _, e in bad[1:] if e != bad[0][1])  # the same message everywhere: said once
+        raise CheckpointError(bad[0][1] + (f" (and {others} other rank(s) with other problems)" if others else ""))
+
+
+def load_verified(path: str, entry: dict) -> dict:
+    """``torch.load`` of a rank file after checking it against its manifest ``entry``; a
+    :class:`CheckpointError` naming the file when it does not match (offline tools' reader)."""
+    why = verify_file(path, entry)
+    if why:
+        raise CheckpointError(why)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def verify_file(path: str, entry: dict) -> Optional[str]:
+    """Why ``path`` does not match its manifest ``entry`` ({"bytes", "sha256"}); None if it does."""
+    if not os.path.exists(path):
+        return f"{path} is missing"
+    size = os.path.getsize(path)
+    if size != entry["bytes"]:
+        return (f"{path} is truncated or was rewritten: {size} bytes, the manifest records {entry['bytes']}")
+    digest = sha256(path)
+    if digest != entry["sha256"]:
+        return (f"{path} is corrupted: its sha256 is {digest[:16]}…, the manifest records "
+                f"{entry['sha256'][:16]}… (same size; bytes were overwritten)")
+    return None
+
+
+def read_manifest(root: str, iteration: int) -> dict:
+    d = checkpoint_dir(root, iteration)
+    path = os.path.join(d, MANIFEST)
+    others = [i for i in complete_iterations(root) if i != iteration]
+    hint = f"; complete checkpoints there: iterations {others} (--ckpt-step N)" if others else ""
+    if not os.path.isdir(d):
+        raise CheckpointError(f"--load {root}: {d} does not exist{hint}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"--load {root}: {path} is missing — the save of iteration {iteration} did not "
+                              f"complete, or it was written by a megatron_md without integrity manifests{hint}")
+    try:
+        with open(path) as fh:
+            man = json.load(fh)
+        if man.get("format") != FORMAT or man.get("iteration") != iteration:
+            raise ValueError(f"format {man.get('format')!r} / iteration {man.get('iteration')!r}, "
+                             f"expected {FORMAT} / {iteration}")
+        man["files"], man["topology"]  # noqa: B018 - required keys
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc})") from None
+    return man
+
+
+# --------------------------------------------------------------------------------------- saving
+def new_staging(root: str, iteration: int) -> str:
+    """Rank 0 removes an interrupted save's leftovers and creates ``iter_N.tmp<pid>``; every rank gets its name."""
+    name = [None]
+    if dist.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        clean_stale(root)
+        name[0] = f"{checkpoint_dir(root, iteration)}.tmp{os.getpid()}"
+        os.makedirs(name[0])
+    dist.broadcast_object_list(name, src=0)
+    return name[0]
+
+
+def hash_tree(directory: str, names: Optional[list] = None) -> dict:
+    """``{relative path: {"bytes", "sha256"}}`` of every file under ``directory`` (or of ``names``),
+    each rank hashing its share (files i ≡ rank mod world), gathered on every rank."""
+    if names is None:
+        lst = [None]
+        if dist.get_rank() == 0:
+            lst[0] = sorted(os.path.relpath(os.path.join(d, f), directory)
+                            for d, _, fs in os.walk(directory) for f in fs if f != MANIFEST)
+        dist.broadcast_object_list(lst, src=0)
+        names = lst[0]
+    w, r = dist.get_world_size(), dist.get_rank()
+    mine = {}
+    for i, n in enumerate(names):
+        if i % w == r:
+            path = os.path.join(directory, n)
+            mine[n] = {"bytes": os.path.getsize(path), "sha256": sha256(path)}
+    parts = [None] * w
+    dist.all_gather_object(parts, mine)
+    return dict(sorted((k, v) for part in parts for k, v in part.items()))
+
+
+def publish(root: str, iteration: int, staging: str, final: str, manifest: dict) -> None:
+    """Manifest into the staging directory, staging → ``iter_N`` (replacing an older save of the
+    same iteration), then the tracker: a crash before the tracker keeps the previous latest."""
+    atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    replaced = None
+    if os.path.exists(final):
+        replaced = f"{final}.replaced.tmp{os.getpid()}"
+        os.replace(final, replaced)
+    os.replace(staging, final)
+    _fsync_dir(root)
+    atomic_write_text(os.path.join(root, TRACKER), f"{iteration}\n")
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
