@@ -41,7 +41,7 @@ LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2", "--micro-batch-size", "4
            "pp2": ["--pipeline-model-parallel-size", "2"],
            "zero": ["--use-distributed-optimizer"],
            "layerwise": ["--dp-mode", "layer-wise"]}
-OPTIMIZERS = {"adam": ["--weight-decay", "0.1"], "muon-md": ["--no-split-qkv"], "rmnp": []}
+OPTIMIZERS = {"adam": ["--weight-decay", "0.1"], "muon-md": [], "rmnp": []}  # muon-md: Q, K, V split (ZeRO-1 per block)
 STEP_KEYS = ("eta_eff", "w_norm", "u_norm", "cos_uw")
 
 
