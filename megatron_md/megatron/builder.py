@@ -34,7 +34,7 @@ from ..shard import Blocks, FlatRange, flat_blocks
 from ..shard import comm as _comm
 from .hybrid import HybridOptimizer, MatrixItem
 from .sharded_state import is_wrapper_sharded_state, wrapper_load, wrapper_sharded_state
-from .routing import (ModelLayoutContext, RoutingOptions, matrix_layout, named_params, residual_output,
+from .routing import (ModelLayoutContext, RoutingOptions, is_router, matrix_layout, named_params, residual_output,
                       residual_radius_scale, role_of)
 
 logger = logging.getLogger(__name__)
@@ -366,9 +366,10 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     ctx = _layout_context(model_chunks, split_qkv=md.split_qkv and name in _PER_BLOCK,
                           split_fc1=md.split_fc1 and name in _PER_BLOCK)
     names = named_params(model_chunks)
-    opts = RoutingOptions(router_on_matrix=md.router_on_matrix)
-    roles = {n: (role_of(n, p, opts) if matrix_cls is not None else "adam") for n, p in names}
     md_run = matrix_cls is not None and name in ("adam-md", "muon-md")
+    md_router = md_run and md.md_router  # MD's MoE recipe: the router on its own rows sphere, with gains
+    opts = RoutingOptions(router_on_matrix=md.router_on_matrix or md_router)
+    roles = {n: (role_of(n, p, opts) if matrix_cls is not None else "adam") for n, p in names}
     group_roles = ("matrix", "adam")
     if md_run:
         roles, group_roles = md_recipe_roles(model_chunks, names, roles, md)
@@ -385,6 +386,8 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     num_layers = model_chunks[0].config.num_layers
     radius = {n: (residual_radius_scale(num_layers) if md.md_residual_scaling and residual_output(n) else 1.0)
               for n in layouts}
+    overrides = {n: (router_overrides(name) if md_router and is_router(n) and roles[n] == "matrix" else ())
+                 for n in layouts}
     kwargs = md.matrix_kwargs() if matrix_cls is not None else {}
     if md_run:
         # the gains' LR is kept as a ratio to the matrix LR: construct with the peak matrix LR (the
@@ -395,7 +398,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     head_kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
     if md_run:
         kwargs["init"] = head_kwargs["init"] = md.md_init
-        _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layouts, radius)
+        _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layouts, radius, overrides)
 
     pgs = _process_groups(model_chunks, use_gloo_process_groups)
     partner = "sf-adamw" if name in ("sf-adamw", "sf-normuon") else "adamw"
@@ -434,7 +437,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
                 if flat and main is not None and main.numel() != lay.local_shape[0]:
                     raise RuntimeError(f"{n}: DistributedOptimizer shard of {main.numel()} elements does not match "
                                        f"the computed range {lay!r}")
-                items.append(MatrixItem(gi, n, main, lay, radius[n]))
+                items.append(MatrixItem(gi, n, main, lay, radius[n], overrides[n]))
         inner.bind(items, layerwise_group=dp_group if md.dp_mode == "layer-wise" else None)
         #: every model param of this wrapper in a fixed order (the same on every rank of its DP
         #: group): what :mod:`.sharded_state` maps optimizer state through
@@ -447,7 +450,13 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     return wrappers[0] if len(wrappers) == 1 else _chained(wrappers)
 
 
-def _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layouts, radius):
+def router_overrides(name: str) -> tuple:
+    """Matrix-group keys of an MoE router under MD (the authors' MoE recipe): one unit sphere per row
+    (rows = experts) with row and column gains; MuonMD's Muon step at unit scale."""
+    return (("sphere", "rows"),) + ((("scale", "none"),) if name == "muon-md" else ())
+
+
+def _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layouts, radius, overrides):
     """MD: put every hidden model matrix on its sphere (and the recipe's head rows and embedding
     rows on theirs) before the wrappers copy them into main params (the optimizers'
     construction does the projection, with TP-complete norms). ``init="factor"`` leaves the
@@ -456,9 +465,9 @@ def _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layou
     by_r: dict = {}
     for n, p in names:
         if roles[n] == "matrix" and project:
-            by_r.setdefault(radius[n], []).append(p)
+            by_r.setdefault((radius[n], overrides[n]), []).append(p)
     shards = {p: layouts[n] for n, p in names if n in layouts}
-    groups = [{"params": ps, "radius_scale": r} for r, ps in by_r.items()]
+    groups = [{"params": ps, "radius_scale": r, **dict(o)} for (r, o), ps in by_r.items()]
     heads = [p for n, p in names if roles[n] == "head" and project]
     emb = [(p, layouts[n]) for n, p in names if roles[n] == "embedding"]
     with torch.no_grad():

@@ -387,6 +387,10 @@ class MDConfig:
         None, "MD (adam-md, muon-md): the untied output head on Adam with one unit sphere per row and row and "
               "column gains (AdamMD with sphere='rows', at the partner LR). Default (None): on for an untied head; "
               "a tied head silently follows --md-embedding-unit-norm. --md-head-gains on a tied head warns.")
+    md_router: bool = _f(
+        True, "MD (adam-md, muon-md) with MoE: the router weight under MD, one unit sphere per row with row and "
+              "column gains (MuonMD: Muon with unit scale), as the authors' MoE recipe (docs/md_fidelity.md); "
+              "off: the router follows --router-on-matrix (AdamW partner by default).")
     md_embedding_lr: Optional[float] = _f(None, "MD: LR of the word embedding under --md-embedding-unit-norm "
                                                 "(None = the partner LR).", "positive")
     partner_lr: Optional[float] = _f(None, "LR of the AdamW partner (embeddings, output head, norms, biases); "

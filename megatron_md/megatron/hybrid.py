@@ -45,6 +45,8 @@ class MatrixItem:
     main: Optional[torch.Tensor]     # local fp32 main param (or ZeRO shard); None: no local piece
     layout: Any                      # MatrixShard | Blocks for ``main`` (or the placeholder)
     radius_scale: float = 1.0
+    #: matrix-optimizer param-group keys of this matrix only (MD's router: ``sphere="rows"``, ``scale="none"``)
+    overrides: tuple = ()
 
 
 class HybridOptimizer(torch.optim.AdamW):
@@ -156,10 +158,10 @@ class HybridOptimizer(torch.optim.AdamW):
             shards[p] = it.layout
             self.matrix_names[p] = it.name
             self.local_params[it.name] = p
-            key = (it.group_index, it.radius_scale)
+            key = (it.group_index, it.radius_scale, it.overrides)
             if key not in sub_groups:
                 hg = self.param_groups[it.group_index]
-                g = {"params": [], "lr": hg["lr"]}
+                g = {"params": [], "lr": hg["lr"], **dict(it.overrides)}
                 if it.radius_scale != 1.0:
                     g["radius_scale"] = it.radius_scale
                 sub_groups[key] = g
@@ -169,7 +171,7 @@ class HybridOptimizer(torch.optim.AdamW):
             return
         self._matrix = self.matrix_cls(groups, shards=shards, **self._ns_kw(), **self.matrix_kwargs)
         self._matrix.check_finite = False
-        for (gi, _), g in zip(sub_groups.keys(), self._matrix.param_groups):
+        for (gi, *_), g in zip(sub_groups.keys(), self._matrix.param_groups):
             self._links.append((g, gi))
         self._sync_hparams()
         self._share_state()

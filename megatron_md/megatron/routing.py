@@ -42,8 +42,8 @@ MEGATRON_RULES: tuple[MegatronRule, ...] = (
     MegatronRule("embedding or output head (attribute or name)", "adam",
                  lambda n, p, o: bool(getattr(p, "is_embedding_or_output_parameter", False))
                  or "embedding" in n or n.split(".")[-2:-1] == ["output_layer"]),
-    MegatronRule("MoE router", "matrix", lambda n, p, o: ".router." in n and o.router_on_matrix),
-    MegatronRule("MoE router (on Adam by default)", "adam", lambda n, p, o: ".router." in n),
+    MegatronRule("MoE router", "matrix", lambda n, p, o: is_router(n) and o.router_on_matrix),
+    MegatronRule("MoE router (on Adam by default)", "adam", lambda n, p, o: is_router(n)),
     MegatronRule("attention/MLP/expert linear weight", "matrix", lambda n, p, o: bool(_LINEAR.search(n))),
     MegatronRule("legacy GroupedMLP expert weights", "matrix", lambda n, p, o: bool(_GROUPED.search(n))),
     MegatronRule("anything else", "adam", lambda n, p, o: True),
@@ -68,6 +68,11 @@ def named_params(model_chunks) -> list[tuple[str, torch.nn.Parameter]]:
 
 def is_expert(p) -> bool:
     return not getattr(p, "allreduce", True)
+
+
+def is_router(name: str) -> bool:
+    """An MoE router weight (``….mlp.router.weight``)."""
+    return ".router." in name
 
 
 def residual_output(name: str) -> bool:

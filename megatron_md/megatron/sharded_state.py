@@ -327,6 +327,16 @@ def _plain(v):
     return v
 
 
+def _group_key(part: str, gi: int, g: dict) -> tuple:
+    """A matrix/head sub-group's name in ``common.pt``: its wrapper group, radius scale and — for a
+    matrix sub-group on another sphere (MD's router: rows) — that sphere (keys written before the
+    router had its own group keep their form)."""
+    key = (part, gi, g.get("radius_scale", 1.0))
+    if part == "matrix" and g.get("sphere", "frobenius") != "frobenius":
+        key += (g["sphere"],)
+    return key
+
+
 def _group_scalars(g: dict) -> dict:
     return {k: _plain(v) for k, v in g.items() if k != "params"}
 
@@ -338,7 +348,7 @@ def wrapper_common(w) -> dict:
         groups[("partner", gi)] = _group_scalars(g)
     for part, links in (("matrix", inner._links), ("head", inner._head_links)):
         for g, gi in links:
-            groups[(part, gi, g.get("radius_scale", 1.0))] = _group_scalars(g)
+            groups[_group_key(part, gi, g)] = _group_scalars(g)
     scaler = getattr(w, "grad_scaler", None)
     return {"groups": groups, "md_skipped_steps": getattr(w, "md_skipped_steps", 0),
             "skipped": {part: getattr(o, "skipped_steps", 0) for part, o in
@@ -372,7 +382,7 @@ def apply_wrapper_common(w, c: dict) -> None:
         _set_group(g, c["groups"].get(("partner", gi)))
     for part, links in (("matrix", inner._links), ("head", inner._head_links)):
         for g, gi in links:
-            _set_group(g, c["groups"].get((part, gi, g.get("radius_scale", 1.0))))
+            _set_group(g, c["groups"].get(_group_key(part, gi, g)))
     for part, o in (("matrix", inner._matrix), ("head", inner._head)):
         if o is not None and part in c["skipped"]:
             o.skipped_steps = c["skipped"][part]

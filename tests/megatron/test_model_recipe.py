@@ -15,8 +15,10 @@ synthetic indexed dataset):
 * the recipe trains with the losses of TP=1 (1e-5 relative) at TP=2 (with and without sequence
   parallelism), PP=2 (1F1B and interleaved) and ZeRO-1, with MuonMD and AdamW;
   the post-norm without gain the same way at TP=2;
-* torch_dist checkpoints: a TP=2 run resumes at PP=2, and an EP=2 MoE run at EP=1, with the losses of
-  the uninterrupted run.
+* torch_dist checkpoints: a TP=2 run resumes at PP=2, and an EP=2 MoE run at EP=1 (MuonMD: its router
+  under MD), with the losses of the uninterrupted run;
+* MD's MoE router rule: the router on the MD optimizer's rows sphere at unit Muon scale, unit rows
+  after construction; ``--no-md-router`` leaves it on AdamW.
 """
 from __future__ import annotations
 
@@ -199,6 +201,36 @@ def _semantics(ctx, base):
             M.shutdown(created)
 
 
+def _router_under_md(base):
+    """MuonMD on an MoE model: the router is a matrix of the MD optimizer on one unit sphere per row
+    (rows = experts) with unit Muon scale and its own gains; ``--no-md-router`` leaves it on AdamW."""
+    import torch
+
+    from megatron_md.megatron.builder import get_megatron_optimizer, hybrid_optimizers
+    from megatron_md.training import model as M
+    from megatron_md.training.arguments import optimizer_config, parse_args
+
+    for on in (True, False):
+        args = parse_args(base + ["--model-recipe", "md-paper-moe", "--optimizer", "muon-md", "--weight-decay", "0",
+                                  "--num-experts", "4", "--moe-router-topk", "2"] + ([] if on else ["--no-md-router"]))
+        args.padded_vocab_size = 64
+        created = M.initialize(args)
+        try:
+            chunks = M.build_model(args, M.transformer_config(args))
+            opt = get_megatron_optimizer(optimizer_config(args), chunks, args.md)
+            hy = hybrid_optimizers(opt)[0]
+            routers = {n: p for n, p in hy.local_params.items() if ".router." in n}
+            assert bool(routers) == on, sorted(hy.local_params)
+            for n, p in routers.items():
+                (g,) = [g for g in hy._matrix.param_groups if any(q is p for q in g["params"])]
+                assert g["sphere"] == "rows" and g["scale"] == "none", (n, g)
+                torch.testing.assert_close(p.norm(dim=1), torch.ones(p.shape[0]), rtol=1e-5, atol=1e-6)
+            others = [g for g in hy._matrix.param_groups if not any(q is p for q in g["params"] for p in routers.values())]
+            assert all(g["sphere"] == "frobenius" and g["scale"] == "shape_up" for g in others)
+        finally:
+            M.shutdown(created)
+
+
 def _recipe_checks(ctx):
     from megatron_md.training.arguments import parse_args
     from megatron_md.training.pretrain import pretrain
@@ -215,6 +247,8 @@ def _recipe_checks(ctx):
 
     with ctx.check("semantics"):
         _semantics(ctx, [a for a in base if a != "--model-recipe" and a != "md-paper"])
+    with ctx.check("router_under_md"):
+        _router_under_md([a for a in base if a != "--model-recipe" and a != "md-paper"])
     opts = {"muon-md": ["--optimizer", "muon-md", "--weight-decay", "0"],
             "adam": ["--optimizer", "adam", "--weight-decay", "0.1", "--lr", "0.003"]}
     for name, o in opts.items():
@@ -254,7 +288,7 @@ def _recipe_checks(ctx):
 
 recipe_group = group_fixture(2, _recipe_checks, megatron=True, timeout=600)
 
-NAMES = (["semantics", "vpp2_muon_md", "no_gain_tp2_muon_md", "torch_dist_tp2_to_pp2_muon_md"]
+NAMES = (["semantics", "router_under_md", "vpp2_muon_md", "no_gain_tp2_muon_md", "torch_dist_tp2_to_pp2_muon_md"]
          + [f"{k}_{o}" for o in ("muon-md", "adam") for k in ("tp2", "tp2_sp", "pp2", "zero1", "moe_ep2")])
 
 
