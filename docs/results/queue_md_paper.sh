@@ -42,4 +42,19 @@ tune muon-md --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --pa
 # 5. width: hidden 64 and 256 (128: step 1), each its own LR sweep
 Q=docs/results/md_paper_width
 sweep $C --out "$Q" --optimizers muon-md,muon,adam --hidden-sizes 64,256
+# 6. MoE on the authors' MoE framework's recipe (--model-recipe md-paper-moe; 4 experts, top-2, aux loss,
+#    alltoall): MuonMD with the router under MD (the default), embedding and head off the sphere and the
+#    residual outputs' radius (and step) scaled, as their recipes/md_decoupling.sh; AdamW its own recipe
+Q=docs/results/md_paper_moe
+MOE="--model-recipe md-paper-moe --num-experts 4 --moe-router-topk 2 --moe-aux-loss-coeff 1e-2 --moe-token-dispatcher-type alltoall"
+moe() { sweep $C --out "$Q" --optimizers "$(names "$1")" --lrs "$1" --seeds "${2:-1}" \
+  --optimizer-args "adam=--weight-decay 0.1 --lr-warmup-iters 30 $MOE" \
+  --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --no-md-embedding-unit-norm --no-md-head-gains --md-residual-scaling $MOE"; }
+moe "adam=2e-3,4e-3,8e-3;muon-md=1e-2,2e-2,4e-2,8e-2"
+for _ in 1 2; do
+  EXT=$(edges "$Q" adam,muon-md)
+  [ -z "$EXT" ] || moe "$EXT"
+done
+B=$(best "$Q" adam,muon-md)
+[ -z "$B" ] || moe "$B" 2,3
 echo "queue: done"
