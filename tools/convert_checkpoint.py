@@ -21,13 +21,16 @@ Subcommands:
           optimizer flags (from its manifest) plus the target layout flags, loading it and
           re-saving it with nothing left to train. From a torch_dist checkpoint every optimizer
           state is resharded; from a per-rank (torch) one, the weights only (--no-load-optim).
-          --ckpt-format torch writes per-rank files, which sf-to-x, to-md and to-hf read.
+          --ckpt-format torch writes per-rank files, which sf-to-x and to-md read.
 
-  to-hf   Hugging Face safetensors + config.json: LlamaForCausalLM for dense models,
-          MixtralForCausalLM for MoE. Works offline on any TP/PP/EP/DP layout (the shards of
-          every rank file, verified against the checkpoint's manifest, are merged). The model
-          must be Llama-style: --normalization RMSNorm --swiglu --position-embedding-type rope
-          --disable-bias-linear (GQA via --num-query-groups and an untied head are optional).
+  to-hf   Hugging Face safetensors + config.json + generation_config.json: LlamaForCausalLM for
+          dense models, MixtralForCausalLM for MoE. Works offline on any TP/PP/EP/DP layout, from
+          torch_dist (read one layer's tensor at a time: memory bounded by the largest tensor, not
+          the model) or per-rank files (merged), every file verified against the manifest first.
+          --dtype bf16|fp32; --max-shard-size (e.g. 5GB) writes shards plus
+          model.safetensors.index.json, as the Hub does. The model must be Llama-style:
+          --normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear
+          (GQA via --num-query-groups and an untied head are optional).
 
 Examples:
 
@@ -51,7 +54,10 @@ Examples:
       --no-load-optim --md-init factor --no-md-embedding-unit-norm --save md_run/
   # schedule-free runs: sf-to-x first, then to-md of its output
 
-  # a TP=2 torch_dist checkpoint -> PP=2 (2 ranks), and -> one rank's per-rank files (for to-hf)
+  # bf16, in shards of at most 2 GB with an index, as the Hub expects
+  python tools/convert_checkpoint.py to-hf --load ckpt/ --out hf_model/ --dtype bf16 --max-shard-size 2GB
+
+  # a TP=2 torch_dist checkpoint -> PP=2 (2 ranks), and -> one rank's per-rank files
   python tools/convert_checkpoint.py reshard --load ckpt/ --save ckpt_pp2/ --nproc 2 \
       --layout "--pipeline-model-parallel-size 2"
   python tools/convert_checkpoint.py reshard --load ckpt/ --save ckpt_torch/ --nproc 1 --ckpt-format torch
@@ -75,12 +81,13 @@ if str(REPO) not in sys.path:  # allow running without an editable install
 
 
 def _to_hf(a) -> None:
-    from megatron_md.checkpoint.hf import write_hf
-    from megatron_md.checkpoint.merge import load_full_model
-    state, topo, it = load_full_model(a.load, a.ckpt_step)
-    config = write_hf(state, topo, a.out)
+    from megatron_md.checkpoint.hf import parse_size, write_hf
+    from megatron_md.checkpoint.reader import open_model
+    shard = parse_size(a.max_shard_size) if a.max_shard_size else None
+    model = open_model(a.load, a.ckpt_step)
+    config = write_hf(model, model.topology, a.out, dtype=a.dtype, max_shard_size=shard)
     print(f"wrote {config['architectures'][0]} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-          f"vocab {config['vocab_size']}) of iteration {it} to {a.out}/model.safetensors + config.json")
+          f"vocab {config['vocab_size']}, {a.dtype}) of iteration {model.iteration} to {a.out}")
 
 
 def _sf_to_x(a) -> None:
@@ -152,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--load", required=True, help="checkpoint directory (the driver's --save)")
     h.add_argument("--ckpt-step", type=int, default=None, help="iteration (default: the latest)")
     h.add_argument("--out", required=True, help="output directory")
+    h.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the exported weights")
+    h.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                   help="largest safetensors file, e.g. 5GB or 500MB: shards plus model.safetensors.index.json "
+                        "(default: one model.safetensors)")
     h.set_defaults(func=_to_hf)
     return p
 

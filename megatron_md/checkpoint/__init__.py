@@ -11,7 +11,9 @@ call) and never the other way; the driver (:mod:`megatron_md.training`) and the 
 * :mod:`.per_rank` (``--ckpt-format torch``) and :mod:`.dist` (``torch_dist``, any layout on
   load): the formats; :mod:`.rng`: every rank's RNG states.
 * :mod:`.save_load`: :func:`save_checkpoint` / :func:`load_checkpoint`, the driver's entry points.
-* Converters (``tools/convert_checkpoint.py``): :mod:`.merge` merges per-rank model shards into one
+* Converters (``tools/convert_checkpoint.py``): :mod:`.reader` gives a checkpoint's unsharded model
+  one tensor at a time from either format (torch_dist: one layer's slice per access);
+  :mod:`.merge` merges per-rank model shards into one
   unsharded state dict (and cuts it for another layout; the writer of ``sf-to-x`` and ``to-md``);
   :mod:`.hf` maps it onto Hugging Face Llama / Mixtral; :mod:`.sf` (schedule-free → its averaged
   weights ``x``); :mod:`.md` (a plain checkpoint → one MD resumes unchanged); :mod:`.reshard` (a

@@ -152,6 +152,7 @@ def _convert_checks(ctx):
         assert abs(losses["y"] - ref) > 1e-4 * abs(ref), (losses, ref)  # x is not the training iterate y
 
     _to_md_checks(ctx, base, tool)
+    _torch_dist_checks(ctx, base, tool)
 
     with ctx.check("to_hf_refuses_non_llama_models"):
         if ctx.rank == 0:
@@ -163,6 +164,85 @@ def _convert_checks(ctx):
                 to_hf_state(state, topo)
             missing = os.path.join(ctx.tmpdir, "nothing_here")
             assert tool.main(["to-hf", "--load", missing, "--out", missing + "_hf"]) == 1
+
+
+#: the per-rank runs above, by name: their layout flags
+DIST_CASES = {"dense_tp2": CASES["dense_tp2"], "moe_ep2": CASES["moe_ep2"],
+              "pp2": ["--num-layers", "4", "--pipeline-model-parallel-size", "2"]}
+DIST_CHECKS = ["to_hf_torch_dist_equals_per_rank", "to_hf_bf16_shards_with_index_load_in_transformers"]
+
+
+def _same_export(a: str, b: str) -> None:
+    """Two to-hf folders hold the same tensors, bit for bit, and the same config."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    def tensors(d):
+        out = {}
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".safetensors"):
+                out.update(load_file(os.path.join(d, f)))
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys() and ta, sorted(set(ta) ^ set(tb))
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    for f in ("config.json", "generation_config.json"):
+        assert json.load(open(os.path.join(a, f))) == json.load(open(os.path.join(b, f))), f
+
+
+def _torch_dist_checks(ctx, base, tool):
+    """to-hf reads torch_dist checkpoints (TP=2, EP=2, PP=2) into what it gives for the per-rank
+    ones of the same weights; bf16 shards with an index load in transformers."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_md.training.arguments import parse_args
+    from megatron_md.training.pretrain import pretrain
+
+    with ctx.check("to_hf_torch_dist_equals_per_rank"):
+        for name, layout in DIST_CASES.items():
+            src, dst = os.path.join(ctx.tmpdir, name), os.path.join(ctx.tmpdir, f"{name}_dist")
+            # the same run's state re-saved as torch_dist: nothing left to train, the weights as loaded
+            pretrain(parse_args(base + layout + ["--load", src, "--save", dst, "--ckpt-format", "torch_dist"]))
+            if ctx.rank == 0:
+                assert json.load(open(os.path.join(dst, "iter_0000002", "manifest.json")))["ckpt_format"] == "torch_dist"
+                for fmt, ckpt in (("torch", src), ("dist", dst)):
+                    assert tool.main(["to-hf", "--load", ckpt, "--out", os.path.join(ctx.tmpdir, f"{name}_hf_{fmt}")]) == 0
+                _same_export(os.path.join(ctx.tmpdir, f"{name}_hf_torch"), os.path.join(ctx.tmpdir, f"{name}_hf_dist"))
+            dist.barrier()
+
+    with ctx.check("to_hf_bf16_shards_with_index_load_in_transformers"):
+        if ctx.rank == 0:
+            from safetensors.torch import load_file
+            from transformers import AutoModelForCausalLM
+            out = os.path.join(ctx.tmpdir, "moe_ep2_hf_bf16")
+            assert tool.main(["to-hf", "--load", os.path.join(ctx.tmpdir, "moe_ep2_dist"), "--out", out,
+                              "--dtype", "bf16", "--max-shard-size", "20KB"]) == 0
+            index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+            files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+            assert len(files) > 2 and set(index["weight_map"].values()) == set(files), files
+            assert all(os.path.getsize(os.path.join(out, f)) <= 20_000 + 4096 or
+                       len(load_file(os.path.join(out, f))) == 1 for f in files)  # only a lone tensor is larger
+            ref = {}
+            d32 = os.path.join(ctx.tmpdir, "moe_ep2_hf_dist")
+            for f in os.listdir(d32):
+                if f.endswith(".safetensors"):
+                    ref.update(load_file(os.path.join(d32, f)))
+            assert set(index["weight_map"]) == set(ref)
+            assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in ref.values())
+            hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+            got = dict(hf.named_parameters())
+            for k, v in ref.items():
+                if k in got:
+                    assert got[k].dtype == torch.bfloat16 and torch.equal(got[k].detach(), v.to(torch.bfloat16)), k
+            assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
+            assert json.load(open(os.path.join(out, "generation_config.json")))["do_sample"] is False
 
 
 TO_MD_CASES = {
@@ -374,7 +454,7 @@ convert_group = group_fixture(2, _convert_checks, megatron=True, timeout=400)
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", [f"to_hf_logits_{c}" for c in CASES]
                          + ["pp2_merges_to_the_pp1_weights", "sf_to_x_gives_the_driver_eval_loss",
-                            "to_hf_refuses_non_llama_models"] + TO_MD_CHECKS)
+                            "to_hf_refuses_non_llama_models"] + TO_MD_CHECKS + DIST_CHECKS)
 def test_convert(convert_group, name):
     convert_group.assert_ok(name)
 
