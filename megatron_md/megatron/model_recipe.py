@@ -158,7 +158,17 @@ class _BranchPost:
     """Mixin of the branch modules: ``(out, bias) ↦ (s · N(out + bias), None)`` — the post-norm ``N``
     (a module ``post_norm``, or none) and the fixed scale ``s`` (or 1), applied to the branch output
     before the layer adds it to the residual stream. A bias is added first (a norm of the
-    output without its bias would be another function)."""
+    output without its bias would be another function). Placed before the megatron-core class in
+    the bases: it takes its own keywords (``post_norm``, ``fixed_layer_scale``: the spec's params)
+    out of the constructor's and wraps ``forward``."""
+
+    def __init__(self, *args, **kwargs):
+        post_norm, scale = _pop_post(kwargs)
+        super().__init__(*args, **kwargs)
+        self._init_branch_post(self.config, post_norm, scale)
+
+    def forward(self, *args, **kwargs):
+        return self._branch_post(super().forward(*args, **kwargs))
 
     def _init_branch_post(self, config, post_norm: Optional[str], fixed_layer_scale: Optional[float]) -> None:
         self.post_norm = (PostNorm(config, config.hidden_size, config.layernorm_epsilon, gain=post_norm == "gain")
@@ -193,33 +203,12 @@ def _branch_classes():
     class _PostNormSelfAttention(_BranchPost, SelfAttention):
         """megatron-core's ``SelfAttention`` whose ``(output, bias)`` goes through :class:`_BranchPost`."""
 
-        def __init__(self, *args, **kwargs):
-            norm_cls, scale = _pop_post(kwargs)
-            super().__init__(*args, **kwargs)
-            self._init_branch_post(self.config, norm_cls, scale)
-
-        def forward(self, *args, **kwargs):
-            return self._branch_post(super().forward(*args, **kwargs))
-
     class _PostNormMLP(_BranchPost, MLP):
         """megatron-core's dense ``MLP`` whose ``(output, bias)`` goes through :class:`_BranchPost`."""
-
-        def __init__(self, *args, **kwargs):
-            norm_cls, scale = _pop_post(kwargs)
-            super().__init__(*args, **kwargs)
-            self._init_branch_post(self.config, norm_cls, scale)
-
-        def forward(self, *args, **kwargs):
-            return self._branch_post(super().forward(*args, **kwargs))
 
     class _PostNormMoELayer(_BranchPost, MoELayer):
         """megatron-core's ``MoELayer`` (routed + shared experts, combined) whose output goes
         through :class:`_BranchPost`."""
-
-        def __init__(self, *args, **kwargs):
-            norm_cls, scale = _pop_post(kwargs)
-            super().__init__(*args, **kwargs)
-            self._init_branch_post(self.config, norm_cls, scale)
 
         def forward(self, hidden_states, *args, **kwargs):
             if kwargs.get("intermediate_tensors") is not None or (args and args[0] is not None):
