@@ -12,7 +12,9 @@ The product's own decisions are imported, not re-derived:
 * parameter roles: :func:`megatron_md.megatron.routing.role_of` on the real names (and MD's
   embedding/head recipe rule, ``md_recipe_roles``' regexes);
 * TP dimension of each matrix: ``routing._tp_dim_from_name``; the Q/K/V block decomposition of
-  a fused QKV: :func:`megatron_md.shard.fused_qkv`; which methods split it: ``builder._PER_BLOCK``;
+  a fused QKV: :func:`megatron_md.shard.fused_qkv`, cut into ZeRO-1 pieces by
+  :func:`megatron_md.shard.blocks.flat_blocks`; which methods split it: ``builder._PER_BLOCK``;
+  MD's MoE router group (``--md-router``'s default, ``builder.router_overrides``);
 * owners: :func:`megatron_md.shard.orthogonalize.assign_owners` with the costs
   :func:`megatron_md.ops.ns_flops` and the levels / majority-holder rule of ``orthogonalize``
   (layer-wise DP: ``hybrid._cost``);
@@ -43,11 +45,13 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ..megatron.builder import _OUTPUT_LAYER, _PER_BLOCK, _WORD_EMBEDDING
+from ..megatron.builder import _OUTPUT_LAYER, _PER_BLOCK, _WORD_EMBEDDING, router_overrides
+from ..megatron.config import MDConfig
 from ..megatron.hybrid import BROADCAST_BUCKET_NUMEL, _cost as layerwise_cost
-from ..megatron.routing import RoutingOptions, _tp_dim_from_name, role_of
+from ..megatron.routing import RoutingOptions, _tp_dim_from_name, is_router, role_of
 from ..ops import ns_flops
 from ..shard import fused_qkv
+from ..shard.blocks import flat_blocks
 from ..shard.orthogonalize import assign_owners
 from .model import ModelSpec, Param, stage_params
 from .trace import MethodTrace, trace_method
@@ -69,7 +73,7 @@ class Layout:
     dp_mode: DPMode = "ddp"
     ns_mode: Literal["owner", "gather"] = "owner"
     ns_dtype: Literal["bf16", "fp32"] = "bf16"
-    split_qkv: bool = True          # --split-qkv (ZeRO-1 serves a fused QKV as one matrix, as the builder requires)
+    split_qkv: bool = True          # --split-qkv (Q, K, V as separate matrices for the per-block methods)
     global_batch: int = 1024        # sequences
     seq: int = 4096
     bucket_size: Optional[int] = None   # DDP bucket size in elements (None: one bucket per buffer)
@@ -130,30 +134,43 @@ class Mat:
     tp_dim: Optional[int]       # None: not split over the (expert) TP group
     param: int                  # index of its parameter in the stage list
     pieces: Optional[np.ndarray] = None   # ZeRO-1: elements of ``local`` held by each DP rank
+    sphere: str = "frobenius"   # "rows": MD's MoE router group (``builder.router_overrides``)
 
 
-def _blocks_of(p: Param, spec: ModelSpec, tp_w: int, split: bool) -> list[tuple[str, tuple, tuple, Optional[int]]]:
-    """(kind, logical shape, local shape, tp dim) of each logical matrix of a matrix param."""
+def _blocks_of(p: Param, spec: ModelSpec, tp_w: int, split: bool,
+               pieces: Optional[np.ndarray]) -> list[tuple[str, tuple, tuple, Optional[int], Optional[np.ndarray]]]:
+    """(kind, logical shape, local shape, tp dim, ZeRO pieces) of each logical matrix of a matrix
+    param; a fused QKV's blocks as :func:`~megatron_md.shard.fused_qkv` makes them and, under ZeRO-1,
+    each rank's piece of each block as :func:`~megatron_md.shard.blocks.flat_blocks` cuts it."""
     dim = _tp_dim_from_name(p.name)
     if not (p.tp_partitioned and tp_w > 1):
         dim = None
     if p.name.endswith("linear_qkv.weight") and split:
         blocks = fused_qkv(num_query_groups=spec.query_groups, heads_per_group=spec.heads // spec.query_groups,
-                           head_dim=spec.head_dim, d_in=p.shape[1])
-        return [(f"qkv{b}", (v.shard.shape[0], v.shard.shape[1]), (v.shard.shape[0] // tp_w, v.shard.shape[1]), dim)
-                for b, v in enumerate(blocks.views)]
+                           head_dim=spec.head_dim, d_in=p.shape[1], tp_size=tp_w)
+        per_block = None
+        if pieces is not None:
+            per_block = np.zeros((len(blocks.views), len(pieces)), dtype=np.int64)
+            ends = np.cumsum(pieces)
+            for r in np.nonzero(pieces)[0]:
+                fb = flat_blocks(blocks, int(ends[r] - pieces[r]), int(ends[r]), None)
+                for b, v in enumerate(fb.views):
+                    per_block[b, r] = v.shard.end - v.shard.start
+        return [(f"qkv{b}", (v.shard.shape[0], v.shard.shape[1]), (len(v.rows), v.shard.shape[1]), dim,
+                 None if per_block is None else per_block[b]) for b, v in enumerate(blocks.views)]
     local = tuple(p.shape)
     full = list(local)
     if dim is not None:
         full[dim] *= tp_w
-    return [("plain", tuple(full), local, dim)]
+    return [("plain", tuple(full), local, dim, pieces)]
 
 
 def roles_of(params: list[Param], optimizer: str, *, tied: bool, md_embedding_unit_norm=True,
              md_head_gains=True, router_on_matrix=False) -> list[str]:
     """The role of each parameter, as the builder decides (routing rules, then MD's recipe)."""
-    opts = RoutingOptions(router_on_matrix=router_on_matrix)
     matrix = optimizer not in ("adam", "sf-adamw")
+    md_router = optimizer in ("adam-md", "muon-md") and MDConfig(optimizer=optimizer).md_router
+    opts = RoutingOptions(router_on_matrix=router_on_matrix or md_router)
     out = []
     for p in params:
         t = torch.empty(p.shape, device="meta")
@@ -299,19 +316,21 @@ def _exchange(mats: list[Mat], flops: list[int], lay: Layout, R: _Ranks, tr: Tra
             ns[members[i]] += flops[i]
     if not sharded:
         return
-    # owners per (depth, group): one assign_owners per group, the same on every rank of it
+    # owners per (depth, group): one assign_owners per group, the same on every rank of it; a
+    # level d > 0 over the matrices that reach the group (the same level-(d−1) owner)
     owner = {}
-    by_key = defaultdict(list)
     calls = calls or [0] * len(mats)
-    for i in sharded:
-        for d, (g, w) in enumerate(levels[i]):
-            by_key[(calls[i], d, g)].append(i)
-    for (_, d, g), lst in by_key.items():
-        w = dict(levels[lst[0]])[g]
-        costs = [flops[i] for i in lst]
-        holders = [_level_pieces(mats[i], g, R) if d == len(levels[i]) - 1 else None for i in lst]
-        for i, o in zip(lst, assign_owners(costs, w, holders)):
-            owner[(i, d)] = o
+    for d in range(max(len(levels[i]) for i in sharded)):
+        by_key = defaultdict(list)
+        for i in sharded:
+            if len(levels[i]) > d:
+                by_key[(calls[i], levels[i][d][0], owner[(i, d - 1)] if d else -1)].append(i)
+        for (_, g, _), lst in by_key.items():
+            w = dict(levels[lst[0]])[g]
+            costs = [flops[i] for i in lst]
+            holders = [_level_pieces(mats[i], g, R) if d == len(levels[i]) - 1 else None for i in lst]
+            for i, o in zip(lst, assign_owners(costs, w, holders)):
+                owner[(i, d)] = o
     for i in sharded:
         part = members[i].copy()
         for d, (g, w) in enumerate(levels[i]):
@@ -348,11 +367,15 @@ def _reductions(mats: list[Mat], trace: MethodTrace, lay: Layout, R: _Ranks, tr:
     matrix that owes it (``shard.Reductions.flush``); byte count as ``comm.all_reduce``'s."""
     allr = np.ones(R.n, dtype=bool)
     members = members or [allr] * len(mats)
-    for flush in trace.flushes:
-        # ranks with the same member set share the flush; group by membership pattern
+    programs = {"frobenius": trace.flushes}
+    if any(m.sphere != "frobenius" for m in mats):
+        programs["rows"] = trace_method(trace.name, sphere="rows").flushes
+        if len(programs["rows"]) != len(trace.flushes):
+            raise NotImplementedError(f"{trace.name}: the rows-sphere group flushes differently")
+    for f, flush in enumerate(trace.flushes):
         numel = defaultdict(lambda: np.zeros(R.n, dtype=np.int64))
         for i, m in enumerate(mats):
-            for red in flush:
+            for red in programs[m.sphere][f]:
                 if red.matrix != m.kind:
                     continue
                 for g, w in _reduce_groups(m, red.kind, R):
@@ -401,7 +424,8 @@ def plan_stage(spec: ModelSpec, lay: Layout, optimizer: str, stage: int) -> Stag
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
     matrix = optimizer not in ("adam", "sf-adamw")
-    split = lay.split_qkv and optimizer in _PER_BLOCK and not lay.flat
+    split = lay.split_qkv and optimizer in _PER_BLOCK
+    md_router = optimizer in ("adam-md", "muon-md") and MDConfig(optimizer=optimizer).md_router
     tr_main = trace_method(optimizer) if matrix else None
     n = lay.tp * lay.dp
     ns = np.zeros(n, dtype=np.int64)
@@ -447,8 +471,11 @@ def plan_stage(spec: ModelSpec, lay: Layout, optimizer: str, stage: int) -> Stag
         for i in tag_idx:
             if roles[i] == "adam":
                 continue
-            for kind, shape, local, dim in _blocks_of(params[i], spec, R.tw, split and roles[i] == "matrix"):
-                mats.append(Mat(params[i].name, roles[i], expert, kind, shape, local, dim, i, pieces.get(i)))
+            sphere = dict(router_overrides(optimizer)).get("sphere", "frobenius") \
+                if md_router and is_router(params[i].name) else "frobenius"
+            for kind, shape, local, dim, pc in _blocks_of(params[i], spec, R.tw, split and roles[i] == "matrix",
+                                                          pieces.get(i)):
+                mats.append(Mat(params[i].name, roles[i], expert, kind, shape, local, dim, i, pc, sphere))
         hidden = [m for m in mats if m.role == "matrix"]
         tag = type_name(optimizer)
         members = calls = None

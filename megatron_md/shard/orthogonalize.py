@@ -111,26 +111,32 @@ def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coeffici
             y = newton_schulz(full, coefficients, dtype=dtype, eps=eps)
             results[i] = _take_local(levels[i], y).view_as(x)
     else:
-        # owners per (level depth, group): balanced over that group's ranks
+        # owners per (level depth, group), balanced over that group's ranks. A level d > 0 is
+        # balanced over the matrices that reach this rank's group there (those whose level-(d−1)
+        # owner it is — the same set on every rank of the group): balancing it over all matrices
+        # would give the same order the same owners at every level (a DP×TP grid would compute on
+        # its diagonal only; tools/plan_cluster.py showed TP× imbalance)
         owner = {}
-        by_group = defaultdict(list)
-        for i in sharded:
-            for d, lv in enumerate(levels[i]):
-                by_group[(d, id(lv.level_group))].append((i, lv))
-        for key, lst in by_group.items():
-            w = comm.group_size(lst[0][1].level_group)
-            costs = [ns_flops(*items[i][0].shape, steps) for i, _ in lst]
-            # the majority-holder rule only where nothing above depends on the choice: an inner
-            # level's owner index must be the same on every rank of the next level's group
-            holders = [lv.piece_numels() if key[0] == len(levels[i]) - 1 else None for i, lv in lst]
-            for (i, _), o in zip(lst, assign_owners(costs, w, holders)):
-                owner[(i, key[0])] = o
+
+        def assign(d, lst):
+            by_group = defaultdict(list)
+            for i in lst:
+                by_group[id(levels[i][d].level_group)].append(i)
+            for idx in by_group.values():
+                w = comm.group_size(levels[idx[0]][d].level_group)
+                costs = [ns_flops(*items[i][0].shape, steps) for i in idx]
+                # the majority-holder rule only where nothing above depends on the choice: an inner
+                # level's owner index must be the same on every rank of the next level's group
+                holders = [levels[i][d].piece_numels() if d == len(levels[i]) - 1 else None for i in idx]
+                for i, o in zip(idx, assign_owners(costs, w, holders)):
+                    owner[(i, d)] = o
         # up: pieces travel to the owners, level by level; one batch of point-to-point messages
         # per level and group, in the NS dtype (the cast is elementwise: casting the pieces and
         # then assembling equals assembling and then casting, so the result is unchanged)
         cur = {i: items[i][1].to(dtype) for i in sharded}
         reached = {i: 0 for i in sharded}
         for d in range(max((len(levels[i]) for i in sharded), default=0)):
+            assign(d, [i for i in sharded if reached[i] == d and len(levels[i]) > d])
             ex = comm.PieceExchange()
             for i in sharded:
                 if reached[i] != d or len(levels[i]) <= d:

@@ -8,12 +8,11 @@ calls, bytes sent and bytes received. ``torch.utils.flop_counter.FlopCounterMode
 matmul FLOPs inside the matrix optimizers' steps (only Newton–Schulz multiplies matrices there).
 The cost model's prediction for the same model, layout and rank must equal both, exactly.
 
-Layouts: TP=2, ZeRO-1 DP=2, layer-wise DP=2, PP=2 (2 ranks); TP=2 × DP=2 ZeRO-1 and EP=2 × DP=2
-ZeRO-1 MoE (4 ranks). Newton–Schulz in fp32 (the tests' pinned dtype; bf16 halves the NS bytes).
+Layouts: TP=2, ZeRO-1 DP=2 (per-block flat ranges of the split QKV), layer-wise DP=2, PP=2 (2 ranks);
+TP=2 × DP=2 ZeRO-1 and EP=2 × DP=2 ZeRO-1 MoE with ``--no-split-qkv`` (4 ranks; MD's router rule). Newton–Schulz in fp32 (the tests' pinned dtype; bf16 halves the NS bytes).
 """
 from __future__ import annotations
 
-from importlib import util
 from pathlib import Path
 
 import pytest
@@ -30,25 +29,19 @@ CASES_W2 = {
     "tp2": (["--tensor-model-parallel-size", "2"], dict(tp=2), {}, ["muon-md", "adamh"]),
     "tp2_gather": (["--tensor-model-parallel-size", "2", "--ns-mode", "gather"], dict(tp=2, ns_mode="gather"), {},
                    ["muon"]),
-    "zero1_dp2": (["--use-distributed-optimizer", "--no-split-qkv"], dict(dp=2, dp_mode="zero1"), {},
+    "zero1_dp2": (["--use-distributed-optimizer"], dict(dp=2, dp_mode="zero1"), {},
                   ["muon-md", "rmnp"]),
     "layerwise_dp2": (["--dp-mode", "layer-wise"], dict(dp=2, dp_mode="layer-wise"), {}, ["muon"]),
     "pp2": (["--pipeline-model-parallel-size", "2"], dict(pp=2), {}, ["muon-md"]),
 }
 CASES_W4 = {
-    "tp2_dp2_zero1": (["--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--no-split-qkv"],
+    "tp2_dp2_zero1": (["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"],
                       dict(tp=2, dp=2, dp_mode="zero1"), {}, ["muon-md"]),
     "ep2_dp2_zero1": (MOE + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer", "--no-split-qkv"],
-                      dict(dp=4, ep=2, dp_mode="zero1"), dict(bias=False, num_experts=4, moe_ffn=128, topk=2),
+                      dict(dp=4, ep=2, dp_mode="zero1", split_qkv=False), dict(bias=False, num_experts=4, moe_ffn=128,
+                                                                             topk=2),
                       ["muon", "adam-md"]),
 }
-
-
-def _sibling(name: str):
-    spec = util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _measure(args):
@@ -105,7 +98,9 @@ def _checks(ctx, cases):
     from megatron_md.training.arguments import parse_args
 
     os.environ["MEGATRON_MD_NS_DTYPE"] = "fp32"
-    base = _sibling("test_driver").synthetic_base(
+    from megatron_md.testing.tools import load_module
+
+    base = load_module(Path(__file__).with_name("test_driver.py")).synthetic_base(
         ctx, "--train-iters", "2", "--global-batch-size", "8", "--eval-interval", "100", "--eval-iters", "0",
         "--log-interval", "100")
     rank, world = dist.get_rank(), dist.get_world_size()
