@@ -28,7 +28,9 @@ Subcommands:
           torch_dist (read one layer's tensor at a time: memory bounded by the largest tensor, not
           the model) or per-rank files (merged), every file verified against the manifest first.
           --dtype bf16|fp32; --max-shard-size (e.g. 5GB) writes shards plus
-          model.safetensors.index.json, as the Hub does. The model must be Llama-style:
+          model.safetensors.index.json, as the Hub does; --tokenizer-model adds the tokenizer
+          (AutoTokenizer encodes text to our preprocessing's ids). QK-norm (--qk-layernorm) dense
+          models export as Qwen3. The model must be Llama-style:
           --normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear
           (GQA via --num-query-groups and an untied head are optional).
 
@@ -85,7 +87,8 @@ def _to_hf(a) -> None:
     from megatron_md.checkpoint.reader import open_model
     shard = parse_size(a.max_shard_size) if a.max_shard_size else None
     model = open_model(a.load, a.ckpt_step)
-    config = write_hf(model, model.topology, a.out, dtype=a.dtype, max_shard_size=shard)
+    config = write_hf(model, model.topology, a.out, dtype=a.dtype, max_shard_size=shard,
+                      tokenizer_model=a.tokenizer_model)
     print(f"wrote {config['architectures'][0]} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
           f"vocab {config['vocab_size']}, {a.dtype}) of iteration {model.iteration} to {a.out}")
 
@@ -163,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-shard-size", default=None, metavar="SIZE",
                    help="largest safetensors file, e.g. 5GB or 500MB: shards plus model.safetensors.index.json "
                         "(default: one model.safetensors)")
+    h.add_argument("--tokenizer-model", default=None, metavar="FILE",
+                   help="the run's sentencepiece model (tools/preprocess_data.py's <prefix>.json names it): also "
+                        "write tokenizer.json + tokenizer_config.json, loadable by transformers.AutoTokenizer and "
+                        "encoding text to the ids of our preprocessing")
     h.set_defaults(func=_to_hf)
     return p
 

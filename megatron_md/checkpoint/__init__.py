@@ -15,7 +15,8 @@ call) and never the other way; the driver (:mod:`megatron_md.training`) and the 
   one tensor at a time from either format (torch_dist: one layer's slice per access);
   :mod:`.merge` merges per-rank model shards into one
   unsharded state dict (and cuts it for another layout; the writer of ``sf-to-x`` and ``to-md``);
-  :mod:`.hf` maps it onto Hugging Face Llama / Mixtral; :mod:`.sf` (schedule-free → its averaged
+  :mod:`.hf` maps it onto Hugging Face Llama / Mixtral / Qwen3 and :mod:`.hf_tokenizer` writes our
+  sentencepiece model as a Hugging Face tokenizer; :mod:`.sf` (schedule-free → its averaged
   weights ``x``); :mod:`.md` (a plain checkpoint → one MD resumes unchanged); :mod:`.reshard` (a
   driver run that rewrites a checkpoint at another layout or format).
 """

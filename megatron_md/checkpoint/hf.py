@@ -1,9 +1,12 @@
-"""Unsharded megatron-core GPT weights → Hugging Face Llama (dense) or Mixtral (MoE).
+"""Unsharded megatron-core GPT weights → Hugging Face Llama (dense), Mixtral (MoE) or Qwen3 (QK-norm).
 
 The mapping is exact for the Llama-style driver model: ``--normalization RMSNorm --swiglu
 --position-embedding-type rope --disable-bias-linear`` (plus, optionally, ``--num-query-groups``
 for GQA and ``--untie-embeddings-and-output-weights``; tied embeddings become
-``tie_word_embeddings``). Megatron's rotary embedding rotates halves (``rotate_half``), as
+``tie_word_embeddings``). With ``--qk-layernorm`` (megatron-core's RMSNorm over each head's queries
+and keys before RoPE, as Qwen3's ``q_norm``/``k_norm``) a dense model is ``Qwen3ForCausalLM``.
+Every other model-recipe option is refused, naming its flag: no Hugging Face architecture computes it.
+Megatron's rotary embedding rotates halves (``rotate_half``), as
 Hugging Face's does, so Q and K need no permutation. Per layer:
 
 * fused ``linear_qkv`` rows, per query group ``[q (heads/groups · d); k (d); v (d)]`` →
@@ -58,7 +61,7 @@ def _first(state: dict, *names: str) -> torch.Tensor:
 
 def hf_config(topo: dict, dtype: str = "fp32") -> dict:
     """The ``config.json`` of the model a manifest's ``topo`` describes; a ``ValueError`` naming the
-    flags when no Llama/Mixtral architecture computes it."""
+    flags when no Llama/Mixtral/Qwen3 architecture computes it."""
     m, info = topo["model"], topo["info"]
     wrong = [flag for key, want, flag in _NEEDS if m[key] != want]
     if wrong:
@@ -66,10 +69,11 @@ def hf_config(topo: dict, dtype: str = "fp32") -> dict:
     recipe = [flag for key, flag in (("embedding_multiplier", "--embedding-multiplier"), ("post_norm", "--post-norm"),
                                      ("fixed_layer_scale", "--fixed-layer-scale"), ("qk_layernorm", "--qk-layernorm"))
               if m.get(key)]
-    if recipe:
-        raise ValueError(f"the checkpoint's model uses {', '.join(recipe)} (--model-recipe): no Llama/Mixtral "
-                         "architecture computes it; it cannot be exported to Hugging Face")
-    moe = bool(m["num_experts"])
+    moe, qk = bool(m["num_experts"]), bool(m.get("qk_layernorm"))
+    if recipe and (recipe != ["--qk-layernorm"] or moe):
+        raise ValueError(f"the checkpoint's model uses {', '.join(recipe)} (--model-recipe"
+                         + ("; --qk-layernorm exports as Qwen3, dense models only" if qk else "")
+                         + "): no Llama/Mixtral/Qwen3 architecture computes it; it cannot be exported to Hugging Face")
     if moe and m["moe_router_pre_softmax"]:
         raise ValueError("--moe-router-pre-softmax routing (softmax, then top-k without renormalising) has no "
                          "Mixtral equivalent; train without it")
@@ -79,8 +83,8 @@ def hf_config(topo: dict, dtype: str = "fp32") -> dict:
     tied = not m["untie"]
     base = m["rotary_base"]
     config = {
-        "architectures": ["MixtralForCausalLM" if moe else "LlamaForCausalLM"],
-        "model_type": "mixtral" if moe else "llama",
+        "architectures": ["MixtralForCausalLM" if moe else "Qwen3ForCausalLM" if qk else "LlamaForCausalLM"],
+        "model_type": "mixtral" if moe else "qwen3" if qk else "llama",
         "vocab_size": vocab, "hidden_size": h, "num_hidden_layers": m["num_layers"],
         "num_attention_heads": heads, "num_key_value_heads": groups, "head_dim": d,
         "intermediate_size": m["moe_ffn_hidden_size"] if moe else m["ffn_hidden_size"],
@@ -93,6 +97,8 @@ def hf_config(topo: dict, dtype: str = "fp32") -> dict:
     if moe:
         config.update(num_local_experts=m["num_experts"], num_experts_per_tok=m["moe_router_topk"],
                       output_router_logits=False, router_jitter_noise=0.0, sliding_window=None)
+    elif qk:
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=m["num_layers"])
     else:
         config["mlp_bias"] = False
     return config
@@ -116,6 +122,9 @@ def hf_tensors(state: Mapping, topo: dict) -> Iterator[tuple[str, torch.Tensor]]
         yield o + "self_attn.k_proj.weight", qkv[:, qpg * d:(qpg + 1) * d].reshape(groups * d, h)
         yield o + "self_attn.v_proj.weight", qkv[:, (qpg + 1) * d:].reshape(groups * d, h)
         yield o + "self_attn.o_proj.weight", state[p + "self_attention.linear_proj.weight"]
+        if m.get("qk_layernorm"):
+            yield o + "self_attn.q_norm.weight", state[p + "self_attention.q_layernorm.weight"]
+            yield o + "self_attn.k_norm.weight", state[p + "self_attention.k_layernorm.weight"]
         yield o + "input_layernorm.weight", _first(state, p + "input_layernorm.weight",
                                                   p + "self_attention.linear_qkv.layer_norm_weight")
         yield o + "post_attention_layernorm.weight", _first(state, p + "pre_mlp_layernorm.weight",
@@ -217,16 +226,23 @@ def write_safetensors(path: str, entries: list[tuple[str, tuple, str]], tensors:
 
 
 def write_hf(state: Mapping, topo: dict, out_dir: str, *, dtype: str = "fp32",
-             max_shard_size: Optional[int] = None) -> dict:
+             max_shard_size: Optional[int] = None, tokenizer_model: Optional[str] = None) -> dict:
     """Write the Hugging Face model of ``state`` (a dict or :class:`~.reader.ModelReader`) to
     ``out_dir``: ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards of at most
     ``max_shard_size`` bytes each — a tensor larger than that gets a shard of its own — and
     ``model.safetensors.index.json``), ``config.json`` and ``generation_config.json``; returns the
-    config. Tensors are cast to ``dtype`` (``fp32``/``bf16``) one at a time."""
+    config. Tensors are cast to ``dtype`` (``fp32``/``bf16``) one at a time. With ``tokenizer_model``
+    (our sentencepiece model) the tokenizer files too (:mod:`.hf_tokenizer`), checked first."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     cast, st_dtype, _ = DTYPES[dtype]
     config = hf_config(topo, dtype)
+    special = {}
+    if tokenizer_model is not None:
+        from .hf_tokenizer import write_tokenizer
+        special = write_tokenizer(tokenizer_model, out_dir, topo["model"]["max_position_embeddings"],
+                                  vocab_size=config["vocab_size"])
+        config.update(special)
     entries = [(name, tuple(t.shape), st_dtype) for name, t in hf_tensors(_Shapes(state), topo)]
     nbytes = [int(torch.Size(s).numel()) * cast.itemsize for _, s, _ in entries]
     shards, cur, size = [], [], 0
@@ -247,7 +263,7 @@ def write_hf(state: Mapping, topo: dict, out_dir: str, *, dtype: str = "fp32",
         index = {"metadata": {"total_size": sum(nbytes)},
                  "weight_map": {name: fname for fname, shard in zip(names, shards) for name, _, _ in shard}}
         _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
-    _write_json(os.path.join(out_dir, "generation_config.json"), generation_config(topo))
+    _write_json(os.path.join(out_dir, "generation_config.json"), {**generation_config(topo), **special})
     _write_json(os.path.join(out_dir, "config.json"), config)
     return config
 

@@ -47,7 +47,10 @@ CASES = {
     "dense_tp2": ["--tensor-model-parallel-size", "2"],
     "moe_ep2": ["--num-experts", "4", "--moe-router-topk", "2", "--expert-model-parallel-size", "2",
                 "--untie-embeddings-and-output-weights", "--moe-token-dispatcher-type", "alltoall"],
+    "qk_tp2": ["--tensor-model-parallel-size", "2", "--qk-layernorm"],      # exported as Qwen3
 }
+#: the Hugging Face class each case exports to
+ARCH = {"dense_tp2": "LlamaForCausalLM", "moe_ep2": "MixtralForCausalLM", "qk_tp2": "Qwen3ForCausalLM"}
 RTOL = 1e-4
 
 
@@ -103,7 +106,7 @@ def _convert_checks(ctx):
                 out = os.path.join(ctx.tmpdir, f"{name}_hf")
                 assert tool.main(["to-hf", "--load", save, "--out", out]) == 0
                 hf = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
-                assert type(hf).__name__ == ("MixtralForCausalLM" if "moe" in name else "LlamaForCausalLM")
+                assert type(hf).__name__ == ARCH[name]
                 with torch.no_grad():
                     got = hf(tokens).logits
                 err = ((got - ref).abs().max() / ref.abs().max()).item()

@@ -105,3 +105,22 @@ def test_sizes_and_bad_values():
     topo["model"]["post_norm"] = True
     with pytest.raises(ValueError, match="--post-norm"):
         write_hf(state, topo, "/nonexistent/never")
+
+
+def test_qk_norm_exports_as_qwen3_and_other_recipes_are_refused(tmp_path):
+    state, topo = _llama()
+    d = H // HEADS
+    for i in range(L):
+        state[f"decoder.layers.{i}.self_attention.q_layernorm.weight"] = torch.randn(d)
+        state[f"decoder.layers.{i}.self_attention.k_layernorm.weight"] = torch.randn(d)
+    topo["model"]["qk_layernorm"] = True
+    tensors, cfg = to_hf_state(state, topo)
+    assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["model_type"] == "qwen3" and cfg["head_dim"] == d
+    assert torch.equal(tensors["model.layers.1.self_attn.k_norm.weight"],
+                       state["decoder.layers.1.self_attention.k_layernorm.weight"])
+    moe = dict(topo, model=dict(topo["model"], num_experts=4, moe_router_pre_softmax=False, moe_router_topk=2))
+    with pytest.raises(ValueError, match="--qk-layernorm exports as Qwen3, dense models only"):
+        to_hf_state(state, moe)
+    topo["model"]["post_norm"] = True
+    with pytest.raises(ValueError, match="uses --post-norm, --qk-layernorm"):
+        to_hf_state(state, topo)
