@@ -31,6 +31,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def dir_bytes(path) -> int:
+    """Bytes of every file under ``path``."""
+    import os
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
 def csv_subset(parser, flag: str, value: str, allowed) -> list[str]:
     """Split a comma-separated flag value; ``parser.error`` on any name not in ``allowed``."""
     items = [v for v in value.split(",") if v]

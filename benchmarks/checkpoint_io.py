@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from benchmarks._common import emit, header  # noqa: E402
+from benchmarks._common import dir_bytes, emit, header  # noqa: E402
 
 EXTRA = {"adam": ["--weight-decay", "0.1"], "muon-md": ["--weight-decay", "0"],
          "sf-normuon": ["--weight-decay", "0", "--lr-decay-style", "constant"]}
@@ -54,10 +54,6 @@ def _timed(flags: list[str], what: str) -> float:
     return took[-1]
 
 
-def _size(d: str) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,7 +77,7 @@ def main(argv=None) -> int:
                 try:
                     flags = base + ["--optimizer", opt, *EXTRA.get(opt, []), "--ckpt-format", fmt]
                     res[fmt]["save"].append(_timed(flags + ["--train-iters", "2", "--save", d], "save_checkpoint"))
-                    res[fmt]["bytes"] = _size(os.path.join(d, "iter_0000002"))
+                    res[fmt]["bytes"] = dir_bytes(os.path.join(d, "iter_0000002"))
                     res[fmt]["load"].append(_timed(flags + ["--train-iters", "2", "--load", d], "load_checkpoint"))
                 finally:
                     shutil.rmtree(d, ignore_errors=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from benchmarks._common import emit, header  # noqa: E402
+from benchmarks._common import dir_bytes, emit, header  # noqa: E402
 
 #: run in a fresh interpreter: imports, then the conversion; prints a JSON line of RSS figures
 CHILD = r"""
@@ -48,10 +48,6 @@ state = dict(reader.items()) if {mode!r} == "whole" else reader
 write_hf(state, reader.topology, {out!r})
 print(json.dumps({{"base": base, "peak": kib("VmHWM:")}}))
 """
-
-
-def _size(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
 def main(argv=None) -> int:
@@ -82,7 +78,7 @@ def main(argv=None) -> int:
         sizes = {n: reader.dtype(n).itemsize * int(__import__("math").prod(reader.shape(n))) for n in reader}
         model_bytes, largest = sum(sizes.values()), max(sizes.values())
         largest_name = max(sizes, key=sizes.get)
-        ckpt_bytes = _size(os.path.join(ckpt, "iter_0000001"))
+        ckpt_bytes = dir_bytes(os.path.join(ckpt, "iter_0000001"))
         res = {}
         for mode in ("stream", "whole"):
             out = os.path.join(work, f"hf_{mode}")

@@ -39,6 +39,8 @@ from typing import Optional
 
 import torch
 
+from .integrity import atomic_write_text
+
 __all__ = ["hf_config", "hf_tensors", "to_hf_state", "write_hf", "write_safetensors", "parse_size", "NOT_MAPPABLE",
            "DTYPES"]
 
@@ -280,7 +282,4 @@ def generation_config(topo: dict) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")

@@ -22,6 +22,8 @@ import os
 import shutil
 from typing import Optional
 
+from .integrity import atomic_write_text
+
 __all__ = ["build_tokenizer", "write_tokenizer", "PROBES"]
 
 #: strings whose ids must agree before a tokenizer is written (plus every piece of the vocabulary)
@@ -87,7 +89,6 @@ def write_tokenizer(model_path: str, out_dir: str, model_max_length: int, vocab_
               "eos_token": name[sp.eos_id()], "unk_token": name[sp.unk_id()],
               "pad_token": name[sp.pad_id()], "add_bos_token": False, "add_eos_token": False,
               "clean_up_tokenization_spaces": False, "model_max_length": int(model_max_length)}
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as fh:
-        json.dump(config, fh, indent=1)
+    atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=1) + "\n")
     return {k: v for k, v in (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id()),
                               ("unk_token_id", sp.unk_id())) if v >= 0}
