@@ -14,14 +14,14 @@ Subcommands:
           (directions on their spheres, W = diag(s_r) D diag(s_c)): the logits do not change. MD's
           unit-norm embedding rule cannot keep a trained embedding, so the embedding (and a tied
           head) continue on the Adam partner. A run that loads the result without these flags
-          stops before training, naming them.
+          stops before training, naming them. Either format (torch_dist: the same files, hard-linked).
 
   reshard The checkpoint at another TP/PP/EP/DP layout and/or format, optimizer state included:
           runs the driver (torchrun, --nproc-per-node N) with the checkpoint's own model and
           optimizer flags (from its manifest) plus the target layout flags, loading it and
           re-saving it with nothing left to train. From a torch_dist checkpoint every optimizer
           state is resharded; from a per-rank (torch) one, the weights only (--no-load-optim).
-          --ckpt-format torch writes per-rank files, which sf-to-x and to-md read.
+          --ckpt-format torch writes per-rank files, which sf-to-x reads.
 
   to-hf   Hugging Face safetensors + config.json + generation_config.json: LlamaForCausalLM for
           dense models, MixtralForCausalLM for MoE. Works offline on any TP/PP/EP/DP layout, from

@@ -13,8 +13,10 @@ a per-token scale. A converted checkpoint is therefore resumed with
 ``--no-md-embedding-unit-norm`` (the embedding, and a tied head, train on the Adam partner).
 
 :func:`to_md` writes a checkpoint of the same layout with the same weights (bit for bit) and no
-optimizer state, and records the conversion in its manifest; :func:`check_resume` (called by the
-driver's and Megatron-LM's argument checks) makes a run that loads it without
+optimizer state (a torch_dist checkpoint: the same files, hard-linked or copied, whose optimizer
+state the required ``--no-load-optim`` leaves unread), and records the conversion in its manifest;
+:func:`check_resume` (called by the driver's and Megatron-LM's argument checks) makes a run that
+loads it without
 ``--no-load-optim --md-init factor --no-md-embedding-unit-norm`` fail before training, naming the
 missing flags. Every rank file is verified against the source manifest first (``load_verified``).
 """
@@ -28,7 +30,7 @@ from typing import Optional
 from ..errors import CheckpointError
 from ..megatron.config import MD_METHODS, SCHEDULE_FREE
 from .integrity import MANIFEST, checkpoint_dir, read_latest, read_manifest
-from .merge import latest_iteration, require_per_rank, rewrite_checkpoint
+from .merge import latest_iteration, relink_checkpoint, rewrite_checkpoint
 
 __all__ = ["to_md", "resume_error", "check_resume", "RESUME_FLAGS", "TO_MD_KEY"]
 
@@ -47,7 +49,7 @@ def to_md(root: str, out: str, iteration: Optional[int] = None) -> dict:
     """
     iteration = latest_iteration(root, iteration)
     man = read_manifest(root, iteration)
-    require_per_rank(root, man)
+    dist_format = man.get("ckpt_format") == "torch_dist"
     topo = man["topology"]
     opt = topo["optim"]["optimizer"]
     where = f"--load {root} (iteration {iteration})"
@@ -69,7 +71,10 @@ def to_md(root: str, out: str, iteration: Optional[int] = None) -> dict:
     def edit(state, path):
         state.update(optimizer=None, scheduler=None, model_x=None, extra={"converted": f"to-md of {path}"})
 
-    rewrite_checkpoint(root, iteration, man, out, new, edit)
+    if dist_format:   # the same files (weights bit for bit); the optimizer state in them goes unread
+        relink_checkpoint(root, iteration, man, out, new)
+    else:
+        rewrite_checkpoint(root, iteration, man, out, new, edit)
     return {"iteration": iteration, "from": opt, "layout": topo["layout"], "resume_flags": list(RESUME_FLAGS)}
 
 

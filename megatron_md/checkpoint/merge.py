@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from typing import Optional
 
 import torch
 
 from ..errors import CheckpointError
 from .integrity import (FORMAT, TRACKER, atomic_torch_save, checkpoint_dir, clean_stale, load_verified,
-                        publish, read_latest, read_manifest, sha256)
+                        publish, read_latest, read_manifest, sha256,
+                        verify_file)
 
 __all__ = ["load_full_model", "merge_shards", "split_shard", "local_model_state", "latest_iteration",
-           "rewrite_checkpoint"]
+           "rewrite_checkpoint", "relink_checkpoint"]
 
 _COL = re.compile(r"(linear_qkv\.(weight|bias)|word_embeddings\.weight|output_layer\.weight)$")
 _FC1 = re.compile(r"linear_fc1\.(weight|bias)$")
@@ -98,10 +100,9 @@ def require_per_rank(root: str, manifest: dict) -> None:
             f"python tools/convert_checkpoint.py reshard --load {root} --save <new dir> --ckpt-format torch")
 
 
-def rewrite_checkpoint(root: str, iteration: int, manifest: dict, out: str, topology: dict, edit) -> None:
-    """Write checkpoint ``out`` (iteration ``iteration``, same rank files and layout as ``root``):
-    each rank file of ``root``, verified against ``manifest``, passed through ``edit(state, path)``
-    (in place) and saved with ``topology``. ``out`` must not hold a checkpoint yet."""
+def _new_output(root: str, out: str, iteration: int) -> tuple[str, str]:
+    """``(final, staging)`` directories of a converter's output checkpoint ``out``, which must not
+    hold a checkpoint yet (nothing is overwritten)."""
     if os.path.abspath(out) == os.path.abspath(root) or read_latest(out) is not None:
         raise CheckpointError(f"--save {out}: already a checkpoint directory; choose a new one (nothing is overwritten)")
     os.makedirs(out, exist_ok=True)
@@ -109,6 +110,33 @@ def rewrite_checkpoint(root: str, iteration: int, manifest: dict, out: str, topo
     final = checkpoint_dir(out, iteration)
     staging = f"{final}.tmp{os.getpid()}"
     os.makedirs(staging)
+    return final, staging
+
+
+def relink_checkpoint(root: str, iteration: int, manifest: dict, out: str, topology: dict) -> None:
+    """Write checkpoint ``out`` with the files of ``root``'s iteration ``iteration`` unchanged (each
+    verified against ``manifest``, then hard-linked, or copied across filesystems) and ``topology``
+    in its manifest: a torch_dist checkpoint whose weights a converter keeps bit for bit."""
+    final, staging = _new_output(root, out, iteration)
+    src = checkpoint_dir(root, iteration)
+    for name, entry in sorted(manifest["files"].items()):
+        path, dst = os.path.join(src, name), os.path.join(staging, name)
+        why = verify_file(path, entry)
+        if why:
+            raise CheckpointError(why)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.link(path, dst)
+        except OSError:
+            shutil.copyfile(path, dst)
+    publish(out, iteration, staging, final, {**manifest, "topology": topology})
+
+
+def rewrite_checkpoint(root: str, iteration: int, manifest: dict, out: str, topology: dict, edit) -> None:
+    """Write checkpoint ``out`` (iteration ``iteration``, same rank files and layout as ``root``):
+    each rank file of ``root``, verified against ``manifest``, passed through ``edit(state, path)``
+    (in place) and saved with ``topology``. ``out`` must not hold a checkpoint yet."""
+    final, staging = _new_output(root, out, iteration)
     files = {}
     src = checkpoint_dir(root, iteration)
     for name, entry in sorted(manifest["files"].items()):

@@ -172,7 +172,8 @@ def _convert_checks(ctx):
 #: the per-rank runs above, by name: their layout flags
 DIST_CASES = {"dense_tp2": CASES["dense_tp2"], "moe_ep2": CASES["moe_ep2"],
               "pp2": ["--num-layers", "4", "--pipeline-model-parallel-size", "2"]}
-DIST_CHECKS = ["to_hf_torch_dist_equals_per_rank", "to_hf_bf16_shards_with_index_load_in_transformers"]
+DIST_CHECKS = ["to_hf_torch_dist_equals_per_rank", "to_hf_bf16_shards_with_index_load_in_transformers",
+               "to_md_torch_dist_resumes_as_the_per_rank_one"]
 
 
 def _same_export(a: str, b: str) -> None:
@@ -246,6 +247,29 @@ def _torch_dist_checks(ctx, base, tool):
                     assert got[k].dtype == torch.bfloat16 and torch.equal(got[k].detach(), v.to(torch.bfloat16)), k
             assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
             assert json.load(open(os.path.join(out, "generation_config.json")))["do_sample"] is False
+
+    with ctx.check("to_md_torch_dist_resumes_as_the_per_rank_one"):
+        # the AdamW TP=2 run of the to-md checks, re-saved as torch_dist (nothing left to train)
+        md_base = base + ["--untie-embeddings-and-output-weights", "--log-interval", "1"]
+        layout, opt, extra = TO_MD_CASES["tp2"]
+        src, dst = os.path.join(ctx.tmpdir, "adam_tp2"), os.path.join(ctx.tmpdir, "adam_tp2_dist")
+        out, per_rank = os.path.join(ctx.tmpdir, "md_tp2_dist"), os.path.join(ctx.tmpdir, "md_tp2")
+        pretrain(parse_args(md_base + layout + EVAL + ["--train-iters", "6", "--weight-decay", "0.1", "--load", src,
+                                                       "--save", dst, "--ckpt-format", "torch_dist"]))
+        if ctx.rank == 0:
+            assert tool.main(["to-md", "--load", dst, "--save", out]) == 0
+            man = json.load(open(os.path.join(out, "iter_0000006", "manifest.json")))
+            assert man["ckpt_format"] == "torch_dist" and man["topology"]["to_md"]["from"] == "adam"
+            name = sorted(man["files"])[0]   # the files themselves, not rewritten
+            assert os.path.samefile(os.path.join(dst, "iter_0000006", name), os.path.join(out, "iter_0000006", name))
+        dist.barrier()
+        md = md_base + layout + extra + ["--optimizer", opt, "--weight-decay", "0", "--train-iters", "2"]
+        losses = {k: pretrain(parse_args(md + ["--load", path] + TO_MD_FLAGS))["train_loss_history"]
+                  for k, path in (("per_rank", per_rank), ("torch_dist", out))}
+        ctx.record("to_md_dist_losses", losses)
+        assert losses["per_rank"].keys() == losses["torch_dist"].keys() == {"1", "2"}, losses
+        assert all(abs(losses["per_rank"][i] - losses["torch_dist"][i]) <= 1e-6 * abs(losses["per_rank"][i])
+                   for i in ("1", "2")), losses
 
 
 TO_MD_CASES = {
