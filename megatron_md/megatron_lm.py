@@ -179,25 +179,53 @@ def _hook_validate_args(original: Callable) -> Callable:
                 arguments._print_args = _print_args
                 stack.callback(setattr, arguments, "_print_args", print_args)
             result = original(args, *a, **k)
-        md = dataclasses.replace(md_config_for_megatron_lm(args), optimizer=name)
-        validate(md, args)
-        from .checkpoint.md import check_resume  # a to-md checkpoint names its flags
-        check_resume(md, args)
-        fmt = getattr(args, "ckpt_format", "torch")
-        saves = bool(getattr(args, "save", None) or getattr(args, "load", None))
-        if saves and fmt not in ("torch", "torch_dist"):
-            raise ValueError(
-                f"--optimizer {name} with --ckpt-format {fmt}: megatron_md's optimizer state is written in the "
-                f"torch_dist format (every state in the unsharded model's coordinates, any layout on load) or "
-                f"per rank (torch); pass --ckpt-format torch_dist")
-        if saves and fmt == "torch" and (getattr(args, "use_distributed_optimizer", False) or md.dp_mode == "layer-wise"):
-            raise ValueError(
-                f"--optimizer {name} with --ckpt-format torch and --use-distributed-optimizer or --dp-mode "
-                f"layer-wise: Megatron-LM saves the distributed optimizer's shards as Adam state (exp_avg, "
-                f"exp_avg_sq) and the replicated optimizer from data-parallel rank 0 only; pass --ckpt-format "
-                f"torch_dist (megatron_md's sharded optimizer state, any layout on load)")
+        with _refusals():
+            _validate_md(args, name)
         return result
     return validate_args
+
+
+@contextlib.contextmanager
+def _refusals():
+    """A ``ValueError`` of our validation or builder (a flag combination we refuse, naming the flags)
+    becomes one ``error:`` line from rank 0 and exit code 2 on every rank, as in our driver — not a
+    traceback per rank. Every rank refuses alike (the same flags, the same checks)."""
+    try:
+        yield
+    except ValueError as exc:
+        import os
+        import sys
+        import time
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megatron_md: error: {exc}", file=sys.stderr, flush=True)
+        elif os.environ.get("TORCHELASTIC_RUN_ID"):
+            # torchrun stops every rank when the first one exits: let rank 0 be that one, with its line
+            time.sleep(_REFUSAL_GRACE_S)
+        raise SystemExit(2) from None
+
+
+#: under torchrun, how long ranks other than 0 wait after a refusal (rank 0's exit ends them sooner)
+_REFUSAL_GRACE_S = 30.0
+
+
+def _validate_md(args, name: str) -> None:
+    md = dataclasses.replace(md_config_for_megatron_lm(args), optimizer=name)
+    validate(md, args)
+    from .checkpoint.md import check_resume  # a to-md checkpoint names its flags
+    check_resume(md, args)
+    fmt = getattr(args, "ckpt_format", "torch")
+    saves = bool(getattr(args, "save", None) or getattr(args, "load", None))
+    if saves and fmt not in ("torch", "torch_dist"):
+        raise ValueError(
+            f"--optimizer {name} with --ckpt-format {fmt}: megatron_md's optimizer state is written in the "
+            f"torch_dist format (every state in the unsharded model's coordinates, any layout on load) or "
+            f"per rank (torch); pass --ckpt-format torch_dist")
+    if saves and fmt == "torch" and (getattr(args, "use_distributed_optimizer", False) or md.dp_mode == "layer-wise"):
+        raise ValueError(
+            f"--optimizer {name} with --ckpt-format torch and --use-distributed-optimizer or --dp-mode "
+            f"layer-wise: Megatron-LM saves the distributed optimizer's shards as Adam state (exp_avg, "
+            f"exp_avg_sq) and the replicated optimizer from data-parallel rank 0 only; pass --ckpt-format "
+            f"torch_dist (megatron_md's sharded optimizer state, any layout on load)")
 
 
 def _hook_get_optimizer_config(original: Callable) -> Callable:
@@ -227,7 +255,8 @@ def _hook_get_optimizer(original: Callable) -> Callable:
             return original(config, model_chunks, *args, **kwargs)
         megatron_args = _megatron_args()
         md = dataclasses.replace(md_config_for_megatron_lm(megatron_args), optimizer=name)
-        validate(md, megatron_args)
+        with _refusals():
+            validate(md, megatron_args)
         extra = dict(kwargs)
         if args:
             if signature is None:
@@ -242,7 +271,8 @@ def _hook_get_optimizer(original: Callable) -> Callable:
         if dropped:
             logger.info("megatron_md: %s not used by megatron_md's builder (it does its own param groups and "
                         "process groups)", ", ".join(dropped))
-        optimizer = build(config, model_chunks, md=md, **passed)
+        with _refusals():
+            optimizer = build(config, model_chunks, md=md, **passed)
         try:
             _State.optimizer = weakref.ref(optimizer)
         except TypeError:  # not weak-referenceable

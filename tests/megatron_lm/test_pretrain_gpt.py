@@ -73,12 +73,18 @@ def _trained(rc, out, iters, valid, name, its=range(1, 7)):
     losses = [iters[i][0] for i in its]
     assert all(x == x and x < 10 for x in losses), losses
     assert losses[-1] < losses[0] - 0.3 and valid[6] < valid[3], (losses, valid)
+    # MD's defaults follow the model: a tied head (Megatron-LM's default) takes the embedding rule silently
+    assert "md-head-gains" not in out, out[-3000:]
+
+
+ZERO1 = ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]
 
 
 @pytest.mark.parametrize("name,flags", [
     ("muon-md", ["--tensor-model-parallel-size", "2"]),
-    # TP=1 x DP=2: ZeRO-1 flat shards (FlatRange math) in Megatron's DistributedOptimizer
-    ("rmnp", ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]),
+    # TP=1 x DP=2: ZeRO-1 flat shards (FlatRange math) in Megatron's DistributedOptimizer; the per-block
+    # methods with the default split QKV (Q, K, V flat-sharded per block)
+    ("rmnp", ZERO1), ("muon-md", ZERO1), ("sf-normuon", ZERO1),
 ])
 def test_pretrain_gpt_trains(name, flags):
     _trained(*_run("--optimizer", name, *flags), name)
@@ -111,8 +117,7 @@ def test_torch_dist_resumes_exactly_and_at_another_layout(tmp_path):
 
     for name, src, dst in (("muon-md", ["--tensor-model-parallel-size", "2"],
                             ["--tensor-model-parallel-size", "1"]),
-                           ("sf-normuon", ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer",
-                                           "--no-split-qkv"], ["--tensor-model-parallel-size", "2", "--no-split-qkv"])):
+                           ("sf-normuon", ZERO1, ["--tensor-model-parallel-size", "2"])):
         ckpt = str(tmp_path / name)
         common = ["--optimizer", name, "--ckpt-format", "torch_dist"]
         rc, out, iters, valid = _run(*common, *src, "--save", ckpt, "--save-interval", "3")
@@ -136,3 +141,24 @@ def test_checkpoint_formats_it_cannot_hold_are_refused_before_training(tmp_path)
     assert rc != 0 and not iters, out[-3000:]
     assert "--ckpt-format torch and --use-distributed-optimizer" in out and "pass --ckpt-format torch_dist" in out, \
         out[-3000:]
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--optimizer", "muon-md", "--weight-decay", "0.1"], ["--optimizer muon-md", "--weight-decay"]),
+    (["--optimizer", "sf-normuon", "--lr-decay-style", "cosine"], ["--optimizer sf-normuon", "--lr-decay-style"]),
+])
+def test_refusals_are_one_error_line_from_rank_0(flags, needles):
+    """A flag combination we refuse stops before training with one ``error:`` line (rank 0 only)
+    naming the flags, and no Python traceback from the ranks (torchrun's own failure summary remains)."""
+    rc, out, iters, _ = _run(*flags, "--tensor-model-parallel-size", "2")
+    assert rc != 0 and not iters, out[-3000:]
+    lines = [ln for ln in out.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), (lines, out[-3000:])
+    ranks = out.split("failed (exitcode")[0]  # what the ranks printed, before torchrun's own failure report
+    assert "ValueError" not in out and "Traceback" not in ranks, out[-3000:]
+
+
+def test_compatibility_doc_rows_are_what_the_command_prints():
+    """docs/compatibility.md's loss rows of this megatron-core version equal a fresh run of the
+    documented command (``tools/compat_losses.py --check``)."""
+    from megatron_md.testing.tools import load_tool
+    assert load_tool("compat_losses").main(["--check"]) == 0

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import inspect
 import logging
+import re
 import sys
 import types
 from types import SimpleNamespace
@@ -357,7 +358,18 @@ def fake_megatron_lm(monkeypatch):
     megatron_lm.uninstall()
 
 
-def test_install_routes_our_names_to_our_builder(fake_megatron_lm):
+def _refused(capsys, match, fn, *a, **k):
+    """A refusal in Megatron-LM's loop: exit code 2 and one ``megatron_md: error:`` line (rank 0) matching."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        fn(*a, **k)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("megatron_md: error: "), err
+    assert re.search(match, lines[0]), (match, lines[0])
+
+
+def test_install_routes_our_names_to_our_builder(fake_megatron_lm, capsys):
     training, original, run = fake_megatron_lm
     megatron_lm.install()
     megatron_lm.install()  # idempotent
@@ -372,16 +384,14 @@ def test_install_routes_our_names_to_our_builder(fake_megatron_lm):
     _, calls = run("--optimizer rmnp", use_layer_wise_distributed_optimizer=True, use_distributed_optimizer=False)
     assert calls["md"].dp_mode == "layer-wise"
     # validation runs before the builder
-    with pytest.raises(ValueError, match="--weight-decay"):
-        run("--optimizer muon-md", weight_decay=0.01)
-    with pytest.raises(ValueError, match="--lr-decay-style"):
-        run("--optimizer sf-normuon", lr_decay_style="cosine")
+    _refused(capsys, "--weight-decay", run, "--optimizer muon-md", weight_decay=0.01)
+    _refused(capsys, "--lr-decay-style", run, "--optimizer sf-normuon", lr_decay_style="cosine")
     megatron_lm.install(builtin="md")
     assert run("--optimizer muon --md-muon-momentum 0.8")[1]["md"].muon.momentum == 0.8
     assert megatron_lm.uninstall() is True and training.get_megatron_optimizer is original
 
 
-def test_install_validates_megatron_lm_args_before_training(fake_megatron_lm):
+def test_install_validates_megatron_lm_args_before_training(fake_megatron_lm, capsys):
     """The validate_args seam: our checks (and the checkpoint formats megatron_md's state does
     not fit) fail at argument validation; other optimizers are left to Megatron-LM."""
     megatron_lm.install()
@@ -398,13 +408,11 @@ def test_install_validates_megatron_lm_args_before_training(fake_megatron_lm):
 
     ok = args("--optimizer muon-md")
     assert arguments.validate_args(ok) is ok and ok.optimizer == "muon-md"
-    with pytest.raises(ValueError, match="--weight-decay"):
-        arguments.validate_args(args("--optimizer muon-md", weight_decay=0.01))
-    with pytest.raises(ValueError, match="--ckpt-format fsdp_dtensor.*pass --ckpt-format torch_dist"):
-        arguments.validate_args(args("--optimizer rmnp", save="/ckpt", ckpt_format="fsdp_dtensor"))
-    with pytest.raises(ValueError, match="--ckpt-format torch and --use-distributed-optimizer"):
-        arguments.validate_args(args("--optimizer rmnp", save="/ckpt", ckpt_format="torch",
-                                     use_distributed_optimizer=True))
+    _refused(capsys, "--weight-decay", arguments.validate_args, args("--optimizer muon-md", weight_decay=0.01))
+    _refused(capsys, "--ckpt-format fsdp_dtensor.*pass --ckpt-format torch_dist", arguments.validate_args,
+             args("--optimizer rmnp", save="/ckpt", ckpt_format="fsdp_dtensor"))
+    _refused(capsys, "--ckpt-format torch and --use-distributed-optimizer", arguments.validate_args,
+             args("--optimizer rmnp", save="/ckpt", ckpt_format="torch", use_distributed_optimizer=True))
     arguments.validate_args(args("--optimizer rmnp", save="/ckpt", ckpt_format="torch"))
     arguments.validate_args(args("--optimizer rmnp", save="/ckpt"))  # torch_dist: any DP mode
     arguments.validate_args(args("--optimizer rmnp", save="/ckpt", use_distributed_optimizer=True))
