@@ -34,7 +34,8 @@ COLUMNS = [("optimizer", "optimizer", "{}"), ("dp", "DP", "{}"), ("gpus", "GPUs"
            ("bytes_sent_max_mb", "sent MB", "{:.1f}"), ("calls_max", "calls", "{}"),
            ("t_ns_ms", "NS ms", "{:.2f}"), ("t_elem_ms", "elem ms", "{:.2f}"), ("t_comm_ms", "comm ms", "{:.2f}"),
            ("t_opt_ms", "opt ms", "{:.2f}"), ("t_adamw_ms", "AdamW ms", "{:.2f}"), ("t_step_s", "step s", "{:.3f}"),
-           ("share", "share", "{:.2%}"), ("overhead", "vs AdamW", "{:.2%}")]
+           ("share", "share", "{:.2%}"), ("overhead", "vs AdamW", "{:.2%}"),
+           ("ns_vs_model", "NS/model FLOPs", "{:.2%}")]
 
 
 def parse(argv=None):
@@ -50,14 +51,15 @@ def parse(argv=None):
     lay.add_argument("--ns-mode", choices=["owner", "gather"], default="owner")
     lay.add_argument("--ns-dtype", choices=["bf16", "fp32"], default="bf16")
     lay.add_argument("--no-split-qkv", action="store_true")
+    lay.add_argument("--split-fc1", action="store_true", help="SwiGLU's gate and up as separate matrices")
     lay.add_argument("--global-batch", type=int, default=1024, help="sequences per step")
     lay.add_argument("--seq", type=int, default=4096)
     lay.add_argument("--bucket-size", type=int, default=None, help="DDP bucket size in elements (ZeRO-1 ranges)")
     lay.add_argument("--sweep-dp", default=None, help="comma-separated DP sizes (replaces --dp)")
     hw = ap.add_argument_group("hardware (per GPU; defaults: H100 SXM)")
     for f in dataclasses.fields(Hardware):
-        if f.name != "name":
-            hw.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        flag = "--hw-name" if f.name == "name" else "--" + f.name.replace("_", "-")
+        hw.add_argument(flag, dest=f.name, type=type(f.default), default=f.default)
     ap.add_argument("--detail", action="store_true", help="collectives of the busiest rank per tag/kind/group")
     ap.add_argument("--json", default=None, help="write the rows as JSON")
     ap.add_argument("--plot", default=None, help="PNG: share of the step vs DP (with --sweep-dp)")
@@ -71,7 +73,7 @@ def _row(r):
 def main(argv=None):
     a = parse(argv)
     spec = PRESETS[a.model]
-    hw = Hardware(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Hardware) if f.name != "name"})
+    hw = Hardware(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Hardware)})
     dps = [int(x) for x in a.sweep_dp.split(",")] if a.sweep_dp else [a.dp]
     opts = [o.strip() for o in a.optimizers.split(",") if o.strip()]
     total, active = spec.params()
@@ -84,7 +86,7 @@ def main(argv=None):
     rows = []
     for dp in dps:
         lay = Layout(tp=a.tp, pp=a.pp, vpp=a.vpp, ep=a.ep, etp=a.etp, dp=dp, dp_mode=a.dp_mode, ns_mode=a.ns_mode,
-                     ns_dtype=a.ns_dtype, split_qkv=not a.no_split_qkv, global_batch=a.global_batch, seq=a.seq,
+                     ns_dtype=a.ns_dtype, split_qkv=not a.no_split_qkv, split_fc1=a.split_fc1, global_batch=a.global_batch, seq=a.seq,
                      bucket_size=a.bucket_size)
         from megatron_md.planning.cost import times
         base = times(plan(spec, lay, "adam"), hw)

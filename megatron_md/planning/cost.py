@@ -12,7 +12,8 @@ The product's own decisions are imported, not re-derived:
 * parameter roles: :func:`megatron_md.megatron.routing.role_of` on the real names (and MD's
   embedding/head recipe rule, ``md_recipe_roles``' regexes);
 * TP dimension of each matrix: ``routing._tp_dim_from_name``; the Q/K/V block decomposition of
-  a fused QKV: :func:`megatron_md.shard.fused_qkv`, cut into ZeRO-1 pieces by
+  a fused QKV: :func:`megatron_md.shard.fused_qkv` (SwiGLU's fc1 with ``split_fc1``:
+  :func:`megatron_md.shard.blocks.swiglu_fc1`), cut into ZeRO-1 pieces by
   :func:`megatron_md.shard.blocks.flat_blocks`; which methods split it: ``builder._PER_BLOCK``;
   MD's MoE router group (``--md-router``'s default, ``builder.router_overrides``);
 * owners: :func:`megatron_md.shard.orthogonalize.assign_owners` with the costs
@@ -51,7 +52,7 @@ from ..megatron.hybrid import BROADCAST_BUCKET_NUMEL, _cost as layerwise_cost
 from ..megatron.routing import RoutingOptions, _tp_dim_from_name, is_router, role_of
 from ..ops import ns_flops
 from ..shard import fused_qkv
-from ..shard.blocks import flat_blocks
+from ..shard.blocks import flat_blocks, swiglu_fc1
 from ..shard.orthogonalize import assign_owners
 from .model import ModelSpec, Param, stage_params
 from .trace import MethodTrace, trace_method
@@ -74,6 +75,7 @@ class Layout:
     ns_mode: Literal["owner", "gather"] = "owner"
     ns_dtype: Literal["bf16", "fp32"] = "bf16"
     split_qkv: bool = True          # --split-qkv (Q, K, V as separate matrices for the per-block methods)
+    split_fc1: bool = False         # --split-fc1 (SwiGLU's gate and up halves as separate matrices)
     global_batch: int = 1024        # sequences
     seq: int = 4096
     bucket_size: Optional[int] = None   # DDP bucket size in elements (None: one bucket per buffer)
@@ -137,17 +139,21 @@ class Mat:
     sphere: str = "frobenius"   # "rows": MD's MoE router group (``builder.router_overrides``)
 
 
-def _blocks_of(p: Param, spec: ModelSpec, tp_w: int, split: bool,
-               pieces: Optional[np.ndarray]) -> list[tuple[str, tuple, tuple, Optional[int], Optional[np.ndarray]]]:
+def _blocks_of(p: Param, spec: ModelSpec, tp_w: int, split: bool, pieces: Optional[np.ndarray],
+               split_fc1: bool = False) -> list[tuple[str, tuple, tuple, Optional[int], Optional[np.ndarray]]]:
     """(kind, logical shape, local shape, tp dim, ZeRO pieces) of each logical matrix of a matrix
     param; a fused QKV's blocks as :func:`~megatron_md.shard.fused_qkv` makes them and, under ZeRO-1,
     each rank's piece of each block as :func:`~megatron_md.shard.blocks.flat_blocks` cuts it."""
     dim = _tp_dim_from_name(p.name)
     if not (p.tp_partitioned and tp_w > 1):
         dim = None
+    blocks, prefix = None, ""
     if p.name.endswith("linear_qkv.weight") and split:
-        blocks = fused_qkv(num_query_groups=spec.query_groups, heads_per_group=spec.heads // spec.query_groups,
-                           head_dim=spec.head_dim, d_in=p.shape[1], tp_size=tp_w)
+        blocks, prefix = fused_qkv(num_query_groups=spec.query_groups, heads_per_group=spec.heads // spec.query_groups,
+                                   head_dim=spec.head_dim, d_in=p.shape[1], tp_size=tp_w), "qkv"
+    elif p.name.endswith("linear_fc1.weight") and split_fc1 and spec.swiglu and not p.expert:
+        blocks, prefix = swiglu_fc1(p.shape[0] // 2 * tp_w, p.shape[1], tp_size=tp_w), "fc1"
+    if blocks is not None:
         per_block = None
         if pieces is not None:
             per_block = np.zeros((len(blocks.views), len(pieces)), dtype=np.int64)
@@ -156,7 +162,8 @@ def _blocks_of(p: Param, spec: ModelSpec, tp_w: int, split: bool,
                 fb = flat_blocks(blocks, int(ends[r] - pieces[r]), int(ends[r]), None)
                 for b, v in enumerate(fb.views):
                     per_block[b, r] = v.shard.end - v.shard.start
-        return [(f"qkv{b}", (v.shard.shape[0], v.shard.shape[1]), (len(v.rows), v.shard.shape[1]), dim,
+        return [(f"{prefix}{b}", (v.shard.shape[0], v.shard.shape[1]),
+                 (sum(b1 - b0 for b0, b1 in v.parent_rows()), v.shard.shape[1]), dim,
                  None if per_block is None else per_block[b]) for b, v in enumerate(blocks.views)]
     local = tuple(p.shape)
     full = list(local)
@@ -375,8 +382,9 @@ def _reductions(mats: list[Mat], trace: MethodTrace, lay: Layout, R: _Ranks, tr:
     for f, flush in enumerate(trace.flushes):
         numel = defaultdict(lambda: np.zeros(R.n, dtype=np.int64))
         for i, m in enumerate(mats):
+            kind = "plain" if m.kind.startswith("fc1") else m.kind
             for red in programs[m.sphere][f]:
-                if red.matrix != m.kind:
+                if red.matrix != kind:
                     continue
                 for g, w in _reduce_groups(m, red.kind, R):
                     size = {"row": m.local[0], "col": m.local[1], "total": red.values}[red.kind]
@@ -474,7 +482,7 @@ def plan_stage(spec: ModelSpec, lay: Layout, optimizer: str, stage: int) -> Stag
             sphere = dict(router_overrides(optimizer)).get("sphere", "frobenius") \
                 if md_router and is_router(params[i].name) else "frobenius"
             for kind, shape, local, dim, pc in _blocks_of(params[i], spec, R.tw, split and roles[i] == "matrix",
-                                                          pieces.get(i)):
+                                                          pieces.get(i), split and lay.split_fc1):
                 mats.append(Mat(params[i].name, roles[i], expert, kind, shape, local, dim, i, pc, sphere))
         hidden = [m for m in mats if m.role == "matrix"]
         tag = type_name(optimizer)
