@@ -8,7 +8,8 @@ calls, bytes sent and bytes received. ``torch.utils.flop_counter.FlopCounterMode
 matmul FLOPs inside the matrix optimizers' steps (only Newton–Schulz multiplies matrices there).
 The cost model's prediction for the same model, layout and rank must equal both, exactly.
 
-Layouts: TP=2, ZeRO-1 DP=2 (per-block flat ranges of the split QKV), layer-wise DP=2, PP=2 (2 ranks);
+Layouts: TP=2, ZeRO-1 DP=2 (per-block flat ranges of the split QKV; and of SwiGLU's split fc1),
+layer-wise DP=2, PP=2 (2 ranks);
 TP=2 × DP=2 ZeRO-1 and EP=2 × DP=2 ZeRO-1 MoE with ``--no-split-qkv`` (4 ranks; MD's router rule). Newton–Schulz in fp32 (the tests' pinned dtype; bf16 halves the NS bytes).
 """
 from __future__ import annotations
@@ -33,6 +34,8 @@ CASES_W2 = {
                   ["muon-md", "rmnp"]),
     "layerwise_dp2": (["--dp-mode", "layer-wise"], dict(dp=2, dp_mode="layer-wise"), {}, ["muon"]),
     "pp2": (["--pipeline-model-parallel-size", "2"], dict(pp=2), {}, ["muon-md"]),
+    "zero1_dp2_split_fc1": (["--use-distributed-optimizer", "--swiglu", "--split-fc1"],
+                            dict(dp=2, dp_mode="zero1", split_fc1=True), dict(swiglu=True), ["muon-md"]),
 }
 CASES_W4 = {
     "tp2_dp2_zero1": (["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"],
