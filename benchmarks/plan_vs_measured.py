@@ -8,7 +8,8 @@ heads / 8 groups, proj, fc1 4h, fc2), every matrix method, Newton–Schulz in fp
 NS FLOPs / (this CPU's measured fp32 matmul rate) + elementwise passes × elements × 12 bytes /
 (its measured elementwise bandwidth): the NS FLOPs and passes are the cost model's
 (:func:`megatron_md.planning.cost.plan` on the same layer; passes traced from the real classes),
-the two rates measured here first (``torch.mm`` at 4h × h × h; ``a.add_(b)`` on 16 M floats).
+the two rates measured right before each timed step (``torch.mm`` at 4h × h × h; ``a.add_(b)`` on 4 M
+floats), the ratio per step, medians reported.
 Measured = median step of the product's optimizer (step_time.py's harness). No communication
 (one process): the model's bytes are checked exactly elsewhere (tests/megatron/test_plan_cluster.py).
 """
@@ -91,21 +92,29 @@ def main(argv=None) -> int:
           f"load average {os.getloadavg()[0]:.1f}")
     print()
     for h in (int(x) for x in a.hidden.split(",")):
-        rate, bw = matmul_rate(h), elementwise_bw()
-        print(f"hidden {h}: measured fp32 matmul {rate / 1e9:.0f} GFLOP/s (4h×h·h×h), elementwise "
-              f"{bw / 1e9:.1f} GB/s (12 B per element and pass)")
+        print(f"hidden {h}: the rates are measured right before every timed step (the machine is shared: "
+              f"a rate measured once drifts from the step's); each row: medians over {a.repeats} steps")
         print()
-        print("| optimizer | NS GFLOP (model) | predicted NS ms | predicted elementwise ms | predicted ms | "
-              "measured ms (median) | measured / predicted |")
+        print("| optimizer | NS GFLOP (model) | matmul GFLOP/s | elementwise GB/s | predicted ms | "
+              "measured ms | measured / predicted |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         spec = build_params(h, 1, seed=0)
         for name in a.optimizers.split(","):
-            t_ns, t_el, ns = predicted(name, h, rate, bw)
             opt, base = make_pair(name, spec, ns_dtype=torch.float32)
-            t_opt, _ = time_pair(opt, base, 1, a.repeats)
-            m = statistics.median(t_opt)
-            print(f"| {name} | {ns / 1e9:.2f} | {t_ns * 1e3:.1f} | {t_el * 1e3:.1f} | {(t_ns + t_el) * 1e3:.1f} | "
-                  f"{m * 1e3:.1f} | {m / (t_ns + t_el):.2f} |", flush=True)
+            time_pair(opt, base, 1, 0)
+            rates, bws, preds, meas, ratios = [], [], [], [], []
+            for _ in range(a.repeats):
+                rate, bw = matmul_rate(h, 3), elementwise_bw(1 << 22, 3)
+                t_ns, t_el, ns = predicted(name, h, rate, bw)
+                t_opt, _ = time_pair(opt, base, 0, 1)
+                rates.append(rate)
+                bws.append(bw)
+                preds.append(t_ns + t_el)
+                meas.append(t_opt[0])
+                ratios.append(t_opt[0] / (t_ns + t_el))
+            med = statistics.median
+            print(f"| {name} | {ns / 1e9:.2f} | {med(rates) / 1e9:.0f} | {med(bws) / 1e9:.1f} | {med(preds) * 1e3:.1f} | "
+                  f"{med(meas) * 1e3:.1f} | {med(ratios):.2f} |", flush=True)
         print()
     return 0
 
