@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_md.planning.cost import OPTIMIZERS, Hardware, Layout, plan, summary  # noqa: E402
+from megatron_md.planning.cost import OPTIMIZERS, Hardware, Layout, plan, summary, times  # noqa: E402
 from megatron_md.planning.model import PRESETS  # noqa: E402
 
 COLUMNS = [("optimizer", "optimizer", "{}"), ("dp", "DP", "{}"), ("gpus", "GPUs", "{}"),
@@ -88,7 +88,6 @@ def main(argv=None):
         lay = Layout(tp=a.tp, pp=a.pp, vpp=a.vpp, ep=a.ep, etp=a.etp, dp=dp, dp_mode=a.dp_mode, ns_mode=a.ns_mode,
                      ns_dtype=a.ns_dtype, split_qkv=not a.no_split_qkv, split_fc1=a.split_fc1, global_batch=a.global_batch, seq=a.seq,
                      bucket_size=a.bucket_size)
-        from megatron_md.planning.cost import times
         base = times(plan(spec, lay, "adam"), hw)
         for o in opts:
             r = summary(spec, lay, o, hw, baseline=base)

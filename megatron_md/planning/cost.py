@@ -37,7 +37,6 @@ path). Times are sums of compute, memory traffic and (bandwidth + latency) per c
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -55,7 +54,7 @@ from ..shard import fused_qkv
 from ..shard.blocks import flat_blocks, swiglu_fc1
 from ..shard.orthogonalize import assign_owners
 from .model import ModelSpec, Param, stage_params
-from .trace import MethodTrace, trace_method
+from .trace import MethodTrace, Reduction, trace_method
 
 DPMode = Literal["ddp", "zero1", "layer-wise", "fsdp"]
 OPTIMIZERS = ("adam", "muon", "normuon", "rmnp", "adamh", "muonh", "adam-md", "muon-md", "sf-adamw", "sf-normuon")
@@ -498,7 +497,6 @@ def plan_stage(spec: ModelSpec, lay: Layout, optimizer: str, stage: int) -> Stag
                     "AdamMD", es, None, None)
         embs = [m for m in mats if m.role == "embedding"]
         if embs:  # MD's unit-norm embedding rows after the partner's step: one row-sum flush (untagged)
-            from .trace import MethodTrace, Reduction
             rows = MethodTrace("rows", ((Reduction("plain", "row"),),), 0, 0.0, 0.0, 0.0, 0)
             _reductions(embs, rows, lay, R, traffic, "untagged")
             for m in embs:
