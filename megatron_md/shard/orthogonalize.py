@@ -92,12 +92,24 @@ def assign_owners(costs: Sequence[int], world: int,
     return owners
 
 
+def _without_trivial_flat(shard: MatrixShard, x: torch.Tensor) -> tuple[MatrixShard, torch.Tensor]:
+    """A flat range over a group of one rank holds the whole matrix of the level below (the group's
+    ranges tile it): that level's shard and ``x`` viewed in its local shape (a ZeRO-1 shard at DP=1,
+    an expert's at expert-DP=1), so Newton–Schulz sees a matrix, not the flattened vector."""
+    while shard.inner is not None and comm.group_size(shard.level_group) <= 1 and x.ndim == 1:
+        shard = shard.inner
+        x = x.view(shard.local_shape)
+    return shard, x
+
+
 def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coefficients,
                   dtype: torch.dtype = torch.float32, mode: NSMode = "owner", eps: float = 1e-7,
                   batch: bool = True) -> list[torch.Tensor]:
     """Local pieces of NS(logical matrix) for every item (see module docstring)."""
     if mode not in NS_MODES:
         raise ValueError(f"ns_mode={mode!r}: expected one of {NS_MODES}")
+    shapes = [x.shape for _, x in items]
+    items = [_without_trivial_flat(s, x) for s, x in items]
     results: list = [None] * len(items)
     levels = [_levels(s) for s, _ in items]
     local = [i for i, lv in enumerate(levels) if not lv]
@@ -176,7 +188,7 @@ def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coeffici
             [newton_schulz(m, coefficients, dtype=dtype, eps=eps) for m in mats]
         for i, o in zip(local, outs):
             results[i] = o
-    return results
+    return [r.reshape(shape) for r, shape in zip(results, shapes)]
 
 
 def gather_full(shard: MatrixShard, x: torch.Tensor) -> torch.Tensor:

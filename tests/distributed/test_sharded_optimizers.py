@@ -21,6 +21,8 @@ Layouts (``w`` = world size; at w=4 "tp" is {0,1},{2,3} and "dp" is {0,2},{1,3})
 * ``tp0`` / ``tp1``: TensorParallel over the world, 13×10 / 10×13 (uneven tensor_split),
   ``tp1_sizes``: explicit uneven sizes;
 * ``flat*``: FlatRange over Whole 13×10 with mid-row boundaries, empty and one-element shards;
+  ``flat_self`` / ``tp0_flat_self``: a FlatRange over a group of one rank (ZeRO-1 at DP=1, an expert
+  at expert-DP=1) of Whole / of a TP shard: the whole (TP-local) matrix, flattened;
 * ``tp0_flat`` / ``tp1_flat`` (w=4): FlatRange over the dp group of a TensorParallel(tp) shard;
 * ``qkv``: fused QKV with GQA (8 query heads in 2 groups), TP over the query groups (tp size 2);
 * ``qkv_flat``: ZeRO-1 flat ranges of that fused QKV (w=2: no TP, over the world; w=4: of each TP
@@ -70,9 +72,11 @@ MD_METHODS = {"AdamMD", "MuonMD"}
 EXPERT_LAYOUTS = ["stacked", "stacked_tp0", "stacked_tp1", "concat0", "concat0_tp1", "concat1",
                   "concat1_tp0"]
 LAYOUTS = {
-    2: ["tp0", "tp1", "tp1_sizes", "flat", "flat_one", "flat_empty", "qkv", "qkv_flat", "fc1", "fc1_flat",
+    2: ["tp0", "tp1", "tp1_sizes", "flat", "flat_one", "flat_empty", "flat_self", "tp0_flat_self", "qkv",
+        "qkv_flat", "fc1", "fc1_flat",
         *EXPERT_LAYOUTS],
-    4: ["tp0", "tp1", "tp1_sizes", "flat", "flat2", "tp0_flat", "tp1_flat", "qkv", "qkv_flat", "fc1_flat",
+    4: ["tp0", "tp1", "tp1_sizes", "flat", "flat2", "tp0_flat", "tp1_flat", "flat_self", "qkv", "qkv_flat",
+        "fc1_flat",
         *EXPERT_LAYOUTS],
 }
 #: ZeRO-1 boundaries of the (TP-local) fused tensor: world -> per TP rank, the dp ranks' bounds.
@@ -121,6 +125,8 @@ class _Env:
 
         self.rank, self.world = ctx.rank, ctx.world_size
         self.groups = {"world": dist.group.WORLD}
+        # a group of this rank alone (every rank creates every one, in the same order)
+        self.groups["self"] = [dist.new_group([r]) for r in range(self.world)][self.rank]
         if self.world == 4:
             tp = [dist.new_group([0, 1]), dist.new_group([2, 3])]
             dp = [dist.new_group([0, 2]), dist.new_group([1, 3])]
@@ -139,6 +145,8 @@ class _Env:
             return self.world, self.rank
         if key == "tp":
             return self.tp_size, self.tp_rank
+        if key == "self":
+            return 1, 0
         return self.dp_size, self.dp_rank
 
 
@@ -260,6 +268,12 @@ def _build_case(env, name):
     if (w, name) in FLAT_BOUNDS:
         desc = _flat_desc(env, FLAT_BOUNDS[(w, name)], "world", ("whole", (13, 10)))
         return _plain_case(env, desc, (13, 10))
+    if name == "flat_self":  # ZeRO-1 at DP=1: one rank's range is the whole matrix
+        return _plain_case(env, ("flat", 0, 130, "self", ("whole", (13, 10))), (13, 10))
+    if name == "tp0_flat_self":  # the same of a TP shard (7 or 6 rows of 10)
+        inner = ("tp", (13, 10), 0, "world", None)
+        n = _local_shape(env, inner)[0] * 10
+        return _plain_case(env, ("flat", 0, n, "self", inner), (13, 10))
     if name in ("tp0_flat", "tp1_flat"):
         dim = int(name[2])
         shape = (13, 10) if dim == 0 else (10, 13)

@@ -21,7 +21,7 @@ scenario saves at one layout and loads iteration 2 at another, and asserts
 
 Scenarios: every optimizer from DP=2 with ZeRO-1 flat shards (Q, K, V flat-sharded per block) to TP=2,
 from TP=2 to PP=2, and from
-an EP=2 MoE (dense and expert optimizers chained) to TP=2 (ZeRO-1 from TP=2 for two); PP=2 → TP=2; layer-wise DP=2 → TP=2, ZeRO-1 ↔ layer-wise; MoE EP=2 → EP=1 × DP=2 and the reverse; bf16 ZeRO-1 → bf16 TP=2 (the fp32
+an EP=2 MoE (dense and expert optimizers chained) to TP=2 (ZeRO-1 from TP=2 for two); PP=2 → TP=2; layer-wise DP=2 → TP=2, ZeRO-1 ↔ layer-wise; MoE EP=2 with ZeRO-1 → TP=2; MoE EP=2 → EP=1 × DP=2 and the reverse; bf16 ZeRO-1 → bf16 TP=2 (the fp32
 main copies); the Llama-style model (SwiGLU ``linear_fc1`` row vectors through the weight's
 own gate/up factory, untied head with MD's head gains, GQA) DP=2 → TP=2, and with ``--split-fc1``
 (gate and up as blocks, ZeRO-1 flat-sharded per block) ZeRO-1 ↔ TP=2. Bad input: a
@@ -70,6 +70,9 @@ SCENARIOS.update({
     "adam-md/layerwise-to-tp2": ("adam-md", "--dp-mode layer-wise", TP2),
     "adamh/pp2-to-tp2": ("adamh", "--pipeline-model-parallel-size 2", TP2),
     "muon-md/ep2-to-ep1": ("muon-md", f"{MOE} --expert-model-parallel-size 2", MOE),
+    # EP=2 x dense DP=2 with ZeRO-1: the dense QKV flat-sharded per block beside the expert optimizer
+    "normuon/moe-ep2-zero1-to-tp2": ("normuon", f"{MOE} --expert-model-parallel-size 2 {ZERO}",
+                                     f"{MOE} {TP2} --sequence-parallel"),
     "rmnp/ep1-to-ep2": ("rmnp", MOE, f"{MOE} --expert-model-parallel-size 2"),
     "adam/ep2-to-ep1": ("adam", f"{MOE} --expert-model-parallel-size 2", MOE),
     "muon/bf16-zero1-to-tp2": ("muon", f"--bf16 {ZERO}", f"--bf16 {TP2}"),
