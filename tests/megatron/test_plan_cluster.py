@@ -9,7 +9,7 @@ matmul FLOPs inside the matrix optimizers' steps (only Newton–Schulz multiplie
 The cost model's prediction for the same model, layout and rank must equal both, exactly.
 
 Layouts: TP=2, ZeRO-1 DP=2 (per-block flat ranges of the split QKV; and of SwiGLU's split fc1),
-layer-wise DP=2, PP=2 (2 ranks);
+layer-wise DP=2, PP=2, EP=2 ZeRO-1 (experts at expert-DP 1: whole on their rank) (2 ranks);
 TP=2 × DP=2 ZeRO-1 and EP=2 × DP=2 ZeRO-1 MoE with ``--no-split-qkv`` (4 ranks; MD's router rule). Newton–Schulz in fp32 (the tests' pinned dtype; bf16 halves the NS bytes).
 """
 from __future__ import annotations
@@ -36,6 +36,9 @@ CASES_W2 = {
     "pp2": (["--pipeline-model-parallel-size", "2"], dict(pp=2), {}, ["muon-md"]),
     "zero1_dp2_split_fc1": (["--use-distributed-optimizer", "--swiglu", "--split-fc1"],
                             dict(dp=2, dp_mode="zero1", split_fc1=True), dict(swiglu=True), ["muon-md"]),
+    "ep2_zero1": (MOE + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer", "--no-split-qkv"],
+                  dict(dp=2, ep=2, dp_mode="zero1", split_qkv=False), dict(bias=False, num_experts=4, moe_ffn=128,
+                                                                         topk=2), ["muon"]),
 }
 CASES_W4 = {
     "tp2_dp2_zero1": (["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"],
