@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ..megatron.sharded_state import (Entry, apply_wrapper_common, merge_commons, optimizer_wrappers,
                                       sharded_types, template_map, wrapper_common, wrapper_entries)
-from .integrity import FORMAT, agree, checkpoint_dir, hash_tree, new_staging, publish, verify_file
+from .integrity import FORMAT, agree, checkpoint_dir, hash_tree, new_staging, publish, save_step, verify_file
 from .rng import rng_state, set_rng_state
 from .topology import DIST_OPTIM_FLAGS, LAYOUT_FLAGS, MODEL_FLAGS, run_topology, topology_diffs
 
@@ -172,13 +172,13 @@ def save_dist_checkpoint(root, iteration, model_chunks, optimizer, scheduler, ar
     topo = run_topology(args)
     common = {"iteration": iteration, "topology": topo, "extra": extra or {},
               "scheduler": scheduler.state_dict() if scheduler is not None else None}
-    save_dist(staging, model_chunks, optimizer, args, common)
+    save_step(root, iteration, staging, lambda: save_dist(staging, model_chunks, optimizer, args, common))
     dist.barrier()
     files = hash_tree(staging)
-    if dist.get_rank() == 0:
-        publish(root, iteration, staging, checkpoint_dir(root, iteration), {
+    save_step(root, iteration, staging, lambda: dist.get_rank() == 0 and publish(
+        root, iteration, staging, checkpoint_dir(root, iteration), {
             "format": FORMAT, "ckpt_format": CKPT_FORMAT, "iteration": iteration, "topology": topo,
-            "files": files})
+            "files": files}))
     dist.barrier()
     return checkpoint_dir(root, iteration)
 

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ from ..errors import CheckpointError
 
 __all__ = ["TRACKER", "MANIFEST", "FORMAT", "checkpoint_dir", "rank_name", "rank_file", "atomic_torch_save",
            "atomic_write_text", "sha256", "read_latest", "complete_iterations", "clean_stale", "agree",
-           "verify_file", "load_verified", "read_manifest", "new_staging", "hash_tree", "publish"]
+           "verify_file", "load_verified", "read_manifest", "new_staging", "save_step", "hash_tree", "publish"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
@@ -187,14 +187,75 @@ def read_manifest(root: str, iteration: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------- saving
+def _os_error(exc: Optional[BaseException]) -> Optional[OSError]:
+    """The ``OSError`` behind ``exc``: itself, its cause/context chain, or one of the per-rank
+    failures a ``torch.distributed.checkpoint`` ``CheckpointException`` carries."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            return exc
+        failures = getattr(exc, "failures", None)
+        for f in (failures.values() if isinstance(failures, dict) else ()):
+            found = _os_error(f[0] if isinstance(f, tuple) else f)
+            if found is not None:
+                return found
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def save_step(root: str, iteration: int, staging: Optional[str], write: Callable[[], Any]) -> Any:
+    """This rank's part ``write()`` of saving iteration ``iteration`` (into ``staging``), then the
+    ranks agree (collective). When a write failed on any rank — a full disk, a quota, a vanished
+    mount — rank 0 removes ``staging`` and every rank raises the same :class:`CheckpointError`,
+    naming ``--save``, the cause (the ``OSError``'s, else the exception's, and the free space when
+    under 1 MiB) and the file when known: nothing of the failed save is left, and the previous
+    checkpoint stays the latest (the tracker is written last). Returns ``write()``'s result."""
+    error, out = None, None
+    try:
+        out = write()
+    except Exception as exc:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
+        cause = _os_error(exc)
+        try:
+            prev = read_latest(root)
+        except (CheckpointError, OSError):
+            prev = None
+        if cause is not None:
+            what = f"{cause.strerror or cause}" + (f": {cause.filename}" if cause.filename else "")
+        else:   # e.g. torch.save to a path reports a full disk as "RuntimeError: ... iostream error"
+            what = f"{type(exc).__name__}: {exc}"
+        try:
+            free = shutil.disk_usage(root).free
+        except OSError:
+            free = None
+        if free is not None and free < (1 << 20):
+            what += f"; {free} bytes free on its filesystem"
+        error = (f"--save {root}: the checkpoint of iteration {iteration} could not be written ({what}); "
+                 "nothing of it was kept, and " + (f"the latest checkpoint is still iteration {prev}" if prev is not None
+                                                    else "there is no earlier checkpoint"))
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    bad = [e for e in errors if e is not None]
+    if bad:
+        if dist.get_rank() == 0 and staging is not None and os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()
+        raise CheckpointError(bad[0])
+    return out
+
+
 def new_staging(root: str, iteration: int) -> str:
     """Rank 0 removes an interrupted save's leftovers and creates ``iter_N.tmp<pid>``; every rank gets its name."""
-    name = [None]
-    if dist.get_rank() == 0:
+    def make() -> Optional[str]:
+        if dist.get_rank() != 0:
+            return None
         os.makedirs(root, exist_ok=True)
         clean_stale(root)
-        name[0] = f"{checkpoint_dir(root, iteration)}.tmp{os.getpid()}"
-        os.makedirs(name[0])
+        path = f"{checkpoint_dir(root, iteration)}.tmp{os.getpid()}"
+        os.makedirs(path)
+        return path
+
+    name = [save_step(root, iteration, None, make)]
     dist.broadcast_object_list(name, src=0)
     return name[0]
 

@@ -33,7 +33,7 @@ from ..megatron.builder import swap_to_eval, swap_to_train
 from ..megatron.config import SCHEDULE_FREE
 from ..megatron.sharded_state import optimizer_wrappers
 from .integrity import (FORMAT, MANIFEST, atomic_torch_save, checkpoint_dir, new_staging, publish, rank_file,
-                        rank_name, sha256, verify_file)
+                        rank_name, save_step, sha256, verify_file)
 from .merge import load_full_model, local_model_state
 from .rng import rng_state, set_rng_state
 from .topology import rank_coords, reshards_weights, run_topology, topology_error
@@ -224,15 +224,17 @@ def save_per_rank(root: str, iteration: int, model_chunks, optimizer, scheduler,
         "model_x": _averaged_weights(model_chunks, optimizer, args),
     }
     path = os.path.join(staging, rank_name(rank))
-    atomic_torch_save(state, path)
-    entry = (rank_name(rank), {"bytes": os.path.getsize(path), "sha256": sha256(path)})
+
+    def write() -> tuple:
+        atomic_torch_save(state, path)
+        return rank_name(rank), {"bytes": os.path.getsize(path), "sha256": sha256(path)}
+
+    entry = save_step(root, iteration, staging, write)
     entries = [None] * dist.get_world_size()
     dist.all_gather_object(entries, entry)
     final = checkpoint_dir(root, iteration)
-    if rank == 0:
-        publish(root, iteration, staging, final, {
-            "format": FORMAT, "iteration": iteration, "topology": state["topology"],
-            "files": dict(sorted(entries))})
+    save_step(root, iteration, staging, lambda: rank == 0 and publish(root, iteration, staging, final, {
+        "format": FORMAT, "iteration": iteration, "topology": state["topology"], "files": dict(sorted(entries))}))
     dist.barrier()
     return final
 
