@@ -105,7 +105,8 @@ def test_factor_init_equals_reference(name, kind, foreach):
     p = nn.Parameter(W.clone())
     opt = cls([p], init="factor", shards={p: lay} if lay is not None else None, **kw)
     opt.foreach = foreach
-    oracle = ref_cls(blocks, init="factor", **kw)
+    # Q, K, V share one column gain (the default): the reference's col_groups
+    oracle = ref_cls(blocks, init="factor", col_groups=[[0, 1, 2]] if kind == "qkv" else [], **kw)
     assert torch.equal(p.detach(), W), "construction changed W"
     g = torch.Generator().manual_seed(9)
     for t in range(5):
