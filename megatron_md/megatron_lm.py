@@ -75,6 +75,8 @@ from typing import Any, Callable, Literal, Optional
 
 from .megatron.config import (METHOD_CONFIGS, NO_WEIGHT_DECAY, OPTIMIZER_CHOICES, SCHEDULE_FREE, MDConfig,
                               add_md_args, md_config_from_args, validate)
+from .megatron.model_recipe import (add_recipe_args, apply_recipe_preset, recipe_from_args, recipe_gpt_model,
+                                    unscaled_output_init)
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +97,10 @@ def extra_args_provider(parser):
     """Megatron-LM ``extra_args_provider``: adds the megatron_md flags and extends ``--optimizer``'s
     choices (once: a parser that has them already is returned as is). Chain with your own as
     ``lambda p: mine(extra_args_provider(p))``."""
+    _State.parser = parser  # --model-recipe's preset needs to know which flags the command line gives
     if any(getattr(g, "title", None) == _GROUP_TITLE for g in getattr(parser, "_action_groups", ())):
         return parser
+    add_recipe_args(parser)
     return add_md_args(parser)
 
 
@@ -135,6 +139,7 @@ class _State:
 
     builtin: str = "megatron"
     optimizer: Optional[Callable[[], Any]] = None  # weakref to the Megatron optimizer
+    parser: Any = None  # the last parser our flags were added to (Megatron-LM drops it after parsing)
 
 
 def _is_md(name: Optional[str]) -> bool:
@@ -163,6 +168,7 @@ def _hook_add_megatron_arguments(original: Callable) -> Callable:
 def _hook_validate_args(original: Callable) -> Callable:
     @functools.wraps(original)
     def validate_args(args, *a, **k):
+        _apply_model_recipe(args)
         name = getattr(args, "optimizer", None)
         if not _is_md(name):
             return original(args, *a, **k)
@@ -183,6 +189,32 @@ def _hook_validate_args(original: Callable) -> Callable:
             _validate_md(args, name)
         return result
     return validate_args
+
+
+def _apply_model_recipe(args) -> None:
+    """``--model-recipe``'s preset for every flag the command line does not give (Megatron-LM's own —
+    ``--qk-layernorm``, ``--init-method-std``, ``--normalization``, … — and ours), before Megatron-LM
+    validates them; a bad recipe value is one ``error:`` line, as every refusal."""
+    import sys
+    parser = _State.parser
+    if parser is None or getattr(args, "model_recipe", None) is None:
+        return
+    with _refusals():
+        apply_recipe_preset(parser, args, sys.argv[1:])
+
+
+def _hook_gpt_model(original: type) -> type:
+    """``gpt_builders.GPTModel`` (what Megatron-LM's ``gpt_builder`` constructs): a subclass that
+    puts the model recipe (post-norm, branch scale: layer-spec subclasses; the embedding multiplier:
+    a hook) into every model it builds; with no recipe flag set it is the plain model."""
+    return recipe_gpt_model(original, lambda: recipe_from_args(_megatron_args()))
+
+
+def _hook_transformer_config(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def core_transformer_config_from_args(args, *a, **k):
+        return unscaled_output_init(original(args, *a, **k), args)  # --no-scaled-output-init
+    return core_transformer_config_from_args
 
 
 @contextlib.contextmanager
@@ -353,6 +385,9 @@ _SEAMS: tuple[tuple[str, str, Callable, bool], ...] = (
     ("megatron.training.training", "evaluate", _hook_evaluate, True),
     ("megatron.training.training", "save_checkpoint", _hook_save_checkpoint, True),
     ("megatron.training.training", "load_checkpoint", _hook_load_checkpoint, True),
+    # Megatron-LM's top-level model builder (pretrain_gpt.py imports it): the model recipe
+    ("gpt_builders", "GPTModel", _hook_gpt_model, False),
+    ("gpt_builders", "core_transformer_config_from_args", _hook_transformer_config, False),
 )
 
 
@@ -368,14 +403,15 @@ def install(*, builtin: Literal["megatron", "md"] = "megatron") -> list[str]:
     if builtin not in ("megatron", "md"):
         raise ValueError(f"builtin={builtin!r}: expected 'megatron' or 'md'")
     _State.builtin = builtin
-    modules = {m: _module(m) for m, *_ in _SEAMS}
+    required_modules = {m for m, _, _, required in _SEAMS if required}
+    modules = {m: (_module(m) if m in required_modules else _optional_module(m)) for m, *_ in _SEAMS}
     missing = [f"{m}.{a}" for m, a, _, required in _SEAMS if required and not hasattr(modules[m], a)]
     if missing:
         raise RuntimeError(f"this Megatron-LM version has no {', '.join(missing)}; megatron_md.megatron_lm.install() "
                            f"supports the versions in docs/compatibility.md")
     hooked = []
     for m, attr, factory, _ in _SEAMS:
-        current = getattr(modules[m], attr, None)
+        current = getattr(modules[m], attr, None) if modules[m] is not None else None
         if current is None:
             continue
         original = getattr(current, _ORIGINAL, current)
@@ -411,6 +447,15 @@ def installed() -> list[str]:
         if mod is not None and hasattr(getattr(mod, attr, None), _ORIGINAL):
             out.append(f"{m}.{attr}")
     return out
+
+
+def _optional_module(name: str):
+    """The module, or None when it is not importable (a seam only some entry points have:
+    ``gpt_builders`` sits at Megatron-LM's top level, on the path of its ``pretrain_gpt.py``)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def _importable(name: str) -> bool:

@@ -43,7 +43,8 @@ import torch
 
 __all__ = ["ModelRecipe", "RecipeName", "RECIPES", "preset_values", "PostNorm", "PostNormSelfAttention",
            "PostNormMLP", "PostNormMoELayer", "apply_to_layer_spec", "add_embedding_multiplier",
-           "recipe_from_args", "EMBEDDING_MULTIPLIER_ATTR"]
+           "recipe_from_args", "EMBEDDING_MULTIPLIER_ATTR", "add_recipe_args", "apply_recipe_preset",
+           "apply_to_any_spec", "recipe_gpt_model", "unscaled_output_init"]
 
 RecipeName = Literal["default", "md-paper", "md-paper-moe"]
 RECIPES: tuple[str, ...] = ("default", "md-paper", "md-paper-moe")
@@ -340,3 +341,46 @@ def apply_recipe_preset(parser, args, argv) -> dict:
             done[dest] = value
     recipe_from_args(args)
     return done
+
+
+# ------------------------------------------------------------------------------ other hosts (Megatron-LM)
+def apply_to_any_spec(spec, recipe: ModelRecipe):
+    """:func:`apply_to_layer_spec` for what a host passes as ``GPTModel(transformer_layer_spec=...)``:
+    a layer ``ModuleSpec`` or a decoder block spec (``TransformerBlockSubmodules``, e.g. megatron-core's
+    ``get_gpt_decoder_block_spec`` for MoE), each of whose ``layer_specs`` gets the recipe."""
+    if not recipe.branch_post or spec is None:
+        return spec
+    if hasattr(spec, "layer_specs"):
+        return dataclasses.replace(spec, layer_specs=[apply_to_layer_spec(s, recipe) for s in spec.layer_specs])
+    return apply_to_layer_spec(spec, recipe)
+
+
+def recipe_gpt_model(base: type, recipe_of) -> type:
+    """A subclass of the host's ``GPTModel`` class ``base`` that builds the model with the recipe
+    ``recipe_of()`` returns at construction: the branch post-processing in its layer spec and the
+    embedding multiplier on its embedding (megatron-core's own constructor does everything else)."""
+
+    class RecipeGPTModel(base):
+        """megatron-core's ``GPTModel`` with megatron_md's model recipe (``--model-recipe`` and its flags)."""
+
+        def __init__(self, *args, **kwargs):
+            recipe = recipe_of()
+            if "transformer_layer_spec" in kwargs:
+                kwargs["transformer_layer_spec"] = apply_to_any_spec(kwargs["transformer_layer_spec"], recipe)
+            elif len(args) >= 2:  # GPTModel(config, transformer_layer_spec, ...)
+                args = (args[0], apply_to_any_spec(args[1], recipe), *args[2:])
+            super().__init__(*args, **kwargs)
+            add_embedding_multiplier(self, recipe.embedding_multiplier)
+
+    RecipeGPTModel.__qualname__ = RecipeGPTModel.__name__ = f"Recipe{base.__name__}"
+    return RecipeGPTModel
+
+
+def unscaled_output_init(config, args) -> Any:
+    """``config`` (a megatron-core ``TransformerConfig``) with ``output_layer_init_method`` at
+    ``init_method_std`` when ``args`` asks for ``--no-scaled-output-init`` (unchanged otherwise)."""
+    if getattr(args, "scaled_output_init", True):
+        return config
+    from megatron.core.utils import init_method_normal
+    config.output_layer_init_method = init_method_normal(config.init_method_std)
+    return config
