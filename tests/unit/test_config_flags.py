@@ -335,8 +335,10 @@ def fake_megatron_lm(monkeypatch):
     arguments.validate_args = lambda args, defaults={}: args
     gv = types.ModuleType("megatron.training.global_vars")
     gv.get_args = lambda: state.args
+    import megatron_md.megatron.builder as real_builder
     builder = types.ModuleType("megatron_md.megatron.builder")
-    builder.get_megatron_optimizer = build
+    builder.__dict__.update({k: v for k, v in vars(real_builder).items() if not k.startswith("__")})
+    builder.get_megatron_optimizer = build  # the rest stays the real module's (the checkpoint code imports it)
     for name, mod in (("megatron.training", types.ModuleType("megatron.training")),
                       ("megatron.training.training", training), ("megatron.training.global_vars", gv),
                       ("megatron.training.arguments", arguments),
