@@ -160,8 +160,8 @@ def _dist_checks(ctx):
 
 
     with ctx.check("reshard_tool"):
-        # the offline front end: torch_dist (DP=2) -> per-rank files at one rank, which the
-        # per-rank converters read; the weights are the checkpoint's, the optimizer state is there
+        # the offline front end: torch_dist (DP=2) -> per-rank files at one rank (to-hf also reads the
+        # torch_dist checkpoint itself); the weights are the checkpoint's, the optimizer state is there
         import torch.distributed as dist
 
         from megatron_md.checkpoint.merge import load_full_model
@@ -171,7 +171,8 @@ def _dist_checks(ctx):
         plain = _plain(os.path.join(src, "iter_0000002"))  # collective: every rank
         if ctx.rank == 0:
             tool = _sibling_tool()
-            assert tool.main(["to-hf", "--load", src, "--out", out + "_hf"]) == 1  # names the reshard command
+            assert tool.main(["to-hf", "--load", src, "--out", out + "_hf"]) == 0  # reads torch_dist directly
+            assert os.path.isfile(os.path.join(out + "_hf", "config.json"))
             assert tool.main(["reshard", "--load", src, "--ckpt-step", "2", "--save", out, "--nproc", "1",
                               "--ckpt-format", "torch"]) == 0
             full, topo, it = load_full_model(out)
