@@ -41,7 +41,7 @@ def _layouts(world: int) -> list[str]:
     return _sharded().LAYOUTS[world]
 
 
-def _ref(so, opt_name, mats):
+def _ref(so, opt_name, mats, case):
     import torch
 
     from megatron_md.optim import reference as ref
@@ -49,6 +49,8 @@ def _ref(so, opt_name, mats):
     kw = dict(kw, init="factor")
     if cls_name in so.NS_METHODS:
         kw["ns_dtype"] = torch.float32
+    if getattr(case.layout, "same_columns", False):  # Q, K, V share one column gain (the default)
+        kw["col_groups"] = [list(range(len(mats)))]
     return getattr(ref, cls_name)(mats, **kw)
 
 
@@ -65,10 +67,10 @@ def _check(env, so, opt_name, layout_name):
     p = nn.Parameter(case.assemble(W0))
     opt = so._new_opt(opt_name, [p], case.layout, init="factor")
     mm.check(torch.equal(p.detach(), case.assemble(W0)), "construction changed W")
-    so._compare(env, opt_name, case, opt, p, _ref(so, opt_name, W0), "after construction", mm)
+    so._compare(env, opt_name, case, opt, p, _ref(so, opt_name, W0, case), "after construction", mm)
     with torch.no_grad():
         p.copy_(case.assemble(W1))  # weights loaded after the optimizer was built
-    oracle = _ref(so, opt_name, W1)
+    oracle = _ref(so, opt_name, W1, case)
     for t in range(STEPS):
         p.grad = case.assemble(grads[t])
         opt.step()
