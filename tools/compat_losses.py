@@ -29,6 +29,9 @@ LAUNCHER = "examples/megatron_lm/pretrain_gpt_md.py"
 SHIMS = "tests/megatron_lm/cpu_megatron_lm.py"
 PY311 = ROOT / "tests" / "megatron_lm" / "py311"   # typing.override for Python 3.11 (CPU runs)
 
+#: Newton-Schulz dtype of the documented runs, pinned: the automatic choice times bf16 against fp32
+#: on this CPU, and on a loaded machine that probe can flip between runs (the last digit moved)
+NS_DTYPE = "fp32"
 #: the documented command's flags (a tiny GPT on Megatron's mock data, 6 iterations, 2 ranks)
 FLAGS = (
     "--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 --seq-length 32 "
@@ -71,7 +74,8 @@ def command_text() -> str:
         else:
             cur = f"{cur} {w}" if cur else w
     lines.append(cur)
-    return "```\nexport MEGATRON_LM_PATH=<Megatron-LM checkout> CUDA_DEVICE_MAX_CONNECTIONS=1\n" + "\n".join(lines) + "\n```"
+    return ("```\nexport MEGATRON_LM_PATH=<Megatron-LM checkout> CUDA_DEVICE_MAX_CONNECTIONS=1 "
+            f"MEGATRON_MD_NS_DTYPE={NS_DTYPE}\n" + "\n".join(lines) + "\n```")
 
 
 def version_tag() -> str:
@@ -82,7 +86,7 @@ def version_tag() -> str:
 
 def run_row(flags: str, timeout: int = 600) -> list[str]:
     """Megatron-LM's losses of one run: iterations 1..6 and the validation losses at 3 and 6 (3 decimals)."""
-    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1",
+    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1", MEGATRON_MD_NS_DTYPE=NS_DTYPE,
                PYTHONPATH=os.pathsep.join(filter(None, [str(PY311), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SHIMS, LAUNCHER,
            *FLAGS, *flags.split()]
