@@ -33,6 +33,10 @@ for lr in 1e-2 2e-2 4e-2 8e-2; do
   sweep $C --out "$Q" --optimizers muon-md --lrs "muon-md=$lr" \
     --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --md-embedding-lr 9e-3 --muon-md-gains-lr $lr"
 done
+# seeds 2 and 3 at its best LR (the gains LR set to it as well)
+GB=$(best "$Q" muon-md | sed 's/.*=//')
+[ -z "$GB" ] || sweep $C --out "$Q" --optimizers muon-md --lrs "muon-md=$GB" --seeds 2,3 \
+  --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --md-embedding-lr 9e-3 --muon-md-gains-lr $GB"
 # 3. AdamMD
 Q=docs/results/md_paper
 tune adam-md
