@@ -198,17 +198,25 @@ class _MD(MatrixOptimizer):
         self._shared_grad_c = {}
 
     # -- the MD step, split around the base update ----------------------------------------
+    @staticmethod
+    def _old_gains_and_p(m: Mat):
+        """``(s_r, s_c, G, P)``: the old gains, the gradient and ``P = D ⊙ G`` with ``D = W / (s_r s_cᵀ)``."""
+        sh, v, G = m.shard, m.vec, m.G
+        s_r, s_c = F.softplus(v["g_r"]), F.softplus(v["g_c"])
+        return s_r, s_c, G, (m.W / (sh.rows(s_r) * sh.cols(s_c))).mul_(G)
+
+    @staticmethod
+    def _col_gain_grad(m: Mat, P: torch.Tensor, s_r: torch.Tensor) -> torch.Tensor:
+        """``∇g_c = sigmoid(g_c) ⊙ (Pᵀ s_r)`` (one column reduction)."""
+        return torch.sigmoid(m.vec["g_c"]) * m.shard.col_sum(P * m.shard.rows(s_r))
+
     def _gains_and_base_input(self, m: Mat) -> torch.Tensor:
         sh, v = m.shard, m.vec
-        s_r, s_c = F.softplus(v["g_r"]), F.softplus(v["g_c"])
-        S = sh.rows(s_r) * sh.cols(s_c)
-        G = m.G
-        P = (m.W / S).mul_(G)
+        s_r, s_c, G, P = self._old_gains_and_p(m)
         m.scratch["grad_g_r"] = torch.sigmoid(v["g_r"]) * sh.row_sum(P * sh.cols(s_c))
         shared = self._shared_grad_c.get(id(m.param))
-        m.scratch["grad_g_c"] = (shared if shared is not None
-                                 else torch.sigmoid(v["g_c"]) * sh.col_sum(P * sh.rows(s_r)))
-        return G * S
+        m.scratch["grad_g_c"] = shared if shared is not None else self._col_gain_grad(m, P, s_r)
+        return G * (sh.rows(s_r) * sh.cols(s_c))
 
     def _share_col_grads(self) -> None:
         """Per-matrix path: the summed column-gain gradient of every shared group, from the old
@@ -218,11 +226,8 @@ class _MD(MatrixOptimizer):
         for ix in self._col_share_groups(mats):
             total = 0
             for i in ix:
-                m = mats[i]
-                sh, v = m.shard, m.vec
-                s_r, s_c = F.softplus(v["g_r"]), F.softplus(v["g_c"])
-                P = (m.W / (sh.rows(s_r) * sh.cols(s_c))).mul_(m.G)
-                total = total + torch.sigmoid(v["g_c"]) * sh.col_sum(P * sh.rows(s_r))
+                s_r, _, _, P = self._old_gains_and_p(mats[i])
+                total = total + self._col_gain_grad(mats[i], P, s_r)
             self._shared_grad_c[id(mats[ix[0]].param)] = total
 
     def _apply(self, m: Mat, U: torch.Tensor) -> None:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..megatron.model_recipe import add_embedding_multiplier, apply_to_layer_spec, recipe_from_args
+from ..megatron.model_recipe import (add_embedding_multiplier, apply_to_layer_spec, recipe_from_args,
+                                     unscaled_output_init)
 
 __all__ = ["initialize", "set_seed", "transformer_config", "layer_spec", "build_model", "unwrap",
            "align_param_gather", "overlaps_param_gather", "sync_params", "ParamGatherHooks"]
@@ -142,9 +143,6 @@ def transformer_config(args):
     recipe = recipe_from_args(args)
     if recipe.qk_layernorm:
         kw.update(qk_layernorm=True)  # megatron-core then all-reduces the q/k norms' gradients over TP
-    if not recipe.scaled_output_init:
-        from megatron.core.utils import init_method_normal
-        kw.update(output_layer_init_method=init_method_normal(args.init_method_std))
     if args.num_experts:
         kw.update(num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
                   moe_aux_loss_coeff=args.moe_aux_loss_coeff,
@@ -156,7 +154,7 @@ def transformer_config(args):
         kw.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe, fp8_margin=args.fp8_margin,
                   fp8_amax_history_len=args.fp8_amax_history_len,
                   fp8_amax_compute_algo=args.fp8_amax_compute_algo)
-    return TransformerConfig(**kw)
+    return unscaled_output_init(TransformerConfig(**kw), args)  # --no-scaled-output-init
 
 
 def layer_spec(args, config):
