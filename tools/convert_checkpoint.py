@@ -4,8 +4,9 @@
 Subcommands:
 
   sf-to-x Schedule-free run (--optimizer sf-adamw|sf-normuon) → a checkpoint of the same layout
-          whose model is the averaged iterate x (what the driver evaluates), without optimizer
-          state: load it with --no-load-optim, or export it with to-hf.
+          and format whose model is the averaged iterate x (what the driver evaluates), without
+          optimizer state: load it with --no-load-optim, or export it with to-hf. From torch_dist
+          it is a driver run at the checkpoint's own layout (--export-sf-x; each rank its shard).
 
   to-md   Plain or AdamW-trained checkpoint -> one that MD (--optimizer muon-md|adam-md) resumes with
           the model unchanged: the same weights (same layout, no optimizer state), resumed with
@@ -22,6 +23,18 @@ Subcommands:
           re-saving it with nothing left to train. From a torch_dist checkpoint every optimizer
           state is resharded; from a per-rank (torch) one, the weights only (--no-load-optim).
           --ckpt-format torch writes per-rank files, which sf-to-x reads.
+
+  from-hf A Hugging Face LlamaForCausalLM / MixtralForCausalLM / Qwen3ForCausalLM folder (save_pretrained:
+          model.safetensors or shards with an index; fp32 or bf16) -> a checkpoint of its weights
+          (iteration 0, no optimizer state), written by the driver itself (--train-iters 0 --load-hf)
+          on --nproc ranks at --layout, each rank reading only its own part of each tensor. The
+          model flags its config.json implies are printed, written to <save>/from_hf.json and
+          recorded in the manifest (a run with other flags is refused, naming them). Continue
+          training with those flags and --load <save> --no-load-optim (any optimizer; MD also
+          --md-init factor --no-md-embedding-unit-norm: the weights are kept, the gains factored
+          from them). Or skip the checkpoint: the driver's --load-hf DIR trains from the folder.
+          Anything that no driver flag computes (RoPE scaling, biases, sliding windows, another
+          activation or architecture) is refused, naming it.
 
   to-hf   Hugging Face safetensors + config.json + generation_config.json: LlamaForCausalLM for
           dense models, MixtralForCausalLM for MoE. Works offline on any TP/PP/EP/DP layout, from
@@ -55,6 +68,13 @@ Examples:
       --weight-decay 0 --load md_ckpt/ --optimizer muon-md \\
       --no-load-optim --md-init factor --no-md-embedding-unit-norm --save md_run/
   # schedule-free runs: sf-to-x first, then to-md of its output
+
+  # a Hugging Face Llama -> torch_dist (written at TP=2), then continue pretraining it with MuonMD
+  python tools/convert_checkpoint.py from-hf --load-hf Llama-3.2-1B/ --save llama_ckpt/ --nproc 2 \
+      --layout "--tensor-model-parallel-size 2"
+  torchrun --nproc-per-node 8 examples/pretrain_gpt.py $(python tools/convert_checkpoint.py from-hf \
+      --load-hf Llama-3.2-1B/ --print-flags) --tensor-model-parallel-size 2 --load llama_ckpt/ \
+      --no-load-optim --optimizer muon-md --md-init factor --no-md-embedding-unit-norm --weight-decay 0 ...
 
   # bf16, in shards of at most 2 GB with an index, as the Hub expects
   python tools/convert_checkpoint.py to-hf --load ckpt/ --out hf_model/ --dtype bf16 --max-shard-size 2GB
@@ -93,6 +113,27 @@ def _to_hf(a) -> None:
           f"vocab {config['vocab_size']}, {a.dtype}) of iteration {model.iteration} to {a.out}")
 
 
+def _from_hf(a) -> None:
+    import shlex
+
+    from megatron_md.checkpoint.hf_import import from_hf, model_flags, read_config
+    if a.print_flags:
+        flags = model_flags(read_config(a.load_hf)) + ["--make-vocab-size-divisible-by",
+                                                        str(a.make_vocab_size_divisible_by)]
+        print(shlex.join(flags))
+        return
+    if not a.save:
+        raise ValueError("--save is required (or --print-flags)")
+    r = from_hf(a.load_hf, a.save, nproc=a.nproc, layout=shlex.split(a.layout), ckpt_format=a.ckpt_format,
+                divisible_by=a.make_vocab_size_divisible_by, extra=shlex.split(a.driver_args), dry_run=a.dry_run)
+    if a.dry_run:
+        print(shlex.join(r["command"]))
+        return
+    print(f"wrote the {r['architecture']} weights of {a.load_hf} to {a.save} (iteration 0, {a.ckpt_format}); "
+          f"train it with\n  {shlex.join(r['model_flags'])} --load {a.save} --no-load-optim\n"
+          f"  (MD: also --md-init factor --no-md-embedding-unit-norm)")
+
+
 def _sf_to_x(a) -> None:
     from megatron_md.checkpoint.sf import sf_to_x
     it = sf_to_x(a.load, a.save, a.ckpt_step)
@@ -124,7 +165,7 @@ def _reshard(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sf-to-x,to-md,reshard,to-hf}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sf-to-x,to-md,reshard,to-hf,from-hf}")
     s = sub.add_parser("sf-to-x", help="schedule-free checkpoint -> model checkpoint at the averaged x",
                        description="schedule-free checkpoint -> model checkpoint at the averaged x")
     s.add_argument("--load", required=True, help="checkpoint directory of a schedule-free run")
@@ -171,6 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "write tokenizer.json + tokenizer_config.json, loadable by transformers.AutoTokenizer and "
                         "encoding text to the ids of our preprocessing")
     h.set_defaults(func=_to_hf)
+    f = sub.add_parser("from-hf", help="Hugging Face Llama/Mixtral/Qwen3 folder -> checkpoint (weights only)",
+                       description="Hugging Face Llama / Mixtral / Qwen3 folder -> a checkpoint of its weights "
+                                   "(iteration 0), written by the driver at the given layout")
+    f.add_argument("--load-hf", required=True, metavar="DIR", help="the Hugging Face model folder (config.json + "
+                                                                    "safetensors)")
+    f.add_argument("--save", default=None, help="new output checkpoint directory")
+    f.add_argument("--print-flags", action="store_true", help="print the driver's model flags of the folder's "
+                                                             "config.json and stop")
+    f.add_argument("--nproc", type=int, default=1, help="ranks of the writing run (torchrun --nproc-per-node)")
+    f.add_argument("--layout", default="", help='layout flags of the writing run, e.g. "--tensor-model-parallel-size 2"')
+    f.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist")
+    f.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="Megatron's vocabulary padding (times TP); runs that load the checkpoint pass the same")
+    f.add_argument("--driver-args", default="", help='more driver flags, e.g. "--transformer-impl transformer_engine"')
+    f.add_argument("--dry-run", action="store_true", help="print the driver command instead of running it")
+    f.set_defaults(func=_from_hf)
     return p
 
 

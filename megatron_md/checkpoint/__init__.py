@@ -16,7 +16,8 @@ call) and never the other way; the driver (:mod:`megatron_md.training`) and the 
   :mod:`.merge` merges per-rank model shards into one
   unsharded state dict (and cuts it for another layout; the writer of ``sf-to-x`` and ``to-md``);
   :mod:`.hf` maps it onto Hugging Face Llama / Mixtral / Qwen3 and :mod:`.hf_tokenizer` writes our
-  sentencepiece model as a Hugging Face tokenizer; :mod:`.sf` (schedule-free → its averaged
+  sentencepiece model as a Hugging Face tokenizer; :mod:`.hf_import` maps such a folder back onto a
+  built model's own shards (``--load-hf``; ``from-hf`` is that driver run, saving iteration 0); :mod:`.sf` (schedule-free → its averaged
   weights ``x``); :mod:`.md` (a plain checkpoint → one MD resumes unchanged); :mod:`.reshard` (a
   driver run that rewrites a checkpoint at another layout or format).
 """

@@ -165,11 +165,12 @@ def load_dist(directory: str, model_chunks, optimizer, args, *, load_optim: bool
 
 
 # ---------------------------------------------------------------------------------- save / load
-def save_dist_checkpoint(root, iteration, model_chunks, optimizer, scheduler, args, extra) -> str:
+def save_dist_checkpoint(root, iteration, model_chunks, optimizer, scheduler, args, extra,
+                         topology_extra: Optional[dict] = None) -> str:
     """``--ckpt-format torch_dist``: megatron.core.dist_checkpointing into the staging directory
     (:func:`save_dist`), then the same manifest/publish/tracker sequence."""
     staging = new_staging(root, iteration)
-    topo = run_topology(args)
+    topo = {**run_topology(args), **(topology_extra or {})}
     common = {"iteration": iteration, "topology": topo, "extra": extra or {},
               "scheduler": scheduler.state_dict() if scheduler is not None else None}
     save_step(root, iteration, staging, lambda: save_dist(staging, model_chunks, optimizer, args, common))

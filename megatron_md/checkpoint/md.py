@@ -54,8 +54,10 @@ def to_md(root: str, out: str, iteration: Optional[int] = None) -> dict:
     opt = topo["optim"]["optimizer"]
     where = f"--load {root} (iteration {iteration})"
     if topo.get(TO_MD_KEY):
-        raise CheckpointError(f"{where} is already MD-ready (converted by to-md from --optimizer "
-                              f"{topo[TO_MD_KEY]['from']}); resume it with {' '.join(RESUME_FLAGS)}")
+        rec = topo[TO_MD_KEY]
+        raise CheckpointError(f"{where} is already MD-ready (converted by {rec.get('by', 'to-md')} from "
+                              + (f"--optimizer {rec['from']}" if rec.get("by", "to-md") == "to-md" else rec["from"])
+                              + f"); resume it with {' '.join(RESUME_FLAGS)}")
     if opt in MD_METHODS:
         raise CheckpointError(f"{where} was trained with --optimizer {opt}: already MD (its gains are in its "
                               f"optimizer state); resume it with --load and --optimizer {opt}")
@@ -98,7 +100,9 @@ def resume_error(load: str, ckpt_step: Optional[int], md, *, no_load_optim: bool
     rec = _to_md_record(load, ckpt_step)
     if rec is None:
         return None
-    where = f"--load {load} was converted by tools/convert_checkpoint.py to-md (from --optimizer {rec.get('from')})"
+    by = rec.get("by", "to-md")
+    where = (f"--load {load} was converted by tools/convert_checkpoint.py {by} (from "
+             + (f"--optimizer {rec.get('from')})" if by == "to-md" else f"{rec.get('source')})"))
     missing, reasons = [], []
     if not no_load_optim:
         missing.append("--no-load-optim")

@@ -210,13 +210,14 @@ def _resharded_model(root: str, iteration: int, model_chunks, args) -> list:
 
 # ------------------------------------------------------------------------------------ save / load
 def save_per_rank(root: str, iteration: int, model_chunks, optimizer, scheduler, args,
-                  extra: Optional[dict] = None) -> str:
+                  extra: Optional[dict] = None, topology_extra: Optional[dict] = None) -> str:
     """Write this rank's file into a staging directory; rank 0 then writes the manifest,
     publishes the directory and, last, the ``latest`` pointer. Returns the directory."""
     rank = dist.get_rank()
     staging = new_staging(root, iteration)
     state = {
-        "format": FORMAT, "iteration": iteration, "topology": run_topology(args), "coords": rank_coords(),
+        "format": FORMAT, "iteration": iteration, "topology": {**run_topology(args), **(topology_extra or {})},
+        "coords": rank_coords(),
         "model": [c.state_dict() for c in model_chunks],
         "optimizer": _opt_state(optimizer) if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,

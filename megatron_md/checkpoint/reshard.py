@@ -20,7 +20,10 @@ from ..errors import CheckpointError
 from .integrity import read_latest, read_manifest
 from .merge import latest_iteration
 
-__all__ = ["driver_flags", "reshard"]
+__all__ = ["driver_flags", "reshard", "run_driver", "DRIVER"]
+
+#: the driver a conversion runs (the dense entry point builds MoE models too, from --num-experts)
+DRIVER = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "pretrain_gpt.py"))
 
 
 def driver_flags(topology: dict, tp: int) -> list[str]:
@@ -46,6 +49,8 @@ def driver_flags(topology: dict, tp: int) -> list[str]:
     f += ["--swiglu"] if m["swiglu"] else []
     f += ["--untie-embeddings-and-output-weights"] if m["untie"] else []
     f += [] if m["bias_linear"] else ["--disable-bias-linear"]
+    if m.get("norm_epsilon", 1e-5) != 1e-5:
+        f += ["--norm-epsilon", repr(m["norm_epsilon"])]
     if m.get("rotary_base"):
         f += ["--rotary-base", m["rotary_base"]]
     if m.get("num_experts"):
@@ -76,26 +81,31 @@ def reshard(load: str, save: str, *, nproc: int, layout: Sequence[str] = (), ckp
     if "--tensor-model-parallel-size" in lay:
         tp = int(lay[lay.index("--tensor-model-parallel-size") + 1])
     weights_only = man.get("ckpt_format") != "torch_dist"
-    driver = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "pretrain_gpt.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           os.path.normpath(driver), *driver_flags(man["topology"], tp), *lay,
+           DRIVER, *driver_flags(man["topology"], tp), *lay,
            # the LR schedule and every optimizer hyperparameter come from the checkpoint
            "--lr", "1e-3", "--micro-batch-size", "1", "--mock-data", "--eval-iters", "0", "--log-interval", "1",
            "--load", load, "--ckpt-step", str(it), "--train-iters", str(it), "--save", save,
            "--ckpt-format", ckpt_format, *(["--no-load-optim"] if weights_only else []), *extra]
     if dry_run:
         return cmd
-    # a fresh torchrun world (not the caller's, if it runs inside one)
+    run_driver(cmd, "resharding", save, it)
+    return cmd
+
+
+def run_driver(cmd: Sequence[str], what: str, save: str, iteration: int) -> None:
+    """Run a conversion's driver command in a fresh torchrun world (not the caller's, if it runs
+    inside one); a :class:`CheckpointError` with the driver's own error lines if it fails or writes
+    no checkpoint of ``iteration`` into ``save``."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                         "GROUP_RANK", "ROLE_RANK") and not k.startswith("TORCHELASTIC_")}
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(list(cmd), env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = (proc.stdout + proc.stderr).strip().splitlines()
         said = [ln for ln in lines if "error:" in ln and "ChildFailedError" not in ln]
         tail = "\n".join(dict.fromkeys(said)) or "\n".join(lines[-12:])
-        raise CheckpointError(f"the resharding run failed (exit {proc.returncode}):\n{tail}")
-    if read_latest(save) != it:
-        raise CheckpointError(f"the resharding run wrote no checkpoint of iteration {it} into {save}")
-    return cmd
+        raise CheckpointError(f"the {what} run failed (exit {proc.returncode}):\n{tail}")
+    if read_latest(save) != iteration:
+        raise CheckpointError(f"the {what} run wrote no checkpoint of iteration {iteration} into {save}")

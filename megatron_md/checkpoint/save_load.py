@@ -18,12 +18,13 @@ __all__ = ["save_checkpoint", "load_checkpoint"]
 
 
 def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, scheduler, args,
-                    extra: Optional[dict] = None) -> str:
+                    extra: Optional[dict] = None, topology_extra: Optional[dict] = None) -> str:
     """Save iteration ``iteration`` under ``root`` in ``args.ckpt_format`` (collective); returns
-    the published directory. The previous checkpoint stays the latest until this one is complete."""
+    the published directory. The previous checkpoint stays the latest until this one is complete.
+    ``topology_extra``: more manifest topology records (e.g. from-hf's weights-only record)."""
     if getattr(args, "ckpt_format", "torch") == CKPT_FORMAT:
-        return save_dist_checkpoint(root, iteration, model_chunks, optimizer, scheduler, args, extra)
-    return save_per_rank(root, iteration, model_chunks, optimizer, scheduler, args, extra)
+        return save_dist_checkpoint(root, iteration, model_chunks, optimizer, scheduler, args, extra, topology_extra)
+    return save_per_rank(root, iteration, model_chunks, optimizer, scheduler, args, extra, topology_extra)
 
 
 def load_checkpoint(root: str, model_chunks, optimizer, scheduler, args, iteration: Optional[int] = None,

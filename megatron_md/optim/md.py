@@ -19,8 +19,9 @@ row and column gains).
 * ``"factor"``: W is left unchanged and the gains are factored from it, ``s_c = 1`` and
   ``s_r,i = ‖W_i,:‖ / ρ`` with ``ρ = R / ‖Ŵ‖_F`` (Ŵ: W with unit rows; ``sphere="rows"``:
   ``ρ = radius_scale``), so that ``W = diag(s_r) D diag(s_c)`` holds with every row of D of equal
-  norm and ‖D‖_F = R (unit rows for the rows sphere). A zero row keeps gain 1 (its direction is
-  zero). This keeps a trained model's outputs (``tools/convert_checkpoint.py to-md``). The
+  norm and ‖D‖_F = R (unit rows for the rows sphere). A zero row gets gain ``ZERO_ROW_GAIN``
+  (1e-12; its direction is zero), so W's row stays ~0 once its direction moves onto the sphere
+  (e.g. the zero-padded vocabulary rows of an imported Hugging Face head). This keeps a trained model's outputs (``tools/convert_checkpoint.py to-md``). The
   factoring runs at construction and again, from the then current W, before the first step of
   every matrix that has not stepped yet: hosts (Megatron-LM, our driver) build the optimizer
   *before* they load a checkpoint's weights. It is a function of W alone, so repeating it on an
@@ -46,6 +47,8 @@ SPHERES = ("frobenius", "rows")
 INITS = ("project", "factor")
 #: floor of a squared norm before its inverse square root (a zero row stays zero, not NaN)
 _TINY = 1e-30
+#: ``init="factor"``: the row gain of a zero row (W's row stays ~0 when D's row is renormalized)
+ZERO_ROW_GAIN = 1e-12
 
 
 class _MD(MatrixOptimizer):
@@ -149,7 +152,7 @@ class _MD(MatrixOptimizer):
 
     # -- init="factor": gains from W, W unchanged ------------------------------------------
     def _factor(self, mats: list[Mat]) -> None:
-        r"""``s_c = 1``, ``s_r,i = ‖W_i,:‖ / ρ`` (zero rows: 1), ``ρ = R / ‖Ŵ‖_F`` with Ŵ the
+        r"""``s_c = 1``, ``s_r,i = ‖W_i,:‖ / ρ`` (zero rows: ``ZERO_ROW_GAIN``), ``ρ = R / ‖Ŵ‖_F`` with Ŵ the
         row-normalized W (rows sphere: ``ρ = r``), so D = W / (s_r s_cᵀ) = ρ Ŵ lies on the sphere
         and W is untouched. Two bucketed rounds of reductions (row norms, then ‖Ŵ‖²_F) for all
         matrices together; exact on every layout (TP, ZeRO flat ranges, blocks)."""
@@ -168,7 +171,7 @@ class _MD(MatrixOptimizer):
         red.flush()
         for m, sq, nz, h in zip(mats, sqs, nonzero, hat):
             rho = self.radius(m) if h is None else self.radius(m) / h.value.float().reshape(()).sqrt()
-            s_r = torch.where(nz, sq.sqrt() / rho, 1.0)
+            s_r = torch.where(nz, sq.sqrt() / rho, ZERO_ROW_GAIN)
             m.vec["g_r"].copy_(inv_softplus(s_r))
             m.vec["g_c"].fill_(UNIT_GAIN)
 

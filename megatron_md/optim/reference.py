@@ -509,6 +509,9 @@ class MuonH(_Reference):
 
 #: a row whose squared norm is at most this counts as zero (it keeps gain 1)
 ZERO_ROW_SQ = 1e-30
+#: the row gain a zero row of W gets when factored: W's row stays ~0 however D's row moves on its
+#: sphere (a padded vocabulary row of an imported head); Adam on the gains can still grow it
+ZERO_ROW_GAIN = 1e-12
 
 
 def inverse_softplus(s: torch.Tensor) -> torch.Tensor:
@@ -523,7 +526,8 @@ def factor_gains(W: torch.Tensor, R: float, sphere: str = "frobenius") -> Tuple[
     Column gains are 1. Row i's gain is its norm over ρ, so every row of D = ρ · (row i of W)/‖W_i‖
     has norm ρ; ρ = R/‖Ŵ‖_F puts D on the Frobenius sphere ‖D‖_F = R (Ŵ: the rows of W scaled
     to unit norm, so ‖Ŵ‖²_F is the number of nonzero rows); ``sphere="rows"``: ρ = R, the
-    radius of each row. A zero row keeps gain 1 (its D row is zero).
+    radius of each row. A zero row gets gain ``ZERO_ROW_GAIN`` (1e-12; its D row is zero): once D's
+    row moves onto the sphere, W's row stays ~0 instead of jumping to the sphere's norm.
     """
     m, n = W.shape
     row_sq = torch.sum(W * W, dim=1)
@@ -534,7 +538,7 @@ def factor_gains(W: torch.Tensor, R: float, sphere: str = "frobenius") -> Tuple[
         rho = R
     else:
         rho = R / _frobenius(W_hat)
-    s_r = torch.where(nonzero, row_norm / rho, torch.ones_like(row_norm))
+    s_r = torch.where(nonzero, row_norm / rho, torch.full_like(row_norm, ZERO_ROW_GAIN))
     g_r = inverse_softplus(s_r)
     g_c = torch.full((n,), inverse_softplus_of_one(), dtype=W.dtype)
     return g_r, g_c

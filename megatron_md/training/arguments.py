@@ -20,8 +20,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..checkpoint.md import check_resume
-from ..megatron.config import NO_WEIGHT_DECAY, SCHEDULE_FREE, add_md_args, md_config_from_args, validate
-from ..megatron.model_recipe import add_recipe_args, apply_recipe_preset
+from ..megatron.config import MD_METHODS, NO_WEIGHT_DECAY, SCHEDULE_FREE, add_md_args, md_config_from_args, validate
+from ..megatron.model_recipe import add_recipe_args, apply_recipe_preset, recipe_from_args
 
 __all__ = ["ArgumentError", "build_parser", "parse_args", "parse_with_recipe", "validate_args", "te_available",
            "optimizer_config", "md_config", "world_size_from_env"]
@@ -70,6 +70,7 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
                    help="default --seq-length")
     g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
     g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="epsilon of every LayerNorm/RMSNorm")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (gated, SiLU)")
     g.add_argument("--disable-bias-linear", action="store_true", help="no biases in linear layers")
@@ -147,7 +148,8 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
     g.add_argument("--micro-batch-size", type=_positive_int, default=None, help="(required)")
     g.add_argument("--global-batch-size", type=_positive_int, default=None,
                    help="default micro-batch-size * data-parallel size")
-    g.add_argument("--train-iters", type=_positive_int, default=None, help="(required)")
+    g.add_argument("--train-iters", type=_nonneg_int, default=None,
+                   help="(required) 0: train nothing: write what --load or --load-hf gave to --save (a conversion)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--eval-interval", type=_positive_int, default=1000)
     g.add_argument("--eval-iters", type=_nonneg_int, default=100,
@@ -182,6 +184,15 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
     g.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
     g.add_argument("--ckpt-step", type=_nonneg_int, default=None, help="load this iteration instead of the latest")
     g.add_argument("--no-load-optim", action="store_true", help="load only the model weights")
+    g.add_argument("--export-sf-x", action="store_true",
+                   help="with --load of a schedule-free checkpoint and nothing left to train (--train-iters = its "
+                   "iteration): --save writes the averaged weights x, weights only (what tools/convert_checkpoint.py "
+                   "sf-to-x runs for torch_dist)")
+    g.add_argument("--load-hf", default=None, metavar="DIR",
+                   help="start from a Hugging Face Llama/Mixtral/Qwen3 folder (save_pretrained's safetensors) instead "
+                   "of a random init: the model flags must be those its config.json implies (tools/"
+                   "convert_checkpoint.py from-hf prints them); MD optimizers need --md-init factor "
+                   "--no-md-embedding-unit-norm (the weights are kept). Not with --load")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch_dist",
                    help="torch_dist: Megatron distributed checkpoints (megatron.core.dist_checkpointing), model "
@@ -267,7 +278,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError(f"--min-lr {args.min_lr}: must be in [0, --lr {args.lr}]")
     if args.weight_decay < 0 or args.clip_grad < 0:
         raise ArgumentError("--weight-decay and --clip-grad must be >= 0")
-    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    args.lr_decay_iters = args.lr_decay_iters or max(1, args.train_iters)
     if args.lr_warmup_iters >= args.lr_decay_iters:
         raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} must be < --lr-decay-iters "
                             f"{args.lr_decay_iters} (default --train-iters)")
@@ -429,10 +440,68 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("--save-interval needs --save")
     if args.ckpt_step is not None and args.load is None:
         raise ArgumentError("--ckpt-step needs --load")
+    if args.train_iters == 0 and not (args.load or args.load_hf):
+        raise ArgumentError("--train-iters 0 trains nothing: it writes what --load or --load-hf gave to --save; "
+                            "pass one of them (or --train-iters > 0)")
+    if args.load_hf is not None:
+        _validate_load_hf(args)
+    if args.export_sf_x and (args.optimizer not in SCHEDULE_FREE or not args.load or not args.save
+                             or args.no_load_optim):
+        raise ArgumentError(f"--export-sf-x needs a schedule-free --optimizer ({', '.join(SCHEDULE_FREE)}; this run: "
+                            f"{args.optimizer}), --load with its optimizer state (no --no-load-optim) and --save")
     if args.async_save:
         raise ArgumentError("--async-save: not supported by this driver (Megatron's asynchronous writer needs a "
                             "CUDA worker process per rank); drop --async-save (saves are synchronous and atomic)")
     return args
+
+
+def _model_settings(args: argparse.Namespace) -> dict:
+    """This run's model as :func:`megatron_md.checkpoint.hf_import.expected_model` states one."""
+    recipe = recipe_from_args(args)
+    moe = bool(args.num_experts)
+    return {
+        "num_layers": args.num_layers, "hidden_size": args.hidden_size, "num_attention_heads": args.num_attention_heads,
+        "num_query_groups": args.num_query_groups or args.num_attention_heads,
+        "kv_channels": args.kv_channels or args.hidden_size // args.num_attention_heads,
+        "ffn_hidden_size": args.ffn_hidden_size, "max_position_embeddings": args.max_position_embeddings,
+        "vocab_size": args.vocab_size, "norm_epsilon": args.norm_epsilon, "rotary_base": args.rotary_base,
+        "normalization": args.normalization, "swiglu": args.swiglu,
+        "position_embedding_type": args.position_embedding_type, "disable_bias_linear": args.disable_bias_linear,
+        "untie_embeddings_and_output_weights": args.untie_embeddings_and_output_weights,
+        "qk_layernorm": recipe.qk_layernorm, "num_experts": args.num_experts or None,
+        "moe_router_topk": args.moe_router_topk if moe else None,
+        "moe_ffn_hidden_size": (args.moe_ffn_hidden_size or args.ffn_hidden_size) if moe else None,
+        "moe_router_pre_softmax": args.moe_router_pre_softmax if moe else None,
+    }
+
+
+def _validate_load_hf(args: argparse.Namespace) -> None:
+    """``--load-hf``: the folder's model is the one these flags build, nothing else computes more."""
+    from ..checkpoint.hf_import import check_model, read_config
+    from ..errors import CheckpointError
+    if args.load is not None:
+        raise ArgumentError("--load-hf and --load are mutually exclusive (--load-hf starts from a Hugging Face "
+                            "model; --load resumes a checkpoint)")
+    try:
+        diffs = check_model(read_config(args.load_hf), _model_settings(args))
+    except (ValueError, CheckpointError) as exc:
+        raise ArgumentError(str(exc)) from None
+    if diffs:
+        raise ArgumentError(f"--load-hf {args.load_hf}: its config.json is another model; pass {diffs} "
+                            "(tools/convert_checkpoint.py from-hf --print-flags lists them all)")
+    recipe = recipe_from_args(args)
+    extra = [flag for on, flag in ((recipe.embedding_multiplier, "--embedding-multiplier"),
+                                   (recipe.post_norm, "--post-norm"),
+                                   (recipe.fixed_layer_scale, "--fixed-layer-scale")) if on]
+    if extra:
+        raise ArgumentError(f"--load-hf {args.load_hf}: {', '.join(extra)} change the model's function; a Hugging "
+                            "Face Llama/Mixtral/Qwen3 computes without them")
+    if args.moe_grouped_gemm:
+        raise ArgumentError("--load-hf with --moe-grouped-gemm: not supported (SequentialMLP experts only)")
+    if args.md.optimizer in MD_METHODS and (args.md.md_init != "factor" or args.md.md_embedding_unit_norm):
+        raise ArgumentError(f"--load-hf with --optimizer {args.md.optimizer}: pass --md-init factor "
+                            "--no-md-embedding-unit-norm (MD then keeps the imported weights and factors its gains "
+                            "from them; otherwise it projects every matrix onto its sphere)")
 
 
 def _validate_overlap(args: argparse.Namespace) -> None:

@@ -62,7 +62,7 @@ def build_datasets(args):
 
     tokenizer = TokenizerInfo(args.vocab_size, args.eod_id)
     config = _gpt_config(args, tokenizer)
-    train_samples = args.train_iters * args.global_batch_size
+    train_samples = max(1, args.train_iters) * args.global_batch_size  # --train-iters 0: nothing is read
     valid_samples = args.eval_iters * args.global_batch_size if args.eval_iters else None
     cls = MockGPTDataset if args.mock_data else GPTDataset
     sizes = [train_samples, valid_samples or 1, None]

@@ -254,12 +254,21 @@ def pretrain(args) -> dict:
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
             lr_decay_steps=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
-            start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
+            start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=max(1, args.train_iters),
             wd_incr_style="constant")
         _set_sync_funcs(args, config, model)
         config.grad_scale_func = optimizer.scale_loss
 
         iteration, extra = 0, {}
+        imported = None
+        if args.load_hf is not None:
+            from ..checkpoint.hf_import import import_record, load_into, read_config
+            t0 = time.perf_counter()
+            n = load_into(model, args.load_hf, args.padded_vocab_size)
+            optimizer.reload_model_params()   # fp32 master weights / MD's factored gains from the imported ones
+            imported = {"to_md": import_record(args.load_hf, read_config(args.load_hf))}
+            _print0(f"> initialized from the Hugging Face model {args.load_hf} ({n:,} elements on rank 0, "
+                    f"{time.perf_counter() - t0:.1f}s)")
         if args.load is not None:
             t0 = time.perf_counter()
             got = checkpoint.load_checkpoint(args.load, model, optimizer, scheduler, args,
@@ -395,17 +404,31 @@ def pretrain(args) -> dict:
                 _print0(f" saved checkpoint of iteration {iteration} to {args.save} ({time.perf_counter() - t0:.1f}s)")
                 t_interval += time.perf_counter() - t0
 
-        if (args.save and it_done == 0 and last_saved is None and iteration > 0
+        if (args.save and it_done == 0 and last_saved is None and (iteration > 0 or imported)
                 and os.path.abspath(args.save) != os.path.abspath(args.load or "")):
-            # nothing left to train after --load: write the loaded state at this run's layout and
-            # format (what `tools/convert_checkpoint.py reshard` runs)
+            # nothing left to train after --load (--load-hf): write the loaded state at this run's layout
+            # and format (what `tools/convert_checkpoint.py reshard` and `from-hf` run); an import is
+            # marked weights-only, resumed with --no-load-optim (MD: --md-init factor)
             t0 = time.perf_counter()
-            checkpoint.save_checkpoint(args.save, iteration, model, optimizer, scheduler, args,
-                                          extra={"train": history["train"], "valid": history["valid"],
-                                                 "skipped": skipped})
+            if args.export_sf_x:   # sf-to-x: the averaged weights x, without the optimizer state
+                from ..checkpoint.sf import sf_x_optim
+                from ..megatron.builder import swap_to_eval, swap_to_train
+                swap_to_eval(optimizer, model)
+                try:
+                    checkpoint.save_checkpoint(args.save, iteration, model, None, scheduler, args,
+                                               extra={"converted": f"sf-to-x of {args.load}"},
+                                               topology_extra={"optim": sf_x_optim(args.optimizer)})
+                finally:
+                    swap_to_train(optimizer, model)
+            else:
+                checkpoint.save_checkpoint(args.save, iteration, model, optimizer, scheduler, args,
+                                           extra={"train": history["train"], "valid": history["valid"],
+                                                  "skipped": skipped}, topology_extra=imported)
             last_saved = iteration
-            _print0(f" saved checkpoint of iteration {iteration} to {args.save} (resharded, "
-                    f"{time.perf_counter() - t0:.1f}s)")
+            _print0(f" saved checkpoint of iteration {iteration} to {args.save} ("
+                    + ("imported from Hugging Face, weights only, " if imported else
+                       "the averaged weights x, " if args.export_sf_x else "resharded, ")
+                    + f"{time.perf_counter() - t0:.1f}s)")
         hooks.finish()  # the model left behind holds the final weights on every rank
         train_s = time.perf_counter() - t_train
         train_hist = history["train"]

@@ -173,7 +173,7 @@ def _convert_checks(ctx):
 DIST_CASES = {"dense_tp2": CASES["dense_tp2"], "moe_ep2": CASES["moe_ep2"],
               "pp2": ["--num-layers", "4", "--pipeline-model-parallel-size", "2"]}
 DIST_CHECKS = ["to_hf_torch_dist_equals_per_rank", "to_hf_bf16_shards_with_index_load_in_transformers",
-               "to_md_torch_dist_resumes_as_the_per_rank_one"]
+               "sf_to_x_torch_dist_equals_per_rank", "to_md_torch_dist_resumes_as_the_per_rank_one"]
 
 
 def _same_export(a: str, b: str) -> None:
@@ -247,6 +247,26 @@ def _torch_dist_checks(ctx, base, tool):
                     assert got[k].dtype == torch.bfloat16 and torch.equal(got[k].detach(), v.to(torch.bfloat16)), k
             assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
             assert json.load(open(os.path.join(out, "generation_config.json")))["do_sample"] is False
+
+    with ctx.check("sf_to_x_torch_dist_equals_per_rank"):
+        # the schedule-free run of sf_to_x_gives_the_driver_eval_loss again, saved as torch_dist: sf-to-x
+        # (a driver run at its layout, DP=2) gives the same x, bit for bit, as from the per-rank files
+        save = os.path.join(ctx.tmpdir, "sf_dist")
+        sf = ["--optimizer", "sf-normuon", "--eval-iters", "1", "--eval-interval", "2"]
+        pretrain(parse_args(base + sf + ["--save", save, "--ckpt-format", "torch_dist"]))
+        if ctx.rank == 0:
+            out = save + "_x"
+            assert tool.main(["sf-to-x", "--load", save, "--save", out]) == 0
+            assert tool.main(["sf-to-x", "--load", save, "--save", out]) == 1   # never overwrites
+            man = json.load(open(os.path.join(out, "iter_0000002", "manifest.json")))
+            assert man["ckpt_format"] == "torch_dist" and man["topology"]["optim"]["optimizer"].startswith("none"), man
+            from torch.distributed.checkpoint import FileSystemReader
+            keys = FileSystemReader(os.path.join(out, "iter_0000002")).read_metadata().state_dict_metadata
+            assert keys and not any(k.startswith("optimizer.") for k in keys), "optimizer state in the sf-to-x output"
+            for src, name in ((os.path.join(ctx.tmpdir, "sf_x"), "sf_hf_torch"), (out, "sf_hf_dist")):
+                assert tool.main(["to-hf", "--load", src, "--out", os.path.join(ctx.tmpdir, name)]) == 0
+            _same_export(os.path.join(ctx.tmpdir, "sf_hf_torch"), os.path.join(ctx.tmpdir, "sf_hf_dist"))
+        dist.barrier()
 
     with ctx.check("to_md_torch_dist_resumes_as_the_per_rank_one"):
         # the AdamW TP=2 run of the to-md checks, re-saved as torch_dist (nothing left to train)
