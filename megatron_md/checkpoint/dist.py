@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..megatron.sharded_state import (Entry, apply_wrapper_common, merge_commons, optimizer_wrappers,
+from ..megatron.sharded_state import (Entry, apply_wrapper_common, commons_for, merge_commons, optimizer_wrappers,
                                       sharded_types, template_map, wrapper_common, wrapper_entries)
 from .integrity import FORMAT, agree, checkpoint_dir, hash_tree, new_staging, publish, save_step, verify_file
 from .rng import rng_state, set_rng_state
@@ -69,7 +69,8 @@ def _collect(optimizer, model_chunks, templates, args, *, loading: bool) -> tupl
 
 
 def _apply_commons(optimizer, commons: list) -> None:
-    for w, c in zip(optimizer_wrappers(optimizer), commons):
+    wrappers = optimizer_wrappers(optimizer)
+    for w, c in zip(wrappers, commons_for(len(wrappers), commons)):
         apply_wrapper_common(w, c)
 
 

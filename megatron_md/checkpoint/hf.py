@@ -76,6 +76,9 @@ def hf_config(topo: dict, dtype: str = "fp32") -> dict:
         raise ValueError(f"the checkpoint's model uses {', '.join(recipe)} (--model-recipe"
                          + ("; --qk-layernorm exports as Qwen3, dense models only" if qk else "")
                          + "): no Llama/Mixtral/Qwen3 architecture computes it; it cannot be exported to Hugging Face")
+    if moe and m.get("moe_shared_expert_intermediate_size"):
+        raise ValueError("--moe-shared-expert-intermediate-size: Mixtral has no shared expert; a model with one "
+                         "cannot be exported to Hugging Face as Mixtral")
     if moe and m["moe_router_pre_softmax"]:
         raise ValueError("--moe-router-pre-softmax routing (softmax, then top-k without renormalising) has no "
                          "Mixtral equivalent; train without it")

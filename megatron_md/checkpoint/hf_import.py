@@ -114,6 +114,7 @@ def expected_model(cfg: dict) -> dict:
         "moe_router_topk": int(cfg["num_experts_per_tok"]) if moe else None,
         "moe_ffn_hidden_size": int(cfg["intermediate_size"]) if moe else None,
         "moe_router_pre_softmax": False if moe else None,
+        "moe_shared_expert_intermediate_size": None,
     }
 
 

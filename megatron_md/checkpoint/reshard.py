@@ -57,6 +57,8 @@ def driver_flags(topology: dict, tp: int) -> list[str]:
         f += ["--num-experts", m["num_experts"], "--moe-ffn-hidden-size", m["moe_ffn_hidden_size"],
               "--moe-router-topk", m["moe_router_topk"]]
         f += ["--moe-router-pre-softmax"] if m.get("moe_router_pre_softmax") else []
+        if m.get("moe_shared_expert_intermediate_size"):
+            f += ["--moe-shared-expert-intermediate-size", m["moe_shared_expert_intermediate_size"]]
     f += ["--qk-layernorm"] if m.get("qk_layernorm") else []
     f += ["--embedding-multiplier", repr(m["embedding_multiplier"])] if m.get("embedding_multiplier") else []
     f += ["--post-norm"] + ([] if m.get("post_norm_gain", True) else ["--no-post-norm-gain"]) if m.get("post_norm") else []

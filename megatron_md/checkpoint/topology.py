@@ -46,10 +46,12 @@ MODEL_FLAGS = {
     "qk_layernorm": "--qk-layernorm", "embedding_multiplier": "--embedding-multiplier",
     "post_norm": "--post-norm", "post_norm_gain": "--post-norm-gain/--no-post-norm-gain",
     "fixed_layer_scale": "--fixed-layer-scale", "norm_epsilon": "--norm-epsilon",
+    "moe_shared_expert_intermediate_size": "--moe-shared-expert-intermediate-size",
 }
 #: model keys that older checkpoints lack, with the value they stand for
 _MODEL_KEY_DEFAULTS = {"qk_layernorm": False, "embedding_multiplier": None, "post_norm": False,
-                       "post_norm_gain": True, "fixed_layer_scale": None, "norm_epsilon": 1e-5}
+                       "post_norm_gain": True, "fixed_layer_scale": None, "norm_epsilon": 1e-5,
+                       "moe_shared_expert_intermediate_size": None}
 #: optimizer-setup keys a torch_dist checkpoint must share with the run that loads its optimizer
 #: state (its state is in the unsharded model's coordinates: the DP mode and ZeRO buckets may change)
 DIST_OPTIM_FLAGS = {k: v for k, v in OPTIM_FLAGS.items() if k in ("optimizer", "split_qkv", "split_fc1",
@@ -87,7 +89,10 @@ def run_topology(args) -> dict:
                   "rotary_base": args.rotary_base if args.position_embedding_type == "rope" else None,
                   "moe_router_topk": args.moe_router_topk if args.num_experts else None,
                   "moe_router_pre_softmax": args.moe_router_pre_softmax if args.num_experts else None,
-                  "norm_epsilon": getattr(args, "norm_epsilon", 1e-5), **_recipe_keys(args)},
+                  "norm_epsilon": getattr(args, "norm_epsilon", 1e-5),
+                  "moe_shared_expert_intermediate_size": (getattr(args, "moe_shared_expert_intermediate_size", None)
+                                                          if args.num_experts else None),
+                  **_recipe_keys(args)},
         # not compared on load; read by tools/convert_checkpoint.py
         "info": {"vocab_size": args.vocab_size, "seq_length": args.seq_length, "layernorm_epsilon": getattr(args, "norm_epsilon", 1e-5),
                  "transformer_impl": args.transformer_impl, "moe_grouped_gemm": bool(args.moe_grouped_gemm)},

@@ -43,6 +43,7 @@ from ..optim.base import BlockState
 from ..shard import Blocks, FlatRange
 
 __all__ = ["wrapper_entries", "wrapper_sharded_state", "is_wrapper_sharded_state", "wrapper_load", "wrapper_common",
+           "commons_for",
            "merge_commons", "apply_wrapper_common", "template_map", "optimizer_wrappers", "sharded_types", "Entry"]
 
 _ROW_KEYS = ("g_r", "row_moment")
@@ -373,6 +374,26 @@ def merge_commons(commons: list) -> list:
             merged.setdefault("md_skipped_steps", c["md_skipped_steps"])
             merged.setdefault("grad_scaler", c["grad_scaler"])
         out.append(merged)
+    return out
+
+
+def commons_for(n_wrappers: int, commons: list) -> list:
+    """The saved per-wrapper commons for a run with ``n_wrappers`` chained optimizers, which another
+    layout may split differently: megatron-core gives expert parameters their own chained optimizer at
+    EP > 1 and none at EP = 1. A wrapper the checkpoint lacks, or a group key its saved entry lacks,
+    takes the value saved under the same key by another wrapper: the wrappers step in lockstep, so
+    their group counters (schedule-free ``k``, ``weight_sum``, ``lr_max``, ...) and hyperparameters
+    agree."""
+    if not commons:
+        return [None] * n_wrappers
+    by_key: dict = {}
+    for c in commons:
+        for k, v in c["groups"].items():
+            by_key.setdefault(k, v)
+    out = []
+    for wi in range(n_wrappers):
+        c = commons[wi] if wi < len(commons) else commons[0]
+        out.append({**c, "groups": {**by_key, **c["groups"]}})
     return out
 
 

@@ -90,6 +90,9 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
     g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall", "flex"], default="allgather")
     g.add_argument("--moe-ffn-hidden-size", type=_positive_int, default=None, help="default --ffn-hidden-size")
     g.add_argument("--moe-router-pre-softmax", action="store_true", help="softmax before top-k (needed for top-1)")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=_positive_int, default=None,
+                   help="a shared expert (DeepSeek-style: one MLP every token passes, beside the routed ones) of this "
+                   "hidden size (e.g. the routed --moe-ffn-hidden-size times the number of shared experts)")
     g.add_argument("--moe-grouped-gemm", action="store_true")
     g.add_argument("--expert-tensor-parallel-size", type=_positive_int, default=None,
                    help="TP size of the experts (default: --tensor-model-parallel-size)")
@@ -347,6 +350,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.num_experts is None:
         if ep > 1:
             raise ArgumentError(f"--expert-model-parallel-size {ep} needs --num-experts")
+        if args.moe_shared_expert_intermediate_size:
+            raise ArgumentError("--moe-shared-expert-intermediate-size needs --num-experts (a shared expert sits "
+                                "beside routed ones)")
     else:
         ne = args.num_experts
         if tp > 1 and not args.sequence_parallel:
@@ -472,6 +478,7 @@ def _model_settings(args: argparse.Namespace) -> dict:
         "moe_router_topk": args.moe_router_topk if moe else None,
         "moe_ffn_hidden_size": (args.moe_ffn_hidden_size or args.ffn_hidden_size) if moe else None,
         "moe_router_pre_softmax": args.moe_router_pre_softmax if moe else None,
+        "moe_shared_expert_intermediate_size": args.moe_shared_expert_intermediate_size if moe else None,
     }
 
 

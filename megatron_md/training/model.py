@@ -150,7 +150,8 @@ def transformer_config(args):
                   moe_router_load_balancing_type=args.moe_router_load_balancing_type,
                   moe_token_dispatcher_type=args.moe_token_dispatcher_type,
                   moe_ffn_hidden_size=args.moe_ffn_hidden_size, moe_grouped_gemm=args.moe_grouped_gemm,
-                  moe_router_pre_softmax=args.moe_router_pre_softmax)
+                  moe_router_pre_softmax=args.moe_router_pre_softmax,
+                  moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size)
     if args.fp8_format is not None:  # validated: TE + CUDA + bf16
         kw.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe, fp8_margin=args.fp8_margin,
                   fp8_amax_history_len=args.fp8_amax_history_len,

@@ -24,12 +24,13 @@ from TP=2 to PP=2, and from
 an EP=2 MoE (dense and expert optimizers chained) to TP=2 (ZeRO-1 from TP=2 for two); PP=2 → TP=2; layer-wise DP=2 → TP=2, ZeRO-1 ↔ layer-wise; MoE EP=2 with ZeRO-1 → TP=2; MoE EP=2 → EP=1 × DP=2 and the reverse; bf16 ZeRO-1 → bf16 TP=2 (the fp32
 main copies); the Llama-style model (SwiGLU ``linear_fc1`` row vectors through the weight's
 own gate/up factory, untied head with MD's head gains, GQA) DP=2 → TP=2, and with ``--split-fc1``
-(gate and up as blocks, ZeRO-1 flat-sharded per block) ZeRO-1 ↔ TP=2. Bad input: a
+(gate and up as blocks, ZeRO-1 flat-sharded per block) ZeRO-1 ↔ TP=2; a DeepSeek-style MoE (8
+fine-grained experts and a shared expert, ``--moe-shared-expert-intermediate-size``) EP=2 ↔ TP=2,
+EP=2 + ZeRO-1 → EP=1 and EP=1 → EP=2 + ZeRO-1, for MuonMD, NorMuon, AdamMD and SF-NorMuon. Bad input: a
 corrupted ``.distcp`` file, a checkpoint of another optimizer and one of another model shape are refused before anything
 is loaded, naming the file or the flag. ``tools/convert_checkpoint.py reshard`` (a driver run
 with nothing left to train) writes a torch_dist checkpoint as per-rank files at one rank: the
-same weights, with optimizer state; the per-rank converters refuse a torch_dist input, naming
-that command.
+same weights, with optimizer state.
 """
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ FC1 = "--split-fc1"
 LLAMA = ("--swiglu --normalization RMSNorm --position-embedding-type rope --untie-embeddings-and-output-weights "
          "--disable-bias-linear --num-query-groups 2")
 MOE = "--num-experts 4 --moe-router-topk 2 --moe-token-dispatcher-type alltoall --disable-bias-linear"
+#: DeepSeek-style MoE: fine-grained experts (8 of hidden 16) and a shared expert beside them
+SHARED = ("--num-experts 8 --moe-ffn-hidden-size 16 --moe-router-topk 2 --moe-shared-expert-intermediate-size 32 "
+          "--moe-token-dispatcher-type alltoall --disable-bias-linear")
 #: name: (optimizer, flags of the saving run, flags of the loading run)
 #: every optimizer three times: ZeRO-1 → TP=2, TP=2 → PP=2, MoE EP=2 → MoE TP=2 (each also resumed
 #: at its saving layout)
@@ -80,6 +84,12 @@ SCENARIOS.update({
     "normuon/llama-fc1-zero1-to-tp2": ("normuon", f"{LLAMA} {FC1} {ZERO}", f"{LLAMA} {FC1} {TP2}"),
     "muon-md/llama-fc1-tp2-to-zero1": ("muon-md", f"{LLAMA} {FC1} {TP2}", f"{LLAMA} {FC1} {ZERO}"),
     "adam-md/llama-zero1-to-tp2": ("adam-md", f"{LLAMA} {ZERO}", f"{LLAMA} {TP2}"),
+    "muon-md/shared-ep2-to-tp2": ("muon-md", f"{SHARED} --expert-model-parallel-size 2",
+                                  f"{SHARED} {TP2} --sequence-parallel"),
+    "normuon/shared-ep2-zero1-to-ep1": ("normuon", f"{SHARED} --expert-model-parallel-size 2 {ZERO}", SHARED),
+    "adam-md/shared-tp2-to-ep2": ("adam-md", f"{SHARED} {TP2} --sequence-parallel",
+                                  f"{SHARED} --expert-model-parallel-size 2"),
+    "sf-normuon/shared-ep1-to-ep2-zero1": ("sf-normuon", SHARED, f"{SHARED} --expert-model-parallel-size 2 {ZERO}"),
 })
 RTOL = 1e-5
 #: bf16 runs: the layouts' different reduction orders are rounded to bf16 weights each step
