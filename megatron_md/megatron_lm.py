@@ -41,6 +41,15 @@ What :func:`install` changes in ``megatron.training`` (each a wrapper that hands
   checkpoint the parameters are turned back into y before training continues. ``torch_dist``
   checkpoints hold y and the whole optimizer state (our wrappers' ``sharded_state_dict``), as the
   driver's do.
+* ``training.save_checkpoint`` and ``training.load_checkpoint``, for every run (any
+  ``--optimizer``): the checkpoint's integrity, as the driver's
+  (:mod:`megatron_md.checkpoint.megatron_lm_loop`). After Megatron-LM's save of ``iter_N``, a
+  manifest (sha256 + size of every file); before its load, every file checked against it, so a
+  damaged or incomplete checkpoint stops the run with one ``error:`` line naming the file (one
+  without a manifest loads as before, with a note). A save that fails for lack of storage (a full
+  disk, a quota) stops with one line naming ``--save``, the cause and the checkpoint kept, after the
+  partial ``iter_N`` is removed and the tracker put back. Not with ``--async-save`` or for
+  non-persistent checkpoints (no manifest; said once).
 
 Megatron-LM behaviour to know about:
 
@@ -222,18 +231,25 @@ def _refusals():
     """A ``ValueError`` of our validation or builder (a flag combination we refuse, naming the flags)
     becomes one ``error:`` line from rank 0 and exit code 2 on every rank, as in our driver — not a
     traceback per rank. Every rank refuses alike (the same flags, the same checks)."""
+    import os
     try:
         yield
     except ValueError as exc:
-        import os
-        import sys
-        import time
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"megatron_md: error: {exc}", file=sys.stderr, flush=True)
-        elif os.environ.get("TORCHELASTIC_RUN_ID"):
-            # torchrun stops every rank when the first one exits: let rank 0 be that one, with its line
-            time.sleep(_REFUSAL_GRACE_S)
-        raise SystemExit(2) from None
+        _stop(str(exc), 2, says=int(os.environ.get("RANK", "0")) == 0)
+
+
+def _stop(message: str, code: int, *, says: bool):
+    """End this rank with exit ``code``; the rank that ``says`` prints ``megatron_md: error: message``
+    (one line on stderr). Under torchrun the others first wait :data:`_REFUSAL_GRACE_S`: torchrun
+    stops every rank when the first one exits, and that must be the one with the line."""
+    import os
+    import sys
+    import time
+    if says:
+        print(f"megatron_md: error: {message}", file=sys.stderr, flush=True)
+    elif os.environ.get("TORCHELASTIC_RUN_ID"):
+        time.sleep(_REFUSAL_GRACE_S)
+    raise SystemExit(code) from None
 
 
 #: under torchrun, how long ranks other than 0 wait after a refusal (rank 0's exit ends them sooner)
@@ -348,21 +364,61 @@ def _hook_evaluate(original: Callable) -> Callable:
 
 
 def _hook_save_checkpoint(original: Callable) -> Callable:
+    bind = _binder(original)
+
     @functools.wraps(original)
     def save_checkpoint(iteration, model, optimizer, *a, **k):
+        args = _megatron_args()
         # torch_dist: the training iterate y and the whole optimizer state, as the driver saves (x is
-        # evaluated by the evaluate hook; `tools/convert_checkpoint.py` exports it)
-        if getattr(_megatron_args(), "ckpt_format", "torch") == "torch_dist":
-            return original(iteration, model, optimizer, *a, **k)
-        # torch: the checkpoint holds x and the optimizer in eval mode (y is in its state: the y stash)
-        with _parameters_at_x(optimizer, model):
-            return original(iteration, model, optimizer, *a, **k)
+        # evaluated by the evaluate hook; `tools/convert_checkpoint.py` exports it). torch: the
+        # checkpoint holds x and the optimizer in eval mode (y is in its state: the y stash)
+        torch_dist = getattr(args, "ckpt_format", "torch") == "torch_dist"
+
+        def save():
+            with contextlib.nullcontext() if torch_dist else _parameters_at_x(optimizer, model):
+                return original(iteration, model, optimizer, *a, **k)
+
+        called = bind(iteration, model, optimizer, *a, **k)
+        if called.get("non_persistent_ckpt"):
+            _note_once("non-persistent", "non-persistent checkpoints are written without an integrity manifest")
+            return save()
+        if not getattr(args, "save", None):
+            return save()
+        return _save_with_manifest(args, iteration, bool(called.get("release")), save)
     return save_checkpoint
 
 
+def _save_with_manifest(args, iteration: int, release: bool, save: Callable[[], Any]):
+    """Megatron-LM's ``save()`` of ``iteration`` under ``--save`` with our integrity around it
+    (:mod:`megatron_md.checkpoint.megatron_lm_loop`): a leftover of that iteration removed first,
+    the manifest after (not with ``--async-save``), and a failed save cleaned up and stopped with
+    one line."""
+    from .checkpoint import megatron_lm_loop as loop
+
+    plan, note = loop.prepare_save(args.save, iteration, release=release)
+    if note:
+        _note(note)
+    try:
+        result = save()
+        if getattr(args, "async_save", False):
+            _note_once("async", "--async-save: Megatron-LM finishes checkpoints in the background, so they are "
+                                "written without an integrity manifest (and load unverified)")
+        else:
+            loop.finish_save(plan, getattr(args, "ckpt_format", "torch"))
+    except Exception as exc:  # noqa: BLE001 - a storage failure becomes one line; anything else re-raises
+        message, says = loop.failed_save(plan, exc, grace_s=_REFUSAL_GRACE_S)
+        if message is None:
+            raise
+        _stop(message, 1, says=says)
+    return result
+
+
 def _hook_load_checkpoint(original: Callable) -> Callable:
+    bind = _binder(original)
+
     @functools.wraps(original)
     def load_checkpoint(model, optimizer, *a, **k):
+        _verify_before_load(bind(model, optimizer, *a, **k).get("load_arg", "load"))
         result = original(model, optimizer, *a, **k)
         if _schedule_free(optimizer):
             from .megatron.builder import hybrid_optimizers, swap_to_train
@@ -371,6 +427,59 @@ def _hook_load_checkpoint(original: Callable) -> Callable:
                 swap_to_train(optimizer, model if isinstance(model, (list, tuple)) else [model])
         return result
     return load_checkpoint
+
+
+def _verify_before_load(load_arg: str) -> None:
+    """The checkpoint Megatron-LM is about to load, checked against its manifest (every rank): a
+    damaged or incomplete one stops the run with one line naming the file; one without a manifest
+    loads as before, with a note."""
+    from .checkpoint import megatron_lm_loop as loop
+    from .errors import CheckpointError
+
+    args = _megatron_args()
+    if getattr(args, "non_persistent_ckpt_type", None):
+        _note_once("non-persistent-load", "with non-persistent checkpoints, loads are not verified against "
+                                          "integrity manifests")
+        return
+    try:
+        note = loop.verify_load(loop.checkpoint_to_load(args, load_arg))
+    except CheckpointError as exc:
+        import torch.distributed as dist
+        _stop(str(exc), 1, says=dist.get_rank() == 0)
+    if note:
+        _note(note)
+
+
+def _binder(original: Callable) -> Callable[..., dict]:
+    """``bind(*a, **k)``: the arguments of a call of ``original`` by name (only the keywords when its
+    signature cannot be read)."""
+    try:
+        signature = inspect.signature(original)
+    except (TypeError, ValueError):
+        return lambda *a, **k: dict(k)
+
+    def bind(*a, **k) -> dict:
+        try:
+            return dict(signature.bind_partial(*a, **k).arguments)
+        except TypeError:
+            return dict(k)
+    return bind
+
+
+_NOTED: set = set()
+
+
+def _note(text: str) -> None:
+    """``megatron_md: note: text`` on rank 0's stdout."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"megatron_md: note: {text}", flush=True)
+
+
+def _note_once(key: str, text: str) -> None:
+    if key not in _NOTED:
+        _NOTED.add(key)
+        _note(text)
 
 
 #: (module, attribute, hook factory, required). Optional seams that a Megatron-LM version lacks

@@ -11,6 +11,9 @@ call) and never the other way; the driver (:mod:`megatron_md.training`) and the 
 * :mod:`.per_rank` (``--ckpt-format torch``) and :mod:`.dist` (``torch_dist``, any layout on
   load): the formats; :mod:`.rng`: every rank's RNG states.
 * :mod:`.save_load`: :func:`save_checkpoint` / :func:`load_checkpoint`, the driver's entry points.
+* :mod:`.megatron_lm_loop`: the same integrity around Megatron-LM's own save and load (the plugin,
+  :mod:`megatron_md.megatron_lm`, calls it): a manifest after its save, verification before its load,
+  a failed save removed and said in one line.
 * Converters (``tools/convert_checkpoint.py``): :mod:`.reader` gives a checkpoint's unsharded model
   one tensor at a time from either format (torch_dist: one layer's slice per access);
   :mod:`.merge` merges per-rank model shards into one

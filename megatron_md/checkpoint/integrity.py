@@ -28,13 +28,17 @@ import torch.distributed as dist
 
 from ..errors import CheckpointError
 
-__all__ = ["TRACKER", "MANIFEST", "FORMAT", "checkpoint_dir", "rank_name", "rank_file", "atomic_torch_save",
-           "atomic_write_text", "sha256", "read_latest", "complete_iterations", "clean_stale", "agree",
-           "verify_file", "load_verified", "read_manifest", "new_staging", "save_step", "hash_tree", "publish"]
+__all__ = ["TRACKER", "MANIFEST", "FORMAT", "MEGATRON_LM_WRITER", "checkpoint_dir", "rank_name", "rank_file",
+           "atomic_torch_save", "atomic_write_text", "sha256", "read_latest", "complete_iterations", "clean_stale",
+           "agree", "verify_file", "verify_files", "load_verified", "read_manifest", "new_staging",
+           "describe_save_failure", "save_step", "hash_tree", "publish"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
 FORMAT = 2
+#: the manifest's ``"writer"`` when Megatron-LM's loop saved the checkpoint (megatron_md's plugin,
+#: :mod:`.megatron_lm_loop`): its files, no run topology
+MEGATRON_LM_WRITER = "megatron-lm"
 _TMP = re.compile(r"\.tmp\d+$")
 _ITER = re.compile(r"^iter_(\d{7})$")
 
@@ -164,7 +168,23 @@ def verify_file(path: str, entry: dict) -> Optional[str]:
     return None
 
 
+def verify_files(directory: str, files: dict) -> Optional[str]:
+    """Why this rank's share of ``files`` (``{relative path: manifest entry}``; the i-th in sorted
+    order ≡ rank mod world size) does not match under ``directory`` (:func:`verify_file`'s reason
+    for the first file that does not); None if every one does. The ranks then :func:`agree`."""
+    w, r = dist.get_world_size(), dist.get_rank()
+    for i, (name, entry) in enumerate(sorted(files.items())):
+        if i % w == r:
+            why = verify_file(os.path.join(directory, name), entry)
+            if why is not None:
+                return why
+    return None
+
+
 def read_manifest(root: str, iteration: int) -> dict:
+    """The manifest of iteration ``iteration`` of a megatron_md driver checkpoint under ``root``;
+    a :class:`CheckpointError` naming the file when it is missing, invalid, or written by
+    Megatron-LM's loop (:data:`MEGATRON_LM_WRITER`: files only, no run topology)."""
     d = checkpoint_dir(root, iteration)
     path = os.path.join(d, MANIFEST)
     others = [i for i in complete_iterations(root) if i != iteration]
@@ -180,6 +200,10 @@ def read_manifest(root: str, iteration: int) -> dict:
         if man.get("format") != FORMAT or man.get("iteration") != iteration:
             raise ValueError(f"format {man.get('format')!r} / iteration {man.get('iteration')!r}, "
                              f"expected {FORMAT} / {iteration}")
+        if man.get("writer") == MEGATRON_LM_WRITER:
+            raise CheckpointError(f"{path}: a checkpoint saved by Megatron-LM's own training loop (through "
+                                  f"megatron_md's plugin); megatron_md's driver and tools read checkpoints of "
+                                  f"its driver (examples/pretrain_gpt.py)")
         man["files"], man["topology"]  # noqa: B018 - required keys
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a valid manifest ({type(exc).__name__}: {exc})") from None
@@ -204,35 +228,47 @@ def _os_error(exc: Optional[BaseException]) -> Optional[OSError]:
     return None
 
 
+def describe_save_failure(root: str, iteration: int, exc: BaseException, latest: Any) -> tuple[str, bool]:
+    """The one-line message for a save of iteration ``iteration`` under ``--save root`` that raised
+    ``exc`` — naming ``--save``, the cause (the ``OSError``'s, else the exception's, and the free
+    space when under 1 MiB) and the file when known, and ``latest`` (an iteration, ``"release"``, or
+    None), the checkpoint that stays the latest — and whether it is a storage failure (an
+    ``OSError`` behind it, or under 1 MiB free on ``root``'s filesystem: a full disk)."""
+    cause = _os_error(exc)
+    if cause is not None:
+        what = f"{cause.strerror or cause}" + (f": {cause.filename}" if cause.filename else "")
+    else:   # e.g. torch.save to a path reports a full disk as "RuntimeError: ... iostream error"
+        what = f"{type(exc).__name__}: {exc}"
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    full = free is not None and free < (1 << 20)
+    if full:
+        what += f"; {free} bytes free on its filesystem"
+    what = " ".join(what.split())  # one line, whatever the exception's text
+    kept = (f"iteration {latest}" if isinstance(latest, int) else str(latest)) if latest is not None else None
+    message = (f"--save {root}: the checkpoint of iteration {iteration} could not be written ({what}); "
+               "nothing of it was kept, and " + (f"the latest checkpoint is still {kept}" if kept is not None
+                                                  else "there is no earlier checkpoint"))
+    return message, cause is not None or full
+
+
 def save_step(root: str, iteration: int, staging: Optional[str], write: Callable[[], Any]) -> Any:
     """This rank's part ``write()`` of saving iteration ``iteration`` (into ``staging``), then the
     ranks agree (collective). When a write failed on any rank — a full disk, a quota, a vanished
-    mount — rank 0 removes ``staging`` and every rank raises the same :class:`CheckpointError`,
-    naming ``--save``, the cause (the ``OSError``'s, else the exception's, and the free space when
-    under 1 MiB) and the file when known: nothing of the failed save is left, and the previous
+    mount — rank 0 removes ``staging`` and every rank raises the same :class:`CheckpointError`
+    (:func:`describe_save_failure`'s message): nothing of the failed save is left, and the previous
     checkpoint stays the latest (the tracker is written last). Returns ``write()``'s result."""
     error, out = None, None
     try:
         out = write()
     except Exception as exc:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
-        cause = _os_error(exc)
         try:
             prev = read_latest(root)
         except (CheckpointError, OSError):
             prev = None
-        if cause is not None:
-            what = f"{cause.strerror or cause}" + (f": {cause.filename}" if cause.filename else "")
-        else:   # e.g. torch.save to a path reports a full disk as "RuntimeError: ... iostream error"
-            what = f"{type(exc).__name__}: {exc}"
-        try:
-            free = shutil.disk_usage(root).free
-        except OSError:
-            free = None
-        if free is not None and free < (1 << 20):
-            what += f"; {free} bytes free on its filesystem"
-        error = (f"--save {root}: the checkpoint of iteration {iteration} could not be written ({what}); "
-                 "nothing of it was kept, and " + (f"the latest checkpoint is still iteration {prev}" if prev is not None
-                                                    else "there is no earlier checkpoint"))
+        error, _ = describe_save_failure(root, iteration, exc, prev)
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     bad = [e for e in errors if e is not None]
