@@ -14,7 +14,8 @@ its AdamW baseline are stepped alternately, so machine-load drift hits both alik
 3. single process: ``megatron_md.shard.orthogonalize`` batched (same-shape matrices stacked into
    one batched NS call, the optimizers' default) vs unbatched, on the same matrices;
 4. TP=2: two spawned gloo ranks, each with its Megatron TP shards; NS methods in both NS modes
-   (``owner``/``gather``); AdamW measured in the same ranks on the same local shards.
+   (``owner``/``gather``), owner also without its pipelined round (``owner-serial``:
+   ``MEGATRON_MD_NS_OVERLAP=0``); AdamW measured in the same ranks on the same local shards.
 
 These are benchmarks, not tests: nothing is asserted about time. The machine is shared: compare
 ratios rather than absolute times, and rerun if the load changed.
@@ -258,13 +259,23 @@ def tp_rank_main(ctx, *, hidden, layers, optimizers, warmup, repeats, seed):
     def sync():
         dist.barrier(group=tp)
 
+    from megatron_md.shard.orthogonalize import OVERLAP_ENV
     for name in optimizers:
-        for mode in (("owner", "gather") if name in NS_OPTIMIZERS else ("-",)):
+        for mode in (TP2_NS_MODES if name in NS_OPTIMIZERS else ("-",)):
             key = f"{name}|{mode}"
             with ctx.check(key):
-                opt, base = make_pair(name, spec, mode="owner" if mode == "-" else mode)
-                ctx.record(key, time_pair(opt, base, warmup, repeats, sync))
+                # "owner-serial": the owner round without the pipelining (transfers, then compute, then returns)
+                os.environ[OVERLAP_ENV] = "0" if mode == "owner-serial" else "1"
+                try:
+                    opt, base = make_pair(name, spec, mode="gather" if mode == "gather" else "owner")
+                    ctx.record(key, time_pair(opt, base, warmup, repeats, sync))
+                finally:
+                    os.environ.pop(OVERLAP_ENV, None)
     return "done"
+
+
+#: section 4's Newton–Schulz transports: owner (pipelined, the default), owner without pipelining, gather
+TP2_NS_MODES = ("owner", "owner-serial", "gather")
 
 
 def section_tp2(args) -> list[str]:
@@ -280,7 +291,7 @@ def section_tp2(args) -> list[str]:
              "| optimizer | NS mode | step (ms) | AdamW step (ms) | ratio | min step (ms) | min AdamW (ms) | ratio of mins |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name in args.optimizers:
-        for mode in (("owner", "gather") if name in NS_OPTIMIZERS else ("-",)):
+        for mode in (TP2_NS_MODES if name in NS_OPTIMIZERS else ("-",)):
             per_rank = [v[f"{name}|{mode}"] for v in res.values]
             t_opt = max(med(t) for t, _ in per_rank)
             t_base = max(med(b) for _, b in per_rank)

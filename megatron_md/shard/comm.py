@@ -214,13 +214,15 @@ class PieceExchange:
     :func:`gather_pieces` / :func:`scatter_pieces`: one record per matrix, its exact bytes.
     """
 
-    def __init__(self):
+    def __init__(self, tag: int = 0):
         self._ops: dict = {}       # id(group) -> (group, [P2POp])
         self._done: list = []      # callbacks after the wait (assembling received pieces)
+        self._works: list = []     # posted, not yet waited on (post / finish)
+        self.tag = tag             # the P2P tag of every message: exchanges with distinct tags never cross
 
     def _op(self, group, fn, t, peer):
         g = self._ops.setdefault(id(group), (group, []))
-        g[1].append(dist.P2POp(fn, t, dist.get_global_rank(group, peer), group))
+        g[1].append(dist.P2POp(fn, t, dist.get_global_rank(group, peer), group, self.tag))
 
     def gather(self, piece: torch.Tensor, numels: list[int], dst: int, group, done) -> None:
         """Post the pieces of one matrix to ``dst``; there, after :meth:`run`, ``done(pieces)``
@@ -258,13 +260,22 @@ class PieceExchange:
         self._done.append(lambda: done(out))
 
     def run(self) -> None:
-        works = []
+        self.post()
+        self.finish()
+
+    def post(self) -> None:
+        """Issue every posted transfer without waiting (:meth:`finish` waits and calls back): the
+        caller computes while they are in flight."""
         for group, ops in self._ops.values():
             if ops:
-                works.extend(dist.batch_isend_irecv(ops))
-        for w in works:
+                self._works.extend(dist.batch_isend_irecv(ops))
+        self._ops.clear()
+
+    def finish(self) -> None:
+        """Wait for the transfers :meth:`post` issued, then run the callbacks (in posting order)."""
+        for w in self._works:
             w.wait()
         for cb in self._done:
             cb()
-        self._ops.clear()
+        self._works.clear()
         self._done.clear()

@@ -17,7 +17,8 @@ Unsharded (:class:`Whole`) matrices never communicate; same-shape ones are batch
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Literal, Sequence
+import os
+from typing import Literal, Optional, Sequence
 
 import torch
 
@@ -27,6 +28,13 @@ from .layouts import MatrixShard
 
 NSMode = Literal["owner", "gather"]
 NS_MODES = ("owner", "gather")
+#: ``MEGATRON_MD_NS_OVERLAP=0`` turns the pipelined owner round off (benchmarks compare both)
+OVERLAP_ENV = "MEGATRON_MD_NS_OVERLAP"
+
+
+def overlap_default() -> bool:
+    """Whether owner Newton–Schulz pipelines its last round: on unless ``MEGATRON_MD_NS_OVERLAP=0``."""
+    return os.environ.get(OVERLAP_ENV, "1") != "0"
 
 
 def _levels(shard: MatrixShard) -> list[MatrixShard]:
@@ -104,8 +112,11 @@ def _without_trivial_flat(shard: MatrixShard, x: torch.Tensor) -> tuple[MatrixSh
 
 def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coefficients,
                   dtype: torch.dtype = torch.float32, mode: NSMode = "owner", eps: float = 1e-7,
-                  batch: bool = True) -> list[torch.Tensor]:
-    """Local pieces of NS(logical matrix) for every item (see module docstring)."""
+                  batch: bool = True, overlap: Optional[bool] = None) -> list[torch.Tensor]:
+    """Local pieces of NS(logical matrix) for every item (see module docstring). ``overlap``
+    (default: :func:`overlap_default`) pipelines the owners' last round (bitwise the same result)."""
+    if overlap is None:
+        overlap = overlap_default()
     if mode not in NS_MODES:
         raise ValueError(f"ns_mode={mode!r}: expected one of {NS_MODES}")
     shapes = [x.shape for _, x in items]
@@ -147,7 +158,9 @@ def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coeffici
         # then assembling equals assembling and then casting, so the result is unchanged)
         cur = {i: items[i][1].to(dtype) for i in sharded}
         reached = {i: 0 for i in sharded}
-        for d in range(max((len(levels[i]) for i in sharded), default=0)):
+        depth = max((len(levels[i]) for i in sharded), default=0)
+        piped = overlap and depth > 0   # the last round pipelined with the compute (_pipelined_round)
+        for d in range(depth - 1 if piped else depth):
             assign(d, [i for i in sharded if reached[i] == d and len(levels[i]) > d])
             ex = comm.PieceExchange()
             for i in sharded:
@@ -160,14 +173,19 @@ def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coeffici
                     reached[i] += 1
                 ex.gather(cur[i], lv.piece_numels(), owner[(i, d)], lv.level_group, arrived)
             ex.run()
-        fulls = {i: cur[i] for i in sharded if reached[i] == len(levels[i])}
-        # compute: every owner orthogonalizes what it owns, batched by shape
-        own = list(fulls)
-        outs = _ns_batched([fulls[i] for i in own], coefficients, dtype, eps) if batch else \
-            [newton_schulz(fulls[i], coefficients, dtype=dtype, eps=eps) for i in own]
-        back = dict(zip(own, outs))
+        if piped:
+            back = _pipelined_round(items, levels, sharded, cur, reached, owner, assign, depth,
+                                    lambda mats: _ns_batched(mats, coefficients, dtype, eps) if batch else
+                                    [newton_schulz(m, coefficients, dtype=dtype, eps=eps) for m in mats])
+        else:
+            fulls = {i: cur[i] for i in sharded if reached[i] == len(levels[i])}
+            # compute: every owner orthogonalizes what it owns, batched by shape
+            own = list(fulls)
+            outs = _ns_batched([fulls[i] for i in own], coefficients, dtype, eps) if batch else \
+                [newton_schulz(fulls[i], coefficients, dtype=dtype, eps=eps) for i in own]
+            back = dict(zip(own, outs))
         # down: pieces travel back, level by level from the innermost (still in the NS dtype)
-        for d in range(max((len(levels[i]) for i in sharded), default=0) - 1, -1, -1):
+        for d in range((depth - 2 if piped else depth - 1), -1, -1):
             ex = comm.PieceExchange()
             for i in sharded:
                 if len(levels[i]) <= d or reached[i] < d:
@@ -189,6 +207,76 @@ def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coeffici
         for i, o in zip(local, outs):
             results[i] = o
     return [r.reshape(shape) for r, shape in zip(results, shapes)]
+
+
+def _pipelined_round(items, levels, sharded, cur, reached, owner, assign, depth, compute) -> dict:
+    """The last up round, the owners' Newton–Schulz and the first down round, overlapped.
+
+    Every transfer of the round is posted at once, one exchange per matrix with its own P2P tags
+    (so no message waits for another's order). An owner computes its matrices in the same shape
+    batches as the unpipelined path — those complete before the round (fewer sharding levels)
+    first, then each batch as soon as its pieces have arrived, while the rest are in flight — and
+    posts each batch's returns as soon as it is computed. Same batches, same inputs: the result is
+    bitwise that of the unpipelined path, and the meter records the same bytes per matrix."""
+    d = depth - 1
+    last = [i for i in sharded if reached[i] == d and len(levels[i]) == depth]
+    assign(d, last)
+    up, down = {}, []
+    for i in last:
+        lv = levels[i][d]
+        ex = comm.PieceExchange(tag=2 * i + 1)
+
+        def arrived(got, i=i, lv=lv):
+            cur[i] = lv.assemble(got)
+            reached[i] += 1
+        ex.gather(cur[i], lv.piece_numels(), owner[(i, d)], lv.level_group, arrived)
+        ex.post()
+        up[i] = ex
+    back: dict = {}
+
+    def returned_to(i, lv):
+        def returned(piece):
+            back[i] = piece.view(lv.local_shape)
+        return returned
+
+    mine_now = [i for i in sharded if reached[i] == len(levels[i])]
+    arriving = [i for i in last if comm.group_rank(levels[i][d].level_group) == owner[(i, d)]]
+    for i in last:   # the returns of what others own: receives posted now
+        if i not in arriving:
+            lv = levels[i][d]
+            ex = comm.PieceExchange(tag=2 * i + 2)
+            ex.scatter(None, lv.piece_numels(), cur[i], owner[(i, d)], lv.level_group, returned_to(i, lv))
+            ex.post()
+            down.append(ex)
+    # the unpipelined path's batches: this rank's matrices in index order, grouped by shape
+    mine = sorted(mine_now + arriving)
+    by_shape: dict = defaultdict(list)
+    for i in mine:
+        by_shape[tuple(items[i][0].shape)].append(i)
+    batches = list(by_shape.values())
+    pending = set(arriving)
+    batches.sort(key=lambda b: any(i in pending for i in b))   # stable: ready batches first
+    for b in batches:
+        for i in b:
+            if i in pending:
+                up[i].finish()
+        outs = compute([cur[i] for i in b])
+        for i, out in zip(b, outs):
+            if i in pending:
+                lv = levels[i][d]
+                ex = comm.PieceExchange(tag=2 * i + 2)
+                ex.scatter(lv.split(out), lv.piece_numels(), cur[i], owner[(i, d)], lv.level_group,
+                           returned_to(i, lv))
+                ex.post()
+                down.append(ex)
+            else:
+                back[i] = out
+    for i in last:
+        if i not in pending:
+            up[i].finish()   # this rank's sends of the round
+    for ex in down:
+        ex.finish()
+    return back
 
 
 def gather_full(shard: MatrixShard, x: torch.Tensor) -> torch.Tensor:
