@@ -29,7 +29,8 @@ elements, buckets to lcm(DP, 128)), the layout of each collective over the ranks
 
 Not modelled: Megatron's own collectives (gradient reduce-scatter / all-reduce, parameter
 all-gather, MoE all-to-all: the same for every optimizer, part of the step time), overlap of
-optimizer communication with compute (none today: each owner-NS level is one round that waits),
+optimizer communication with compute (the product pipelines the owners' last round with their
+Newton–Schulz; the model adds the two, an upper bound),
 kernel launch overheads, the Adam partner beyond its elementwise passes. FSDP is modelled as
 ZeRO-1's flat shards (the optimizer math on a flat range is the same; our product has no FSDP
 path). Times are sums of compute, memory traffic and (bandwidth + latency) per collective.
