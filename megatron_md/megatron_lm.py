@@ -82,8 +82,8 @@ import logging
 import weakref
 from typing import Any, Callable, Literal, Optional
 
-from .megatron.config import (METHOD_CONFIGS, NO_WEIGHT_DECAY, OPTIMIZER_CHOICES, SCHEDULE_FREE, MDConfig,
-                              add_md_args, md_config_from_args, validate)
+from .megatron.config import (MD_METHODS, METHOD_CONFIGS, NO_WEIGHT_DECAY, OPTIMIZER_CHOICES, SCHEDULE_FREE,
+                              MDConfig, add_md_args, md_config_from_args, validate)
 from .megatron.model_recipe import (add_recipe_args, apply_recipe_preset, recipe_from_args, recipe_gpt_model,
                                     unscaled_output_init)
 
@@ -110,7 +110,12 @@ def extra_args_provider(parser):
     if any(getattr(g, "title", None) == _GROUP_TITLE for g in getattr(parser, "_action_groups", ())):
         return parser
     add_recipe_args(parser)
-    return add_md_args(parser)
+    parser = add_md_args(parser)
+    parser.add_argument("--load-hf", default=None, metavar="DIR",
+                        help="megatron_md: start from a Hugging Face Llama/Mixtral/Qwen3 folder (save_pretrained's "
+                        "safetensors) instead of a random init; the model flags must be those its config.json implies "
+                        "(tools/convert_checkpoint.py from-hf --load-hf DIR --print-flags --megatron-lm). Not with --load")
+    return parser
 
 
 def routes_to_md(name: Optional[str], builtin: Literal["megatron", "md"] = "megatron") -> bool:
@@ -180,7 +185,10 @@ def _hook_validate_args(original: Callable) -> Callable:
         _apply_model_recipe(args)
         name = getattr(args, "optimizer", None)
         if not _is_md(name):
-            return original(args, *a, **k)
+            result = original(args, *a, **k)
+            with _refusals():
+                _validate_load_hf(args, md=None)
+            return result
         arguments = importlib.import_module("megatron.training.arguments")
         print_args = getattr(arguments, "_print_args", None)
 
@@ -196,8 +204,88 @@ def _hook_validate_args(original: Callable) -> Callable:
             result = original(args, *a, **k)
         with _refusals():
             _validate_md(args, name)
+            _validate_load_hf(args, md=dataclasses.replace(md_config_for_megatron_lm(args), optimizer=name))
         return result
     return validate_args
+
+
+def _hf_model_settings(args, vocab_size: int) -> dict:
+    """Megatron-LM's validated ``args`` as :func:`megatron_md.checkpoint.hf_import.expected_model`
+    states a model (the vocabulary is the tokenizer's, checked when the weights are copied)."""
+    moe = bool(getattr(args, "num_experts", None))
+    return {
+        "num_layers": args.num_layers, "hidden_size": args.hidden_size, "num_attention_heads": args.num_attention_heads,
+        "num_query_groups": args.num_query_groups if args.group_query_attention else args.num_attention_heads,
+        "kv_channels": args.kv_channels or args.hidden_size // args.num_attention_heads,
+        "ffn_hidden_size": args.ffn_hidden_size, "max_position_embeddings": args.max_position_embeddings,
+        "vocab_size": vocab_size, "norm_epsilon": getattr(args, "layernorm_epsilon", getattr(args, "norm_epsilon", 1e-5)), "rotary_base": args.rotary_base,
+        "normalization": args.normalization, "swiglu": args.swiglu,
+        "position_embedding_type": args.position_embedding_type, "disable_bias_linear": not args.add_bias_linear,
+        "untie_embeddings_and_output_weights": args.untie_embeddings_and_output_weights,
+        "qk_layernorm": bool(args.qk_layernorm), "num_experts": args.num_experts or None,
+        "moe_router_topk": args.moe_router_topk if moe else None,
+        "moe_ffn_hidden_size": args.moe_ffn_hidden_size if moe else None,
+        "moe_router_pre_softmax": args.moe_router_pre_softmax if moe else None,
+        "moe_shared_expert_intermediate_size": args.moe_shared_expert_intermediate_size if moe else None,
+    }
+
+
+def _validate_load_hf(args, md) -> None:
+    """``--load-hf``: the folder's model is the one Megatron-LM's flags build; a ``ValueError`` (one
+    ``error:`` line) naming what differs."""
+    hf_dir = getattr(args, "load_hf", None)
+    if not hf_dir:
+        return
+    from .checkpoint.hf_import import check_model, read_config
+    from .errors import CheckpointError
+    if getattr(args, "load", None) or getattr(args, "pretrained_checkpoint", None):
+        raise ValueError("--load-hf and --load/--pretrained-checkpoint are mutually exclusive (--load-hf starts "
+                         "from a Hugging Face model)")
+    try:
+        cfg = read_config(hf_dir)
+        diffs = check_model(cfg, _hf_model_settings(args, int(cfg.get("vocab_size", 0))))
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from None
+    extra = [flag for flag, on in (("--rotary-percent", getattr(args, "rotary_percent", 1.0) != 1.0),
+                                   ("--use-rope-scaling", getattr(args, "use_rope_scaling", False)),
+                                   ("--apply-layernorm-1p", getattr(args, "apply_layernorm_1p", False)),
+                                   ("--moe-grouped-gemm", getattr(args, "moe_grouped_gemm", False))) if on]
+    if diffs or extra:
+        raise ValueError(f"--load-hf {hf_dir}: its config.json is another model; "
+                         + (f"pass {diffs}" if diffs else "")
+                         + (f"{'; ' if diffs else ''}drop {', '.join(extra)}" if extra else "")
+                         + " (tools/convert_checkpoint.py from-hf --print-flags --megatron-lm lists the flags)")
+    if md is not None and md.optimizer in MD_METHODS and (md.md_init != "factor" or md.md_embedding_unit_norm):
+        raise ValueError(f"--load-hf with --optimizer {md.optimizer}: pass --md-init factor "
+                         "--no-md-embedding-unit-norm (MD then keeps the imported weights and factors its gains "
+                         "from them; otherwise it projects every matrix onto its sphere)")
+
+
+def _hook_setup_model_and_optimizer(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def setup_model_and_optimizer(*a, **k):
+        result = original(*a, **k)
+        args = _megatron_args()
+        if getattr(args, "load_hf", None):
+            import os
+            import time
+
+            from .checkpoint.hf_import import load_into
+            from .errors import CheckpointError
+            model, optimizer = result[0], result[1]
+            t0 = time.perf_counter()
+            try:
+                n = load_into(model if isinstance(model, (list, tuple)) else [model], args.load_hf,
+                              args.padded_vocab_size)
+            except CheckpointError as exc:
+                _stop(str(exc), 1, says=int(os.environ.get("RANK", "0")) == 0)
+            if optimizer is not None:
+                optimizer.reload_model_params()   # fp32 main weights (and MD's factored gains) from the import
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"megatron_md: initialized from the Hugging Face model {args.load_hf} ({n:,} elements on "
+                      f"rank 0, {time.perf_counter() - t0:.1f}s)", flush=True)
+        return result
+    return setup_model_and_optimizer
 
 
 def _apply_model_recipe(args) -> None:
@@ -494,6 +582,8 @@ _SEAMS: tuple[tuple[str, str, Callable, bool], ...] = (
     ("megatron.training.training", "evaluate", _hook_evaluate, True),
     ("megatron.training.training", "save_checkpoint", _hook_save_checkpoint, True),
     ("megatron.training.training", "load_checkpoint", _hook_load_checkpoint, True),
+    # --load-hf: the Hugging Face weights copied into the built model, before training
+    ("megatron.training.training", "setup_model_and_optimizer", _hook_setup_model_and_optimizer, False),
     # Megatron-LM's top-level model builder (pretrain_gpt.py imports it): the model recipe
     ("gpt_builders", "GPTModel", _hook_gpt_model, False),
     ("gpt_builders", "core_transformer_config_from_args", _hook_transformer_config, False),

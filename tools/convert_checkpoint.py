@@ -118,8 +118,8 @@ def _from_hf(a) -> None:
 
     from megatron_md.checkpoint.hf_import import from_hf, model_flags, read_config
     if a.print_flags:
-        flags = model_flags(read_config(a.load_hf)) + ["--make-vocab-size-divisible-by",
-                                                        str(a.make_vocab_size_divisible_by)]
+        flags = model_flags(read_config(a.load_hf), megatron_lm=a.megatron_lm) + [
+            "--make-vocab-size-divisible-by", str(a.make_vocab_size_divisible_by)]
         print(shlex.join(flags))
         return
     if not a.save:
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--save", default=None, help="new output checkpoint directory")
     f.add_argument("--print-flags", action="store_true", help="print the driver's model flags of the folder's "
                                                              "config.json and stop")
+    f.add_argument("--megatron-lm", action="store_true", help="with --print-flags: Megatron-LM's pretrain_gpt.py "
+                   "spelling (with our plugin, train straight from the folder there: --load-hf DIR)")
     f.add_argument("--nproc", type=int, default=1, help="ranks of the writing run (torchrun --nproc-per-node)")
     f.add_argument("--layout", default="", help='layout flags of the writing run, e.g. "--tensor-model-parallel-size 2"')
     f.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist")

@@ -118,15 +118,19 @@ def expected_model(cfg: dict) -> dict:
     }
 
 
-def model_flags(cfg: dict) -> list[str]:
+def model_flags(cfg: dict, *, megatron_lm: bool = False) -> list[str]:
     """The driver's model flags (and ``--vocab-size``) for the model of ``config.json`` ``cfg``
-    (:func:`expected_model` as flags; ``--kv-channels`` only where it is not hidden/heads)."""
+    (:func:`expected_model` as flags; ``--kv-channels`` only where it is not hidden/heads).
+    ``megatron_lm``: Megatron-LM's spelling (``--group-query-attention``; no ``--vocab-size``, which
+    there is its tokenizer's)."""
     m = expected_model(cfg)
+    gqa = megatron_lm and m["num_query_groups"] != m["num_attention_heads"]
     f = ["--num-layers", m["num_layers"], "--hidden-size", m["hidden_size"],
-         "--num-attention-heads", m["num_attention_heads"], "--num-query-groups", m["num_query_groups"],
+         "--num-attention-heads", m["num_attention_heads"], *(["--group-query-attention"] if gqa else []),
+         "--num-query-groups", m["num_query_groups"],
          "--ffn-hidden-size", m["ffn_hidden_size"], "--max-position-embeddings", m["max_position_embeddings"],
-         "--vocab-size", m["vocab_size"], "--norm-epsilon", repr(m["norm_epsilon"]), "--rotary-base", m["rotary_base"],
-         *_LLAMA]
+         *([] if megatron_lm else ["--vocab-size", m["vocab_size"]]),
+         "--norm-epsilon", repr(m["norm_epsilon"]), "--rotary-base", m["rotary_base"], *_LLAMA]
     if m["kv_channels"] != m["hidden_size"] // m["num_attention_heads"]:
         f += ["--kv-channels", m["kv_channels"]]
     f += ["--untie-embeddings-and-output-weights"] if m["untie_embeddings_and_output_weights"] else []
