@@ -35,6 +35,7 @@ COLUMNS = [("optimizer", "optimizer", "{}"), ("dp", "DP", "{}"), ("gpus", "GPUs"
            ("t_ns_ms", "NS ms", "{:.2f}"), ("t_elem_ms", "elem ms", "{:.2f}"), ("t_comm_ms", "comm ms", "{:.2f}"),
            ("t_opt_ms", "opt ms", "{:.2f}"), ("t_adamw_ms", "AdamW ms", "{:.2f}"), ("t_step_s", "step s", "{:.3f}"),
            ("share", "share", "{:.2%}"), ("overhead", "vs AdamW", "{:.2%}"),
+           ("t_opt_piped_ms", "opt ms piped", "{:.2f}"), ("overhead_piped", "vs AdamW piped", "{:.2%}"),
            ("ns_vs_model", "NS/model FLOPs", "{:.2%}")]
 
 
