@@ -65,6 +65,9 @@ def hf_config(topo: dict, dtype: str = "fp32") -> dict:
     """The ``config.json`` of the model a manifest's ``topo`` describes; a ``ValueError`` naming the
     flags when no Llama/Mixtral/Qwen3 architecture computes it."""
     m, info = topo["model"], topo["info"]
+    if m.get("multi_latent_attention"):
+        raise ValueError("the checkpoint's model uses --multi-latent-attention (DeepSeek-style MLA): no "
+                         "Llama/Mixtral/Qwen3 architecture computes it; it cannot be exported to Hugging Face")
     wrong = [flag for key, want, flag in _NEEDS if m[key] != want]
     if wrong:
         raise ValueError(f"the checkpoint {NOT_MAPPABLE}{' '.join(f for _, _, f in _NEEDS)} (missing: {', '.join(wrong)})")

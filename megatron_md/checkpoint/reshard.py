@@ -59,6 +59,11 @@ def driver_flags(topology: dict, tp: int) -> list[str]:
         f += ["--moe-router-pre-softmax"] if m.get("moe_router_pre_softmax") else []
         if m.get("moe_shared_expert_intermediate_size"):
             f += ["--moe-shared-expert-intermediate-size", m["moe_shared_expert_intermediate_size"]]
+    if m.get("multi_latent_attention"):
+        f += ["--multi-latent-attention"]
+        for key in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            if m.get(key) is not None:  # no --q-lora-rank: the query is one projection
+                f += ["--" + key.replace("_", "-"), m[key]]
     f += ["--qk-layernorm"] if m.get("qk_layernorm") else []
     f += ["--embedding-multiplier", repr(m["embedding_multiplier"])] if m.get("embedding_multiplier") else []
     f += ["--post-norm"] + ([] if m.get("post_norm_gain", True) else ["--no-post-norm-gain"]) if m.get("post_norm") else []

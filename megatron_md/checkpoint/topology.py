@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from ..megatron.model_recipe import recipe_from_args
 
-__all__ = ["LAYOUT_FLAGS", "OPTIM_FLAGS", "MODEL_FLAGS", "DIST_OPTIM_FLAGS", "run_topology", "rank_coords",
-           "topology_diffs", "reshards_weights", "topology_error"]
+__all__ = ["LAYOUT_FLAGS", "OPTIM_FLAGS", "MODEL_FLAGS", "MLA_KEYS", "DIST_OPTIM_FLAGS", "run_topology",
+           "rank_coords", "topology_diffs", "reshards_weights", "topology_error"]
 
 #: layout/optimizer keys of the manifest and the flag each comes from
 LAYOUT_FLAGS = {
@@ -47,11 +47,18 @@ MODEL_FLAGS = {
     "post_norm": "--post-norm", "post_norm_gain": "--post-norm-gain/--no-post-norm-gain",
     "fixed_layer_scale": "--fixed-layer-scale", "norm_epsilon": "--norm-epsilon",
     "moe_shared_expert_intermediate_size": "--moe-shared-expert-intermediate-size",
+    # multi-latent attention (megatron_md.megatron.mla): absent in older checkpoints = off
+    "multi_latent_attention": "--multi-latent-attention", "q_lora_rank": "--q-lora-rank",
+    "kv_lora_rank": "--kv-lora-rank", "qk_head_dim": "--qk-head-dim", "qk_pos_emb_head_dim": "--qk-pos-emb-head-dim",
+    "v_head_dim": "--v-head-dim",
 }
+#: the MLA dimensions of the manifest (None without --multi-latent-attention)
+MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
 #: model keys that older checkpoints lack, with the value they stand for
 _MODEL_KEY_DEFAULTS = {"qk_layernorm": False, "embedding_multiplier": None, "post_norm": False,
                        "post_norm_gain": True, "fixed_layer_scale": None, "norm_epsilon": 1e-5,
-                       "moe_shared_expert_intermediate_size": None}
+                       "moe_shared_expert_intermediate_size": None, "multi_latent_attention": False,
+                       **{k: None for k in MLA_KEYS}}
 #: optimizer-setup keys a torch_dist checkpoint must share with the run that loads its optimizer
 #: state (its state is in the unsharded model's coordinates: the DP mode and ZeRO buckets may change)
 DIST_OPTIM_FLAGS = {k: v for k, v in OPTIM_FLAGS.items() if k in ("optimizer", "split_qkv", "split_fc1",
@@ -92,7 +99,7 @@ def run_topology(args) -> dict:
                   "norm_epsilon": getattr(args, "norm_epsilon", 1e-5),
                   "moe_shared_expert_intermediate_size": (getattr(args, "moe_shared_expert_intermediate_size", None)
                                                           if args.num_experts else None),
-                  **_recipe_keys(args)},
+                  **_recipe_keys(args), **_mla_keys(args)},
         # not compared on load; read by tools/convert_checkpoint.py
         "info": {"vocab_size": args.vocab_size, "seq_length": args.seq_length, "layernorm_epsilon": getattr(args, "norm_epsilon", 1e-5),
                  "transformer_impl": args.transformer_impl, "moe_grouped_gemm": bool(args.moe_grouped_gemm)},
@@ -104,6 +111,12 @@ def _recipe_keys(args) -> dict:
     r = recipe_from_args(args)
     return {"qk_layernorm": r.qk_layernorm, "embedding_multiplier": r.embedding_multiplier, "post_norm": r.post_norm,
             "post_norm_gain": r.post_norm_gain if r.post_norm else True, "fixed_layer_scale": r.fixed_layer_scale}
+
+
+def _mla_keys(args) -> dict:
+    """Multi-latent attention on or off, and its dimensions (all None when off)."""
+    mla = bool(getattr(args, "multi_latent_attention", False))
+    return {"multi_latent_attention": mla, **{k: getattr(args, k, None) if mla else None for k in MLA_KEYS}}
 
 
 def rank_coords() -> dict:

@@ -81,6 +81,24 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
     g.add_argument("--make-vocab-size-divisible-by", type=_positive_int, default=128,
                    help="pad the vocabulary to a multiple of this times the TP size")
 
+    g = p.add_argument_group("multi-latent attention", "DeepSeek-V2/V3 attention (megatron-core's MLASelfAttention; "
+                             "megatron_md.megatron.mla): low-rank query and key/value latents, a decoupled RoPE part "
+                             "per head; needs --position-embedding-type rope")
+    g.add_argument("--multi-latent-attention", action="store_true",
+                   help="MLA instead of multi-head/grouped-query attention (every layer)")
+    g.add_argument("--q-lora-rank", type=_positive_int, default=None,
+                   help="rank of the query latent (linear_q_down_proj, q_layernorm, linear_q_up_proj); default none: "
+                   "the query is one projection of the hidden state (linear_q_proj)")
+    g.add_argument("--kv-lora-rank", type=_positive_int, default=None,
+                   help="rank of the key/value latent (default 32, as Megatron-LM)")
+    g.add_argument("--qk-head-dim", type=_positive_int, default=None,
+                   help="per-head query/key dims without RoPE (default 128, as Megatron-LM)")
+    g.add_argument("--qk-pos-emb-head-dim", type=_positive_int, default=None,
+                   help="per-head query/key dims with RoPE; the key's are shared by all heads (default 64, as "
+                   "Megatron-LM; even)")
+    g.add_argument("--v-head-dim", type=_positive_int, default=None, help="per-head value dims (default 128, "
+                   "as Megatron-LM)")
+
     g = p.add_argument_group("mixture of experts")
     g.add_argument("--num-experts", type=_positive_int, default=None, help="experts per MoE layer (off: dense)")
     g.add_argument("--moe-router-topk", type=_positive_int, default=2)
@@ -317,7 +335,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     args.world_size = ws
     args.data_parallel_size = dp = ws // (tp * pp)
     h, heads = args.hidden_size, args.num_attention_heads
-    if args.kv_channels is None and h % heads:
+    if args.kv_channels is None and h % heads and not args.multi_latent_attention:
         raise ArgumentError(f"--hidden-size {h} is not divisible by --num-attention-heads {heads} "
                             "(or pass --kv-channels)")
     if heads % tp:
@@ -409,6 +427,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             raise ArgumentError(f"--fp8-format {args.fp8_format} needs CUDA (an FP8-capable GPU)")
         if not args.bf16:
             raise ArgumentError(f"--fp8-format {args.fp8_format} needs --bf16")
+    _validate_mla(args)
     if args.distributed_backend is None:
         args.distributed_backend = "nccl" if torch.cuda.is_available() else "gloo"
     elif args.distributed_backend == "nccl" and not torch.cuda.is_available():
@@ -461,6 +480,59 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     return args
 
 
+#: the MLA flags' values when --multi-latent-attention leaves them out (Megatron-LM's defaults)
+MLA_DEFAULTS = {"kv_lora_rank": 32, "qk_head_dim": 128, "qk_pos_emb_head_dim": 64, "v_head_dim": 128}
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+
+
+def _validate_mla(args: argparse.Namespace) -> None:
+    """``--multi-latent-attention`` and its dimensions (after ``--transformer-impl`` is resolved):
+    the MLA flags need it, it needs RoPE and one key/value head per query head, and the local
+    spec's column-parallel down projections need latent ranks divisible by the TP size."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if not args.multi_latent_attention:
+        given = [flag(n) for n in MLA_FIELDS if getattr(args, n) is not None]
+        if given:
+            raise ArgumentError(f"{', '.join(given)} need --multi-latent-attention")
+        return
+    for name, value in MLA_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.position_embedding_type != "rope":
+        raise ArgumentError(f"--multi-latent-attention needs --position-embedding-type rope (got "
+                            f"{args.position_embedding_type}): MLA rotates its --qk-pos-emb-head-dim dims itself, and "
+                            "learned absolute positions would add a second position signal")
+    heads = args.num_attention_heads
+    if args.group_query_attention or (args.num_query_groups or heads) != heads:
+        raise ArgumentError("--multi-latent-attention and --group-query-attention/--num-query-groups are mutually "
+                            "exclusive (MLA's keys and values come per head from the shared latent)")
+    if args.kv_channels is not None:
+        raise ArgumentError("--kv-channels has no effect with --multi-latent-attention; set --qk-head-dim, "
+                            "--qk-pos-emb-head-dim and --v-head-dim")
+    if args.qk_pos_emb_head_dim % 2:
+        raise ArgumentError(f"--qk-pos-emb-head-dim {args.qk_pos_emb_head_dim} must be even (RoPE rotates pairs)")
+    recipe = recipe_from_args(args)
+    extra = [f for on, f in ((recipe.post_norm, "--post-norm"), (recipe.fixed_layer_scale, "--fixed-layer-scale"))
+             if on]
+    if extra:
+        raise ArgumentError(f"{', '.join(extra)} with --multi-latent-attention: not supported (the model recipe "
+                            "post-processes megatron-core's SelfAttention, not MLASelfAttention)")
+    tp = args.tensor_model_parallel_size
+    if args.transformer_impl == "transformer_engine" and tp > 1 and not args.sequence_parallel:
+        raise ArgumentError(f"--multi-latent-attention with --transformer-impl transformer_engine at "
+                            f"--tensor-model-parallel-size {tp} needs --sequence-parallel: without it megatron-core "
+                            "0.16 leaves the gradient of MLA's shared rotary key unreduced over TP (Megatron-LM issue "
+                            "#1699; the local spec corrects it, megatron_md.megatron.mla)")
+    if args.transformer_impl == "local" and tp > 1:
+        # the local spec's down projections are ColumnParallelLinear: their output rows split over TP
+        for what, rows in (("--q-lora-rank", args.q_lora_rank),
+                           ("--kv-lora-rank + --qk-pos-emb-head-dim", args.kv_lora_rank + args.qk_pos_emb_head_dim)):
+            if rows is not None and rows % tp:
+                raise ArgumentError(f"--multi-latent-attention with --transformer-impl local: {what} ({rows}) is not "
+                                    f"divisible by --tensor-model-parallel-size {tp} (the local spec splits the down "
+                                    "projections' outputs over TP)")
+
+
 def _model_settings(args: argparse.Namespace) -> dict:
     """This run's model as :func:`megatron_md.checkpoint.hf_import.expected_model` states one."""
     recipe = recipe_from_args(args)
@@ -486,6 +558,9 @@ def _validate_load_hf(args: argparse.Namespace) -> None:
     """``--load-hf``: the folder's model is the one these flags build, nothing else computes more."""
     from ..checkpoint.hf_import import check_model, read_config
     from ..errors import CheckpointError
+    if args.multi_latent_attention:
+        raise ArgumentError("--load-hf with --multi-latent-attention: the importer reads Llama/Mixtral/Qwen3 folders, "
+                            "which have no multi-latent attention")
     if args.load is not None:
         raise ArgumentError("--load-hf and --load are mutually exclusive (--load-hf starts from a Hugging Face "
                             "model; --load resumes a checkpoint)")

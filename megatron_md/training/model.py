@@ -114,9 +114,9 @@ def set_seed(seed: int) -> None:
 
 
 def transformer_config(args):
-    """The ``TransformerConfig`` (or ``MLATransformerConfig``-free plain config) for ``args``."""
+    """The ``TransformerConfig`` for ``args``; an ``MLATransformerConfig`` with ``--multi-latent-attention``."""
     import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
@@ -142,8 +142,15 @@ def transformer_config(args):
         calculate_per_token_loss=False, transformer_impl=args.transformer_impl,
     )
     recipe = recipe_from_args(args)
-    if recipe.qk_layernorm:
+    mla = bool(getattr(args, "multi_latent_attention", False))
+    if recipe.qk_layernorm and not mla:
         kw.update(qk_layernorm=True)  # megatron-core then all-reduces the q/k norms' gradients over TP
+    if mla:
+        # MLA's latent norms come from the layer spec alone: config.qk_layernorm would make
+        # finalize_model_grads sum q_layernorm's (already whole) gradient over TP (megatron_md.megatron.mla)
+        kw.update(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_head_dim=args.qk_head_dim,
+                  qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim,
+                  rope_type="rope", rotary_base=args.rotary_base, rotary_scaling_factor=1.0)
     if args.num_experts:
         kw.update(num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
                   moe_aux_loss_coeff=args.moe_aux_loss_coeff,
@@ -156,21 +163,32 @@ def transformer_config(args):
         kw.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe, fp8_margin=args.fp8_margin,
                   fp8_amax_history_len=args.fp8_amax_history_len,
                   fp8_amax_compute_algo=args.fp8_amax_compute_algo)
-    return unscaled_output_init(TransformerConfig(**kw), args)  # --no-scaled-output-init
+    cls = MLATransformerConfig if mla else TransformerConfig
+    return unscaled_output_init(cls(**kw), args)  # --no-scaled-output-init
 
 
 def layer_spec(args, config):
     """Local (megatron-core only) spec, or the Transformer Engine spec, with the model recipe's
-    QK-norm and branch post-processing (:mod:`megatron_md.megatron.model_recipe`)."""
+    QK-norm and branch post-processing (:mod:`megatron_md.megatron.model_recipe`). With
+    ``--multi-latent-attention`` megatron-core's MLA spec (``--qk-layernorm``: its latent norms);
+    the local one with our core attention (:mod:`megatron_md.megatron.mla`: megatron-core's local
+    attention cannot take MLA's key and value head dims)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    from ..megatron.mla import correct_te_flag, use_local_core_attention
     recipe = recipe_from_args(args)
+    mla = bool(getattr(args, "multi_latent_attention", False))
+    if mla:
+        correct_te_flag()
     if args.transformer_impl == "transformer_engine":
         spec = specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm, qk_layernorm=recipe.qk_layernorm)
+            num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm, qk_layernorm=recipe.qk_layernorm,
+            multi_latent_attention=mla)
     else:
         spec = specs.get_gpt_layer_local_spec(
             num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
-            normalization=args.normalization, qk_layernorm=recipe.qk_layernorm)
+            normalization=args.normalization, qk_layernorm=recipe.qk_layernorm, multi_latent_attention=mla)
+        spec = use_local_core_attention(spec)
     return apply_to_layer_spec(spec, recipe)
 
 
