@@ -200,7 +200,8 @@ def _same_export(a: str, b: str) -> None:
 
 def _torch_dist_checks(ctx, base, tool):
     """to-hf reads torch_dist checkpoints (TP=2, EP=2, PP=2) into what it gives for the per-rank
-    ones of the same weights; bf16 shards with an index load in transformers."""
+    ones of the same weights; bf16 shards with an index load in transformers; sf-to-x of torch_dist
+    schedule-free runs (DP=2, TP=2, MoE EP=2) gives the per-rank conversion's x bit for bit."""
     import json
 
     import torch
@@ -249,24 +250,32 @@ def _torch_dist_checks(ctx, base, tool):
             assert json.load(open(os.path.join(out, "generation_config.json")))["do_sample"] is False
 
     with ctx.check("sf_to_x_torch_dist_equals_per_rank"):
-        # the schedule-free run of sf_to_x_gives_the_driver_eval_loss again, saved as torch_dist: sf-to-x
-        # (a driver run at its layout, DP=2) gives the same x, bit for bit, as from the per-rank files
-        save = os.path.join(ctx.tmpdir, "sf_dist")
+        # schedule-free runs saved in both formats — DP=2 (the run of sf_to_x_gives_the_driver_eval_loss
+        # again), TP=2 and MoE EP=2: sf-to-x of the torch_dist checkpoint (a driver run at its layout)
+        # gives the same x, bit for bit, as sf-to-x of the per-rank files
+        from torch.distributed.checkpoint import FileSystemReader
         sf = ["--optimizer", "sf-normuon", "--eval-iters", "1", "--eval-interval", "2"]
-        pretrain(parse_args(base + sf + ["--save", save, "--ckpt-format", "torch_dist"]))
-        if ctx.rank == 0:
-            out = save + "_x"
-            assert tool.main(["sf-to-x", "--load", save, "--save", out]) == 0
-            assert tool.main(["sf-to-x", "--load", save, "--save", out]) == 1   # never overwrites
-            man = json.load(open(os.path.join(out, "iter_0000002", "manifest.json")))
-            assert man["ckpt_format"] == "torch_dist" and man["topology"]["optim"]["optimizer"].startswith("none"), man
-            from torch.distributed.checkpoint import FileSystemReader
-            keys = FileSystemReader(os.path.join(out, "iter_0000002")).read_metadata().state_dict_metadata
-            assert keys and not any(k.startswith("optimizer.") for k in keys), "optimizer state in the sf-to-x output"
-            for src, name in ((os.path.join(ctx.tmpdir, "sf_x"), "sf_hf_torch"), (out, "sf_hf_dist")):
-                assert tool.main(["to-hf", "--load", src, "--out", os.path.join(ctx.tmpdir, name)]) == 0
-            _same_export(os.path.join(ctx.tmpdir, "sf_hf_torch"), os.path.join(ctx.tmpdir, "sf_hf_dist"))
-        dist.barrier()
+        for name, layout in (("dp2", []), ("tp2", DIST_CASES["dense_tp2"]), ("ep2", DIST_CASES["moe_ep2"])):
+            per_rank = os.path.join(ctx.tmpdir, "sf") if name == "dp2" else os.path.join(ctx.tmpdir, f"sf_{name}")
+            if name != "dp2":
+                pretrain(parse_args(base + layout + sf + ["--save", per_rank]))
+            save = os.path.join(ctx.tmpdir, f"sf_dist_{name}")
+            pretrain(parse_args(base + layout + sf + ["--save", save, "--ckpt-format", "torch_dist"]))
+            if ctx.rank == 0:
+                out = save + "_x"
+                assert tool.main(["sf-to-x", "--load", save, "--save", out]) == 0
+                assert tool.main(["sf-to-x", "--load", save, "--save", out]) == 1   # never overwrites
+                man = json.load(open(os.path.join(out, "iter_0000002", "manifest.json")))
+                assert man["ckpt_format"] == "torch_dist" and man["topology"]["optim"]["optimizer"].startswith("none")
+                keys = FileSystemReader(os.path.join(out, "iter_0000002")).read_metadata().state_dict_metadata
+                assert keys and not any(k.startswith("optimizer.") for k in keys), "optimizer state in the output"
+                x_per_rank = per_rank + "_x" if name != "dp2" else os.path.join(ctx.tmpdir, "sf_x")
+                if name != "dp2":
+                    assert tool.main(["sf-to-x", "--load", per_rank, "--save", x_per_rank]) == 0
+                for src, fmt in ((x_per_rank, "torch"), (out, "dist")):
+                    assert tool.main(["to-hf", "--load", src, "--out", os.path.join(ctx.tmpdir, f"sf_hf_{name}_{fmt}")]) == 0
+                _same_export(os.path.join(ctx.tmpdir, f"sf_hf_{name}_torch"), os.path.join(ctx.tmpdir, f"sf_hf_{name}_dist"))
+            dist.barrier()
 
     with ctx.check("to_md_torch_dist_resumes_as_the_per_rank_one"):
         # the AdamW TP=2 run of the to-md checks, re-saved as torch_dist (nothing left to train)
@@ -495,7 +504,7 @@ def _sibling_tool():
     return load_tool("convert_checkpoint")
 
 
-convert_group = group_fixture(2, _convert_checks, megatron=True, timeout=400)
+convert_group = group_fixture(2, _convert_checks, megatron=True, timeout=800)
 
 
 @pytest.mark.distributed
