@@ -145,8 +145,18 @@ def check_model(cfg: dict, have: dict) -> Optional[str]:
     """Why a run whose model settings are ``have`` (:func:`expected_model`'s keys) does not build the
     model of ``cfg``: every setting that differs, as the flag to pass; None if it builds it."""
     want = expected_model(cfg)
-    diffs = [f"--{k.replace('_', '-')} {want[k]} (this run: {have.get(k)})" for k in want if have.get(k) != want[k]]
+    diffs = [f"{_as_flag(k, want[k])} (this run: {_as_flag(k, have.get(k))})" for k in want if have.get(k) != want[k]]
     return "; ".join(diffs) or None
+
+
+def _as_flag(key: str, value) -> str:
+    """A setting as its driver flag: ``--swiglu``, ``no --num-experts``, ``--hidden-size 64``."""
+    flag = "--" + key.replace("_", "-")
+    if value is True:
+        return flag
+    if value is False or value is None:
+        return f"no {flag}"
+    return f"{flag} {value}"
 
 
 def import_record(hf_dir: str, cfg: dict) -> dict:
