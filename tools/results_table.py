@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     p.add_argument("--best-lrs", action="store_true",
                    help="only print each optimizer's best LR as tools/sweep.py --lrs ('adam=0.004;muon=0.02'), "
                    "leaving out optimizers whose best lies at the grid's edge (extend those first)")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="only the runs with this setting (repeatable), e.g. hidden_size=256: --best-lrs / --edge-lrs "
+                        "of one width of a width sweep")
     p.add_argument("--edge-lrs", action="store_true",
                    help="only print, for each optimizer whose best LR lies at an end of its grid, the next two LRs "
                    "beyond that end (x2 / /2 steps) as tools/sweep.py --lrs ('muon=0.0025,0.00125'); empty when none")
@@ -104,7 +107,8 @@ def main(argv=None) -> int:
         return 0
     if not (a.sweep / "runs").is_dir():
         p.error(f"{a.sweep}: not a sweep directory (no runs/)")
-    rows = res.quality_rows(a.sweep, [o.strip() for o in a.optimizers.split(",") if o.strip()], a.baseline)
+    where = dict(w.split("=", 1) for w in a.where) if a.where else None
+    rows = res.quality_rows(a.sweep, [o.strip() for o in a.optimizers.split(",") if o.strip()], a.baseline, where)
     if not rows:
         p.error(f"{a.sweep}: no runs of {a.optimizers}")
     if a.edge_lrs:

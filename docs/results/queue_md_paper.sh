@@ -9,8 +9,8 @@ PY=${PY:-.venv/bin/python}
 Q=docs/results/md_paper
 C="--config docs/results/md_paper.toml"
 sweep() { "$PY" tools/sweep.py --no-progress "$@" || echo "queue: a sweep step had failed runs ($*)"; }
-best() { "$PY" tools/results_table.py "$1" --out docs/results --best-lrs --optimizers "$2"; }
-edges() { "$PY" tools/results_table.py "$1" --out docs/results --edge-lrs --optimizers "$2"; }
+best() { "$PY" tools/results_table.py "$1" --out docs/results --best-lrs --optimizers "$2" "${@:3}"; }
+edges() { "$PY" tools/results_table.py "$1" --out docs/results --edge-lrs --optimizers "$2" "${@:3}"; }
 names() { echo "$1" | sed 's/=[^;]*//g; s/;/,/g'; }
 # LR sweep (seed 1); a best LR at an end of its grid: two more LRs beyond it (twice at most); then
 # seeds 2 and 3 at the best. $1: optimizers; further arguments go to every sweep call.
@@ -43,9 +43,19 @@ tune adam-md
 # 4. MuonMD sphere only (hidden-matrix gains frozen at 1), swept like MuonMD
 Q=docs/results/md_paper_sphere_only
 tune muon-md --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --md-embedding-lr 9e-3 --muon-md-gains-lr 0"
-# 5. width: hidden 64 and 256 (128: step 1), each its own LR sweep
+# 5. width: hidden 64 and 256 (128: step 1), each width tuned on its own like step 1 (a best LR at the
+#    grid's edge: two more LRs, twice at most; then seeds 2 and 3 at the best)
 Q=docs/results/md_paper_width
-sweep $C --out "$Q" --optimizers muon-md,muon,adam --hidden-sizes 64,256
+for N in 64 256; do
+  W="--where hidden_size=$N"
+  sweep $C --out "$Q" --optimizers muon-md,muon,adam --hidden-sizes $N
+  for _ in 1 2; do
+    EXT=$(edges "$Q" muon-md,muon,adam $W)
+    [ -z "$EXT" ] || sweep $C --out "$Q" --seeds 1 --lrs "$EXT" --optimizers "$(names "$EXT")" --hidden-sizes $N
+  done
+  B=$(best "$Q" muon-md,muon,adam $W)
+  [ -z "$B" ] || sweep $C --out "$Q" --seeds 2,3 --lrs "$B" --optimizers "$(names "$B")" --hidden-sizes $N
+done
 # 6. MoE on the authors' MoE framework's recipe (--model-recipe md-paper-moe; 4 experts, top-2, aux loss,
 #    alltoall): MuonMD with the router under MD (the default), embedding and head off the sphere and the
 #    residual outputs' radius (and step) scaled, as their recipes/md_decoupling.sh; AdamW its own recipe

@@ -119,10 +119,12 @@ def _row(name: str, mine: list[dict]) -> Row:
     return row
 
 
-def quality_rows(sweep_dir: Path, optimizers: Sequence[str], baseline: str = "adam") -> list[Row]:
-    """One :class:`Row` per optimizer present in the sweep, in ``optimizers`` order."""
+def quality_rows(sweep_dir: Path, optimizers: Sequence[str], baseline: str = "adam",
+                 where: Optional[dict] = None) -> list[Row]:
+    """One :class:`Row` per optimizer present in the sweep, in ``optimizers`` order; ``where``
+    (e.g. ``{"hidden_size": 256}``) keeps only the runs with those settings."""
     sweep_dir = Path(sweep_dir)
-    runs = collect(sweep_dir)
+    runs = [r for r in collect(sweep_dir) if all(str(r.get(k)) == str(v) for k, v in (where or {}).items())]
     rows: dict[str, Row] = {}
     for name in optimizers:
         mine = [r for r in runs if r["optimizer"] == name]

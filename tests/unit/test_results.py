@@ -203,3 +203,24 @@ def test_quality_rows_same_from_compressed_logs(sweep):
     n = len(list(sweep.glob("runs/*/log.jsonl")))
     assert n == 15 and len(compress_logs(sweep)) == n and not list(sweep.glob("runs/*/log.jsonl"))
     assert res.quality_rows(sweep, names) == before
+
+
+def test_best_and_edge_lrs_of_one_width(tmp_path):
+    """``--where hidden_size=N``: a width sweep's best and edge LRs per width (the queue tunes each
+    width on its own); without it the widths' runs would be pooled."""
+    widths = tmp_path / "width"
+    for lr, loss in ((1e-3, 5.0), (2e-3, 5.1), (4e-3, 5.2)):       # width 256: best at the low edge
+        _run(widths, "adam", lr, 1, loss, _curve(1.0), hidden=256)
+    for lr, loss in ((1e-3, 5.9), (2e-3, 5.7), (4e-3, 5.6), (8e-3, 5.8)):  # width 32: best 4e-3
+        _run(widths, "adam", lr, 1, loss, _curve(1.0), hidden=32)
+    assert res.quality_rows(widths, ["adam"], where={"hidden_size": 32})[0].best_lr == 4e-3
+    row = res.quality_rows(widths, ["adam"], where={"hidden_size": 256})[0]
+    assert row.best_lr == 1e-3 and row.edge and row.lrs == [1e-3, 2e-3, 4e-3]
+
+    def tool(*flags):
+        return subprocess.run([sys.executable, str(REPO / "tools" / "results_table.py"), str(widths), "--out",
+                               str(tmp_path / "out"), "--optimizers", "adam", *flags],
+                              check=True, capture_output=True, text=True, cwd=REPO).stdout.strip()
+    assert tool("--best-lrs", "--where", "hidden_size=32") == "adam=0.004"
+    assert tool("--edge-lrs", "--where", "hidden_size=256") == "adam=0.0005,0.00025"
+    assert tool("--best-lrs", "--where", "hidden_size=256") == ""   # an edge is no best yet
