@@ -34,7 +34,8 @@ from .integrity import FORMAT, agree, checkpoint_dir, hash_tree, new_staging, pu
 from .rng import rng_state, set_rng_state
 from .topology import DIST_OPTIM_FLAGS, LAYOUT_FLAGS, MODEL_FLAGS, run_topology, topology_diffs
 
-__all__ = ["CKPT_FORMAT", "save_dist_checkpoint", "load_dist_checkpoint", "save_dist", "load_dist", "check_keys"]
+__all__ = ["CKPT_FORMAT", "save_dist_checkpoint", "load_dist_checkpoint", "save_dist", "load_dist", "check_keys",
+           "sharded_tensors"]
 
 CKPT_FORMAT = "torch_dist"
 
@@ -106,7 +107,9 @@ def save_dist(staging: str, model_chunks, optimizer, args, common: dict) -> None
     _dc().save(sd, staging)
 
 
-def _requested(sd) -> list:
+def sharded_tensors(sd) -> list:
+    """Every ``ShardedTensor`` of a sharded state dict, factories built (a SwiGLU fc1 shard is two
+    tensors, views of the parameter)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     ShardedTensor, Factory, _ = sharded_types()
     out = []
@@ -122,7 +125,7 @@ def check_keys(directory: str, sd) -> Optional[str]:
     """Why the checkpoint in ``directory`` cannot give this rank's ``sd`` (a key it lacks, or
     another global shape); None if it can."""
     meta = _dc().load_tensors_metadata(directory)
-    for t in _requested(sd):
+    for t in sharded_tensors(sd):
         have = meta.get(t.key)
         if have is None:
             what = ("optimizer state" if t.key.startswith("optimizer.") else "model weights")

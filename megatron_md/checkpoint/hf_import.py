@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Optional
 
 import torch
 
 from ..errors import CheckpointError
+from .reader import merge_name, read_box
 
 __all__ = ["ARCHITECTURES", "read_config", "expected_model", "model_flags", "check_model", "HFWeights",
            "megatron_tensor", "load_into", "import_record", "from_hf", "FLAGS_FILE"]
@@ -184,8 +183,6 @@ class HFWeights(Mapping):
                                   "save_pretrained(..., safe_serialization=True))")
         self.dir, self._reader_cls = hf_dir, HuggingFaceStorageReader
         self._meta = HuggingFaceStorageReader(hf_dir).read_metadata().state_dict_metadata
-        from .reader import _slice_planner
-        self._planner = _slice_planner()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._meta)
@@ -197,16 +194,11 @@ class HFWeights(Mapping):
         return name in self._meta
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        import torch.distributed.checkpoint as dcp
         if name not in self._meta:
             raise CheckpointError(f"{self.dir}: the model has no tensor {name!r}")
         m = self._meta[name]
         buf = torch.empty(tuple(m.size), dtype=m.properties.dtype)
-        with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load({name: buf}, storage_reader=self._reader_cls(self.dir),
-                     planner=self._planner({name: ((0,) * buf.dim(), tuple(buf.shape))}), no_dist=True)
-        return buf
+        return read_box(self._reader_cls(self.dir), name, buf, (0,) * buf.dim())
 
 
 def megatron_tensor(hf: Mapping, name: str, cfg: dict, padded_vocab: int) -> torch.Tensor:
@@ -260,35 +252,6 @@ def megatron_tensor(hf: Mapping, name: str, cfg: dict, padded_vocab: int) -> tor
 
 
 # ------------------------------------------------------------------------- filling a built model
-_LAYERS = "decoder.layers."
-_EXPERTS = "mlp.experts.experts."           # a SequentialMLP's experts in megatron-core's sharded keys
-_LOCAL_EXPERTS = "mlp.experts.local_experts."
-
-
-def _names(key: str, lead: tuple[int, ...]) -> str:
-    """The merge name of sharded key ``key`` at leading (layer[, expert]) index ``lead``."""
-    if not lead:
-        return key
-    rest = key[len(_LAYERS):]
-    if len(lead) == 2:
-        return f"{_LAYERS}{lead[0]}.{_LOCAL_EXPERTS}{lead[1]}.{rest[len(_EXPERTS):]}"
-    return f"{_LAYERS}{lead[0]}.{rest}"
-
-
-def _sharded_tensors(chunk) -> list:
-    """Every ``ShardedTensor`` of a model chunk's ``sharded_state_dict()`` (factories built: a
-    SwiGLU fc1 shard is two tensors, views of the parameter)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    out = []
-    for t in nested_values(chunk.sharded_state_dict()):
-        if isinstance(t, ShardedTensorFactory):
-            out.extend(x for x in nested_values(t.build()) if isinstance(x, ShardedTensor))
-        elif isinstance(t, ShardedTensor):
-            out.append(t)
-    return out
-
-
 def load_into(model_chunks, hf_dir: str, padded_vocab: int) -> int:
     """Copy the Hugging Face model in ``hf_dir`` into this rank's parameters of ``model_chunks``
     (each chunk unwrapped down to its ``GPTModel``); returns the number of elements written.
@@ -297,6 +260,7 @@ def load_into(model_chunks, hf_dir: str, padded_vocab: int) -> int:
     leading axes) the mapped global tensor of each layer (expert) in its box is built and the box cut
     out of it; a key no Hugging Face tensor maps to is a :class:`CheckpointError` naming it. Holds one
     layer's mapped tensor at a time."""
+    from .dist import sharded_tensors   # megatron-core: imported where a built model is at hand
     cfg = read_config(hf_dir)
     hf = HFWeights(hf_dir)
     written = 0
@@ -305,7 +269,7 @@ def load_into(model_chunks, hf_dir: str, padded_vocab: int) -> int:
         for chunk in model_chunks:
             while hasattr(chunk, "module"):
                 chunk = chunk.module
-            for st in _sharded_tensors(chunk):
+            for st in sharded_tensors(chunk.sharded_state_dict()):
                 if st.key.endswith("_extra_state"):
                     continue
                 if st.flattened_range is not None:
@@ -313,7 +277,7 @@ def load_into(model_chunks, hf_dir: str, padded_vocab: int) -> int:
                                           "before the optimizer flattens it")
                 lead_n = st.prepend_axis_num
                 lead = tuple(st.global_offset[:lead_n])
-                name = _names(st.key, lead)
+                name = merge_name(st.key, lead)
                 try:
                     if name not in cache:
                         cache.clear()   # one mapped tensor at a time
@@ -347,17 +311,16 @@ def from_hf(hf_dir: str, save: str, *, nproc: int = 1, layout: Sequence[str] = (
     cfg = read_config(hf_dir)
     flags = model_flags(cfg)
     from .integrity import atomic_write_text, read_latest
-    from .reshard import DRIVER, run_driver
+    from .reshard import driver_command, run_driver
     if read_latest(save) is not None:
         raise CheckpointError(f"--save {save}: already a checkpoint directory; choose a new one (nothing is overwritten)")
     HFWeights(hf_dir)   # the weights are there and readable, before any rank starts
     m = expected_model(cfg)
     seq = min(m["max_position_embeddings"], 128)   # no token is read: any length the model takes
     vocab = ["--make-vocab-size-divisible-by", str(divisible_by)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), DRIVER,
-           *flags, *vocab, *layout, "--seq-length", str(seq), "--micro-batch-size", "1", "--lr", "1e-3",
-           "--optimizer", "adam", "--mock-data", "--eval-iters", "0", "--train-iters", "0",
-           "--load-hf", hf_dir, "--save", save, "--ckpt-format", ckpt_format, *extra]
+    cmd = driver_command(nproc, *flags, *vocab, *layout, "--seq-length", str(seq), "--micro-batch-size", "1",
+                         "--lr", "1e-3", "--optimizer", "adam", "--mock-data", "--eval-iters", "0", "--train-iters", "0",
+                         "--load-hf", hf_dir, "--save", save, "--ckpt-format", ckpt_format, *extra)
     out = {"command": cmd, "model_flags": flags + vocab, "architecture": cfg["architectures"][0],
            "resume_flags": import_record(hf_dir, cfg)["resume_flags"]}
     if dry_run:

@@ -19,6 +19,7 @@ Both give the same tensors for the same model, bit for bit (``tests/megatron/tes
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -30,7 +31,7 @@ from ..errors import CheckpointError
 from .integrity import checkpoint_dir, read_manifest, verify_file
 from .merge import latest_iteration, load_full_model
 
-__all__ = ["ModelReader", "open_model", "TorchDistModel", "PerRankModel"]
+__all__ = ["ModelReader", "open_model", "TorchDistModel", "PerRankModel", "read_box", "merge_name"]
 
 _LAYERS = "decoder.layers."
 _EXPERTS = "mlp.experts.experts."          # a SequentialMLP's experts in megatron-core's sharded keys
@@ -75,6 +76,31 @@ class PerRankModel(ModelReader):
         return self.state[name].dtype
 
 
+def merge_name(key: str, lead: tuple[int, ...]) -> str:
+    """The unsharded model's name (:mod:`.merge`'s naming) of megatron-core's sharded key ``key`` at
+    leading index ``lead``: ``()`` outside the layers, ``(layer,)``, or ``(layer, expert)`` for a
+    SequentialMLP's experts."""
+    if not lead:
+        return key
+    rest = key[len(_LAYERS):]
+    if len(lead) == 2:
+        return f"{_LAYERS}{lead[0]}.{_LOCAL_EXPERTS}{lead[1]}.{rest[len(_EXPERTS):]}"
+    return f"{_LAYERS}{lead[0]}.{rest}"
+
+
+def read_box(storage_reader, key: str, buf: torch.Tensor, offsets) -> torch.Tensor:
+    """Fill ``buf`` with the box of ``key`` that starts at ``offsets`` (``buf``'s shape) through a
+    ``torch.distributed.checkpoint`` storage reader (a torch_dist directory's ``FileSystemReader``, a
+    Hugging Face folder's ``HuggingFaceStorageReader``), in this process alone; returns ``buf``."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({key: buf}, storage_reader=storage_reader,
+                 planner=_slice_planner()({key: (tuple(offsets), tuple(buf.shape))}), no_dist=True)
+    return buf
+
+
+@functools.lru_cache(maxsize=None)
 def _slice_planner():
     """A ``torch.distributed.checkpoint`` load planner that reads given boxes of given keys into
     plain tensors of the boxes' shapes (DCP's default reads whole tensors, or shards of a
@@ -121,14 +147,10 @@ class TorchDistModel(ModelReader):
             if not key.startswith(_LAYERS):
                 self._where[key] = (key, ())
                 continue
-            rest = key[len(_LAYERS):]
+            experts = key[len(_LAYERS):].startswith(_EXPERTS)
             for i in range(m.size[0]):
-                if rest.startswith(_EXPERTS):
-                    for e in range(m.size[1]):
-                        self._where[f"{_LAYERS}{i}.{_LOCAL_EXPERTS}{e}.{rest[len(_EXPERTS):]}"] = (key, (i, e))
-                else:
-                    self._where[f"{_LAYERS}{i}.{rest}"] = (key, (i,))
-        self._planner = _slice_planner()
+                for lead in ([(i, e) for e in range(m.size[1])] if experts else [(i,)]):
+                    self._where[merge_name(key, lead)] = (key, lead)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -154,10 +176,7 @@ class TorchDistModel(ModelReader):
         buf = torch.empty(size, dtype=self.dtype(name))
         off = lead + (0,) * (len(full) - len(lead))
         try:
-            with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
-                warnings.simplefilter("ignore", UserWarning)
-                self._dcp.load({key: buf}, storage_reader=self._dcp.FileSystemReader(self.dir),
-                               planner=self._planner({key: (off, size)}), no_dist=True)
+            read_box(self._dcp.FileSystemReader(self.dir), key, buf, off)
         except Exception as exc:  # noqa: BLE001 - verified files that do not read are a bad checkpoint
             raise CheckpointError(f"{self.dir}: {key} cannot be read ({type(exc).__name__}: {exc})") from None
         return buf.reshape(full[len(lead):])

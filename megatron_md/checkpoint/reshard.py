@@ -20,7 +20,7 @@ from ..errors import CheckpointError
 from .integrity import read_latest, read_manifest
 from .merge import latest_iteration
 
-__all__ = ["driver_flags", "reshard", "run_driver", "DRIVER"]
+__all__ = ["driver_flags", "reshard", "run_driver", "driver_command", "DRIVER"]
 
 #: the driver a conversion runs (the dense entry point builds MoE models too, from --num-experts)
 DRIVER = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "pretrain_gpt.py"))
@@ -88,16 +88,22 @@ def reshard(load: str, save: str, *, nproc: int, layout: Sequence[str] = (), ckp
     if "--tensor-model-parallel-size" in lay:
         tp = int(lay[lay.index("--tensor-model-parallel-size") + 1])
     weights_only = man.get("ckpt_format") != "torch_dist"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           DRIVER, *driver_flags(man["topology"], tp), *lay,
-           # the LR schedule and every optimizer hyperparameter come from the checkpoint
-           "--lr", "1e-3", "--micro-batch-size", "1", "--mock-data", "--eval-iters", "0", "--log-interval", "1",
-           "--load", load, "--ckpt-step", str(it), "--train-iters", str(it), "--save", save,
-           "--ckpt-format", ckpt_format, *(["--no-load-optim"] if weights_only else []), *extra]
+    cmd = driver_command(
+        nproc, *driver_flags(man["topology"], tp), *lay,
+        # the LR schedule and every optimizer hyperparameter come from the checkpoint
+        "--lr", "1e-3", "--micro-batch-size", "1", "--mock-data", "--eval-iters", "0", "--log-interval", "1",
+        "--load", load, "--ckpt-step", str(it), "--train-iters", str(it), "--save", save,
+        "--ckpt-format", ckpt_format, *(["--no-load-optim"] if weights_only else []), *extra)
     if dry_run:
         return cmd
     run_driver(cmd, "resharding", save, it)
     return cmd
+
+
+def driver_command(nproc: int, *flags: str) -> list[str]:
+    """The command line of a conversion's driver run: ``torchrun --standalone`` on ``nproc`` ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), DRIVER,
+            *flags]
 
 
 def run_driver(cmd: Sequence[str], what: str, save: str, iteration: int) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 from typing import Optional
 
 from ..errors import CheckpointError
@@ -48,14 +47,14 @@ def _layout_flags(layout: dict, num_layers: int) -> list[str]:
 
 
 def _sf_to_x_dist(root: str, out: str, iteration: int, man: dict) -> int:
-    from .reshard import DRIVER, driver_flags, run_driver
+    from .reshard import driver_command, driver_flags, run_driver
     topo = man["topology"]
     lay = topo["layout"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(lay["world_size"]),
-           DRIVER, *driver_flags(topo, lay["tp"]), *_layout_flags(lay, topo["model"]["num_layers"]),
-           "--lr", "1e-3", "--micro-batch-size", "1", "--mock-data", "--eval-iters", "0", "--log-interval", "1",
-           "--load", root, "--ckpt-step", str(iteration), "--train-iters", str(iteration), "--save", out,
-           "--ckpt-format", "torch_dist", "--export-sf-x"]
+    cmd = driver_command(
+        lay["world_size"], *driver_flags(topo, lay["tp"]), *_layout_flags(lay, topo["model"]["num_layers"]),
+        "--lr", "1e-3", "--micro-batch-size", "1", "--mock-data", "--eval-iters", "0", "--log-interval", "1",
+        "--load", root, "--ckpt-step", str(iteration), "--train-iters", str(iteration), "--save", out,
+        "--ckpt-format", "torch_dist", "--export-sf-x")
     run_driver(cmd, "sf-to-x", out, iteration)
     return iteration
 
