@@ -38,6 +38,7 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
+from megatron_md.testing.full_disk import in_private_tmpfs, private_tmpfs_works  # noqa: E402
 from megatron_md.testing.spawn import group_fixture  # noqa: E402
 
 pytestmark = [pytest.mark.megatron]
@@ -415,6 +416,7 @@ _FULL_DISK = r"""
 import contextlib, io, json, os, sys
 sys.path.insert(0, {repo!r})
 tiny = {tiny!r}
+from megatron_md.testing.full_disk import fill
 
 
 def run(flags):
@@ -423,18 +425,6 @@ def run(flags):
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(log):
         rc = main(tiny + flags)
     return rc, [ln for ln in err.getvalue().splitlines() if "error:" in ln], log.getvalue()
-
-
-def fill(path):
-    # the disk full: every free block taken, then 4 KiB given back
-    with open(path, "wb") as fh:
-        try:
-            while True:
-                fh.write(bytes(1 << 16))
-                fh.flush()
-        except OSError:
-            pass
-        fh.truncate(max(0, fh.tell() - 4096))
 
 
 if __name__ == "__main__":   # megatron-core's checkpoint writer spawns helpers that import this file
@@ -454,15 +444,7 @@ if __name__ == "__main__":   # megatron-core's checkpoint writer spawns helpers 
 """
 
 
-def _private_tmpfs_works() -> bool:
-    import subprocess
-    if shutil.which("unshare") is None:
-        return False
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
-    return r.returncode == 0
-
-
-@pytest.mark.skipif(not _private_tmpfs_works(), reason="needs unshare -rm and mount (user namespaces) for a small "
+@pytest.mark.skipif(not private_tmpfs_works(), reason="needs unshare -rm and mount (user namespaces) for a small "
                     "private tmpfs, the full filesystem of this test")
 def test_a_save_onto_a_full_filesystem_is_one_error_and_the_previous_checkpoint_resumes(tmp_path):
     """A real full filesystem (a 24 MiB tmpfs in a private mount namespace, filled up after the first
@@ -477,9 +459,8 @@ def test_a_save_onto_a_full_filesystem_is_one_error_and_the_previous_checkpoint_
     script.write_text(_FULL_DISK.format(repo=str(Path(__file__).resolve().parents[2]), tiny=tiny))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=24m tmpfs "{mnt}" && '
-                        f'exec "{sys.executable}" "{script}" "{mnt}"'], capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    r = subprocess.run(in_private_tmpfs(mnt, [sys.executable, script, mnt]), capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     for fmt, res in got.items():

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_md.testing.full_disk import fill, in_private_tmpfs, private_tmpfs_works
+
 _spec = util.spec_from_file_location("_mlm_pretrain", Path(__file__).with_name("test_pretrain_gpt.py"))
 _mlm = util.module_from_spec(_spec)
 _spec.loader.exec_module(_mlm)
@@ -31,18 +33,6 @@ pytestmark = _mlm.pytestmark
 
 TRACKER = "latest_checkpointed_iteration.txt"
 COMMON = ["--optimizer", "muon-md", "--tensor-model-parallel-size", "2"]
-
-
-def _fill(path: str) -> None:
-    """The disk full: every free block taken, then 4 KiB given back."""
-    with open(path, "wb") as fh:
-        try:
-            while True:
-                fh.write(bytes(1 << 16))
-                fh.flush()
-        except OSError:
-            pass
-        fh.truncate(max(0, fh.tell() - 4096))
 
 
 def _launch(fmt: str, *flags: str) -> dict:
@@ -72,7 +62,7 @@ def _sequence(mnt: str, fmt: str, full_disk: bool) -> dict:
     resume = ["--load", ckpt, "--save", ckpt, "--save-interval", "3"]
     if full_disk:
         filler = os.path.join(mnt, "filler")
-        _fill(filler)
+        fill(filler)
         out["full"] = _launch(fmt, *resume)
         out["full"]["left"] = _listing(ckpt)
         out["full"]["tracker"] = open(os.path.join(ckpt, TRACKER)).read().strip()
@@ -96,26 +86,16 @@ def _sequence(mnt: str, fmt: str, full_disk: bool) -> dict:
     return out
 
 
-def _private_tmpfs_works() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
-                          capture_output=True).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def tmpfs() -> bool:
-    return _private_tmpfs_works()
+    return private_tmpfs_works()
 
 
 def _run_sequence(tmp_path: Path, fmt: str, full_disk: bool) -> dict:
     mnt, result = tmp_path / "mnt", tmp_path / "result.json"
     mnt.mkdir()
     me = [sys.executable, str(Path(__file__).resolve()), str(mnt), fmt, str(result), str(int(full_disk))]
-    if full_disk:
-        cmd = ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=24m tmpfs "{mnt}" && exec "$@"', "sh", *me]
-    else:
-        cmd = me
+    cmd = in_private_tmpfs(mnt, me) if full_disk else me
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=_mlm.ROOT)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return json.loads(result.read_text())

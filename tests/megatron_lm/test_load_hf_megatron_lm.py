@@ -47,34 +47,25 @@ def _hf_llama(path: Path) -> None:
     LlamaForCausalLM(cfg).save_pretrained(path)
 
 
-def _run(hf: Path | None, *flags: str):
+def _run(folder: Path, *flags: str, load: bool = True):
+    """Megatron-LM on the folder's model flags (TINY_GPT's own model flags left out), TP=2, 2 iterations;
+    ``load``: its weights through --load-hf (else a random init of the same model)."""
     from megatron_md.checkpoint.hf_import import model_flags, read_config
-    src = hf or _FOLDER[0]
-    model = model_flags(read_config(str(src)), megatron_lm=True)
-    tiny = []
-    it = iter(base.TINY_GPT)
+    tiny, it = [], iter(base.TINY_GPT)
     for f in it:
         if f in _DROP:
             next(it)
         else:
             tiny.append(f)
-    saved = base.TINY_GPT
-    base.TINY_GPT = tiny
-    try:
-        return base._run(*model, "--train-iters", "2", "--eval-interval", "100", "--eval-iters", "0",
-                         "--tensor-model-parallel-size", "2", *(["--load-hf", str(hf)] if hf else []), *flags)
-    finally:
-        base.TINY_GPT = saved
-
-
-_FOLDER: list = []
+    return base._run(*model_flags(read_config(str(folder)), megatron_lm=True), "--train-iters", "2",
+                     "--eval-interval", "100", "--eval-iters", "0", "--tensor-model-parallel-size", "2",
+                     *(["--load-hf", str(folder)] if load else []), *flags, tiny=tiny)
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf") / "llama"
     _hf_llama(path)
-    _FOLDER[:] = [path]
     return path
 
 
@@ -83,7 +74,7 @@ MD = ["--optimizer", "muon-md", "--weight-decay", "0", "--md-init", "factor", "-
 
 def test_megatron_lm_trains_from_a_hugging_face_folder(hf_folder):
     runs = {"adam": _run(hf_folder, "--optimizer", "adam"), "muon-md": _run(hf_folder, *MD),
-            "random": _run(None, "--optimizer", "adam")}
+            "random": _run(hf_folder, "--optimizer", "adam", load=False)}
     for name, (rc, out, iters, _) in runs.items():
         assert rc == 0, (name, out[-4000:])
         assert sorted(iters) == [1, 2], (name, out[-3000:])

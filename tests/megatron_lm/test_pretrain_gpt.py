@@ -50,14 +50,15 @@ ITER = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: (\S+) \|.*?grad norm:
 VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: (\S+) \|")
 
 
-def _run(*flags: str, probe: bool = False, timeout: int = 400):
+def _run(*flags: str, probe: bool = False, timeout: int = 400, tiny=None):
+    """One torchrun of the launcher with ``tiny`` (default :data:`TINY_GPT`) and ``flags``."""
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(PY311), os.environ.get("PYTHONPATH")])))
     if probe:
         env["MEGATRON_MD_TEST_PROBE_EVAL"] = "1"
     # --standalone: torchrun's store binds a port the kernel picks (no probe-then-bind race)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(SHIMS), str(LAUNCHER), *TINY_GPT, *flags]
+           str(SHIMS), str(LAUNCHER), *(TINY_GPT if tiny is None else tiny), *flags]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     iters = {int(m[1]): (float(m[2]), float(m[3])) for m in ITER.finditer(out)}
