@@ -32,6 +32,7 @@ from ..optim.md import project_rows_
 from ..optim.builder import MATRIX_OPTIMIZERS, fused_adamw_kwargs
 from ..shard import Blocks, FlatRange, flat_blocks
 from ..shard import comm as _comm
+from . import fsdp as _fsdp
 from .hybrid import HybridOptimizer, MatrixItem
 from .sharded_state import is_wrapper_sharded_state, wrapper_load, wrapper_sharded_state
 from .routing import (ModelLayoutContext, RoutingOptions, is_router, matrix_layout, named_params, residual_output,
@@ -62,6 +63,9 @@ class _SkipNonFinite:
         return super().load_state_dict(state_dict)
 
     def prepare_grads(self) -> bool:
+        proxies = getattr(self, "md_fsdp_proxies", None)
+        if proxies:  # FSDP2: the DTensors' reduce-scattered local gradients onto the proxies
+            _fsdp.pull_grads(proxies)
         found = super().prepare_grads()
         if getattr(self, "is_stub_optimizer", False):
             return found
@@ -337,6 +341,30 @@ def _flat_range(model_param, buffers, dp_group, inner):
     return FlatRange(s, e, dp_group, inner)
 
 
+def _flat_view(q: torch.Tensor) -> torch.Tensor:
+    """A leaf alias of ``q``'s storage, flattened (what a flat range's optimizer steps)."""
+    return q.detach().view(-1)
+
+
+def _fsdp_layout(inner, rows: tuple[int, int], group):
+    """FSDP2's rows ``[r0, r1)`` of a parameter with (TP) layout ``inner``, as the flat range
+    ``[r0·n, r1·n)`` (per block for a fused QKV / split fc1, :func:`flat_blocks`)."""
+    n = math.prod(inner.local_shape[1:])
+    s, e = rows[0] * n, rows[1] * n
+    if isinstance(inner, Blocks):
+        return flat_blocks(inner, s, e, group)
+    return FlatRange(s, e, group, inner)
+
+
+def _fsdp_stats_group(pgs):
+    """The group over which FSDP2's sharded gradient statistics (norm, zeros) are summed: every
+    data- and model-parallel rank of one optimizer instance (ZeRO-1's ``intra_dist_opt_group``)."""
+    g = pgs.get("intra_dist_opt_group")
+    if g is None:
+        raise ValueError("FSDP2: megatron-core gave no intra_dist_opt_group for the gradient statistics")
+    return g
+
+
 @dataclass
 class ParamRecord:
     """What a checkpoint needs to know of one model parameter of one Megatron wrapper: its
@@ -350,6 +378,8 @@ class ParamRecord:
     role: str
     dp_group: object
     expert: bool
+    #: FSDP2: this rank's rows ``[r0, r1)`` of the (TP-local) parameter, a DTensor (``None``: not FSDP2)
+    fsdp_rows: Optional[tuple[int, int]] = None
 
 
 def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_groups: bool = True):
@@ -366,6 +396,10 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     ctx = _layout_context(model_chunks, split_qkv=md.split_qkv and name in _PER_BLOCK,
                           split_fc1=md.split_fc1 and name in _PER_BLOCK)
     names = named_params(model_chunks)
+    fsdp = _fsdp.is_fsdp2(model_chunks)
+    if fsdp and (config.use_distributed_optimizer or md.dp_mode == "layer-wise"):
+        raise ValueError("--use-torch-fsdp2 shards parameters, gradients and optimizer state itself: drop "
+                         + ("--use-distributed-optimizer" if config.use_distributed_optimizer else "--dp-mode layer-wise"))
     md_run = matrix_cls is not None and name in ("adam-md", "muon-md")
     md_router = md_run and md.md_router  # MD's MoE recipe: the router on its own rows sphere, with gains
     opts = RoutingOptions(router_on_matrix=md.router_on_matrix or md_router)
@@ -374,13 +408,14 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     if md_run:
         roles, group_roles = md_recipe_roles(model_chunks, names, roles, md)
     layouts = {n: matrix_layout(n, p, ctx) for n, p in names if roles[n] in ("matrix", "head", "embedding")}
-    if config.use_distributed_optimizer and md.dp_mode != "layer-wise":
+    if (config.use_distributed_optimizer and md.dp_mode != "layer-wise") or fsdp:
         # per-block ZeRO-1 (flat_blocks) needs blocks that select whole rows: fused QKV, SwiGLU fc1
         bad = [n for n, lay in layouts.items() if isinstance(lay, Blocks) and roles[n] == "matrix"
                and any(v.parent_rows() is None for v in lay.views)]
         if bad:
             raise ValueError(
-                f"--optimizer {name} with --use-distributed-optimizer: ZeRO-1 flat shards of legacy GroupedMLP "
+                f"--optimizer {name} with {'--use-torch-fsdp2' if fsdp else '--use-distributed-optimizer'}: "
+                f"ZeRO-1/FSDP2 flat shards of legacy GroupedMLP "
                 f"expert weights ({bad[0]}, …: --moe-grouped-gemm without Transformer Engine; each expert a "
                 f"transposed chunk) are not supported; drop --moe-grouped-gemm, or use --dp-mode layer-wise")
     num_layers = model_chunks[0].config.num_layers
@@ -396,11 +431,21 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
         if kwargs.get("gains_lr") is None:  # the gains at the base LR (the MD paper; the authors' MoE recipe)
             kwargs["gains_lr"] = _partner_lr(md, config)
     head_kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    pgs = _process_groups(model_chunks, use_gloo_process_groups)
+    # FSDP2: the wrappers hold a plain proxy of every DTensor's local rows; matrices are bound as
+    # row-aligned flat ranges over FSDP2's group (fsdp.py)
+    proxies = _fsdp.make_proxies(names) if fsdp else {}
+    fsdp_group = _fsdp.dp_group_of(model_chunks) if fsdp else None
+    fsdp_rows = {n: _fsdp.row_range(p) for n, p in names} if fsdp else {}
     if md_run:
         kwargs["init"] = head_kwargs["init"] = md.md_init
-        _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layouts, radius, overrides)
+        if fsdp:  # project each rank's rows: the same sphere, its norms reduced over the group
+            local = [(n, _flat_view(proxies[id(p)])) for n, p in names]
+            local_lay = {n: _fsdp_layout(layouts[n], fsdp_rows[n], fsdp_group) for n in layouts}
+            _project_model_matrices(matrix_cls, kwargs, head_kwargs, local, roles, local_lay, radius, overrides)
+        else:
+            _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layouts, radius, overrides)
 
-    pgs = _process_groups(model_chunks, use_gloo_process_groups)
     partner = "sf-adamw" if name in ("sf-adamw", "sf-normuon") else "adamw"
     partner_kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
     if partner == "sf-adamw":
@@ -412,6 +457,9 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
         groups = _param_groups(model_chunks, config, names, roles, md, expert, group_roles)
         if expert and not any(g["params"] for g in groups):
             continue
+        if fsdp:
+            for g in groups:
+                g["params"] = [proxies[id(p)] for p in g["params"]]
         inner = HybridOptimizer(groups, matrix_cls=matrix_cls, matrix_kwargs=kwargs, partner=partner,
                                 partner_kwargs=partner_kwargs, ns_mode=md.ns_mode, head_kwargs=head_kwargs)
         model_groups = [list(g["params"]) for g in inner.param_groups]
@@ -421,10 +469,17 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
         buffers = {i: getattr(c, "expert_parallel_buffers" if expert else "buffers", [])
                    for i, c in enumerate(model_chunks)}
         from megatron.core.utils import get_pg_rank
+        if fsdp:
+            dp_group = fsdp_group
         w = _wrap(inner, config, model_chunks, buffers, dp_group, dp_gloo, get_pg_rank(mp_group), mp_group, 0,
                   stats_group=pgs.get("intra_dist_opt_group"))
         mains = _main_params(w)
         by_id = {id(p): n for n, p in names}
+        if fsdp:  # the model's DTensors are reached through their proxies
+            w.grad_stats_parallel_group = _fsdp_stats_group(pgs)
+            w.md_fsdp_proxies = [q for g in model_groups for q in g]
+            mains = {id(q.md_dtensor): m for q in w.md_fsdp_proxies for m in [mains.get(id(q))]}
+            model_groups = [[q.md_dtensor for q in g] for g in model_groups]
         items = []
         flat = config.use_distributed_optimizer and md.dp_mode != "layer-wise"
         for gi, params in enumerate(model_groups):
@@ -433,8 +488,11 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
             for mp in params:
                 n = by_id[id(mp)]
                 main = mains.get(id(mp))
-                lay = _flat_range(mp, buffers, dp_group, layouts[n]) if flat else layouts[n]
-                if flat and main is not None and main.numel() != lay.local_shape[0]:
+                if fsdp:
+                    lay = _fsdp_layout(layouts[n], fsdp_rows[n], dp_group)
+                else:
+                    lay = _flat_range(mp, buffers, dp_group, layouts[n]) if flat else layouts[n]
+                if (flat or fsdp) and main is not None and main.numel() != lay.local_shape[0]:
                     raise RuntimeError(f"{n}: DistributedOptimizer shard of {main.numel()} elements does not match "
                                        f"the computed range {lay!r}")
                 items.append(MatrixItem(gi, n, main, lay, radius[n], overrides[n]))
@@ -443,7 +501,8 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
         #: group): what :mod:`.sharded_state` maps optimizer state through
         w.md_records = [ParamRecord(by_id[id(mp)], mp, mains.get(id(mp)),
                                     zero_range(mp, buffers, dp_group) if config.use_distributed_optimizer else None,
-                                    inner.param_groups[gi]["md_role"], dp_group, expert)
+                                    inner.param_groups[gi]["md_role"], dp_group, expert,
+                                    fsdp_rows.get(by_id[id(mp)]))
                         for gi, params in enumerate(model_groups) for mp in params]
         w.md_layerwise = md.dp_mode == "layer-wise" and _comm.group_size(dp_group) > 1
         wrappers.append(w)

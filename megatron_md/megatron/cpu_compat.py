@@ -36,6 +36,8 @@ Every patch, and why (details in each function's docstring):
 ``moe_host_splits``         host split sizes of the alltoall dispatcher as numpy arrays
                             (the CUDA→host move is the identity on CPU).
 ``gloo_uneven_allgather``   all-gather-v on gloo by padding (NCCL accepts unequal sizes).
+``fsdp2_cpu_mesh``          megatron-core's FSDP2 wrapper builds its device mesh on the CPU
+                            (it asks for ``"cuda"``).
 ==========================  ==============================================================
 
 Removed, because they changed megatron-core's optimizer or checkpoint logic rather than a
@@ -614,6 +616,28 @@ def _patch_gloo_uneven_allgather(rec: _Recorder) -> None:
     rec.setattr(dist, "all_gather", all_gather)
 
 
+def _patch_fsdp2_cpu_mesh(rec: _Recorder) -> None:
+    """megatron-core's ``TorchFullyShardedDataParallel`` builds its mesh on the CPU device.
+
+    Without it: the wrapper calls ``DeviceMesh.from_group(group, "cuda")`` (the device type is a
+    literal), and FSDP2's ``fully_shard`` then fails on a machine without CUDA (``TypeError:
+    device(): argument 'index' must be int, not torch.device`` in ``_fsdp_init``). The module's
+    ``DeviceMesh`` name is replaced by a stand-in whose ``from_group`` maps the device type
+    ``"cuda"`` to ``"cpu"``: the same group, a CPU mesh, gloo collectives. Nothing else of the class
+    changes.
+    """
+    mod = _import("megatron.core.distributed.torch_fully_sharded_data_parallel")
+    _require(mod, "DeviceMesh")
+    real = mod.DeviceMesh
+
+    class _CpuDeviceMesh:
+        @staticmethod
+        def from_group(group, device_type, *args, **kwargs):
+            return real.from_group(group, "cpu" if _is_cuda_device(device_type) else device_type, *args, **kwargs)
+
+    rec.setattr(mod, "DeviceMesh", _CpuDeviceMesh)
+
+
 # ---------------------------------------------------------------------------------- registry
 PATCHES: Mapping[str, Patch] = MappingProxyType(
     {
@@ -630,6 +654,7 @@ PATCHES: Mapping[str, Patch] = MappingProxyType(
             Patch("moe_router_without_te", _patch_moe_router_without_te),
             Patch("moe_host_splits", _patch_moe_host_splits),
             Patch("gloo_uneven_allgather", _patch_gloo_uneven_allgather),
+            Patch("fsdp2_cpu_mesh", _patch_fsdp2_cpu_mesh),
         )
     }
 )

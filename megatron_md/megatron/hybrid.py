@@ -117,6 +117,8 @@ class HybridOptimizer(torch.optim.AdamW):
         self._bind_head(by_role["head"])
         for it in by_role["embedding"]:
             t = torch.empty(0, dtype=torch.float32) if it.main is None else it.main.detach()
+            if _flat_layout(it.layout):
+                t = t.view(-1)
             self._unit_rows.append((t, it.layout))
 
     def _local(self, it: MatrixItem, mains: list) -> torch.Tensor:
@@ -129,10 +131,11 @@ class HybridOptimizer(torch.optim.AdamW):
             if not all(isinstance(f, FlatRange) for f in flat):
                 raise ValueError(f"{it.name}: only a FlatRange layout may have an empty local piece")
             self._placeholders.append(p)
-        elif not p.is_leaf:
-            # ZeRO-1 shards of fp32 params are views into the model param (non-leaf); the
-            # sub-optimizer gets a detached alias of the same storage (grads mirrored)
-            p = p.detach()
+        elif not p.is_leaf or _flat_layout(it.layout) and p.ndim != 1:
+            # ZeRO-1 shards of fp32 params are views into the model param (non-leaf), an FSDP2
+            # shard is a whole-rows 2-D piece of a flat range: the sub-optimizer gets a detached
+            # (flat) alias of the same storage, grads mirrored
+            p = p.detach().view(-1) if _flat_layout(it.layout) else p.detach()
             mains.append((it.main, p))
         else:
             mains.append((p, p))
@@ -250,7 +253,7 @@ class HybridOptimizer(torch.optim.AdamW):
             p.grad = torch.empty(0, dtype=torch.float32)
         for p, q in self._local_mains + self._head_mains:
             if q is not p:
-                q.grad = p.grad
+                q.grad = p.grad if p.grad is None or p.grad.shape == q.shape else p.grad.view(q.shape)
         if self._matrix is not None:
             self._matrix.step()
         if self._head is not None:
@@ -381,6 +384,13 @@ def _broadcast_coalesced(pairs, group) -> None:
             if me != owner:
                 for t, v in zip(ts, _unflatten_dense_tensors(flat, ts)):
                     t.copy_(v)
+
+
+def _flat_layout(layout) -> bool:
+    """Whether ``layout`` is a flat range (ZeRO-1, FSDP2), or blocks of flat ranges."""
+    if isinstance(layout, Blocks):
+        return all(isinstance(v.shard, FlatRange) for v in layout.views)
+    return isinstance(layout, FlatRange)
 
 
 def _cost(it: MatrixItem) -> int:

@@ -1,0 +1,151 @@
+"""Torch FSDP2 (megatron-core's ``TorchFullyShardedDataParallel``) under megatron_md's optimizers.
+
+FSDP2 stores every parameter as a DTensor ``Shard(0)`` over the data-parallel group: rank ``r``
+holds rows ``[r0, r1)`` of the (tensor-parallel local) weight, ``r0 = min(r·⌈m/w⌉, m)``,
+``r1 = min(r0 + ⌈m/w⌉, m)`` (``torch.chunk``'s split; trailing ranks may hold nothing). Those
+rows are one contiguous run of the weight's row-major flattening, ``[r0·n, r1·n)``: a ZeRO-1 flat
+range that happens to be row-aligned. So the optimizer binds each local piece with the layouts the
+ZeRO-1 path already uses — :class:`~megatron_md.shard.FlatRange` over the DP group, around the
+weight's tensor-parallel layout (:func:`~megatron_md.shard.flat_blocks` for a fused QKV or a split
+``linear_fc1``) — and every method's update is the exact single-process one: row and column
+statistics are reduced over the DP group (O(d_out + d_in) per matrix), Newton–Schulz gathers each
+matrix at one owner.
+
+Megatron's optimizer wrappers (``FP32Optimizer``, ``Float16OptimizerWithFloat16Params``) never see
+a DTensor: they hold one plain :class:`Proxy` parameter per DTensor, a second tensor object on the
+same storage as the DTensor's local piece (so the optimizer's in-place update *is* the model's
+update, which FSDP2 all-gathers at the next forward), whose ``.grad`` is set to the local piece of
+the DTensor's reduce-scattered gradient before each step (:func:`pull_grads`). Megatron's grad-norm
+reduction then runs over the whole data × model-parallel group, as for ZeRO-1.
+
+Here: the wrapper class (:func:`fsdp2_class`: megatron-core's class with the two methods that
+megatron-core 0.16.1's loop calls on it fixed), the row geometry (:func:`row_range`), and the
+proxies. The CPU/gloo device mesh is :mod:`.cpu_compat`'s ``fsdp2_cpu_mesh`` (a device shim).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "fsdp2_class", "is_fsdp2", "is_dtensor", "row_range", "Proxy", "make_proxies",
+           "pull_grads", "dp_group_of"]
+
+_CLASS = None
+
+
+def available() -> tuple[bool, str]:
+    """``(True, "")`` when torch has FSDP2 and megatron-core has its wrapper, else ``(False, why)``."""
+    try:
+        from megatron.core.distributed.torch_fully_sharded_data_parallel import HAVE_FSDP
+    except ImportError as exc:
+        return False, f"megatron-core has no torch_fully_sharded_data_parallel ({exc})"
+    if not HAVE_FSDP:
+        return False, "this torch has no torch.distributed.fsdp.fully_shard (FSDP2 needs torch >= 2.4)"
+    return True, ""
+
+
+def fsdp2_class():
+    """megatron-core's ``TorchFullyShardedDataParallel`` with two fixes of its loop-facing methods:
+
+    * ``finish_grad_sync(force_all_reduce=...)``: megatron-core 0.16.1's ``finalize_model_grads``
+      passes the keyword, which the base class's method does not take (a ``TypeError`` in every
+      FSDP2 step of that release); FSDP2 has reduce-scattered the gradients during backward, so
+      there is nothing to finish;
+    * ``zero_grad_buffer()``: FSDP2 accumulates into each parameter's ``.grad`` (a DTensor), which
+      the base class's no-op never clears; here it sets them to None, as the optimizer's
+      ``zero_grad`` would if it held the DTensors (ours holds proxies)."""
+    global _CLASS
+    if _CLASS is None:
+        from megatron.core.distributed.torch_fully_sharded_data_parallel import TorchFullyShardedDataParallel
+
+        class MDTorchFullyShardedDataParallel(TorchFullyShardedDataParallel):
+            md_fsdp2 = True
+
+            def finish_grad_sync(self, *args, **kwargs):
+                return None
+
+            def zero_grad_buffer(self):
+                for p in self.module.parameters():
+                    p.grad = None
+
+            def scale_gradients(self, scaling_factor: float):
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(scaling_factor)
+
+        _CLASS = MDTorchFullyShardedDataParallel
+    return _CLASS
+
+
+def is_fsdp2(model_chunks) -> bool:
+    """Whether the model chunks are FSDP2-wrapped (their parameters are DTensors)."""
+    return any(is_dtensor(p) for c in model_chunks for p in c.parameters())
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
+def dp_group_of(model_chunks):
+    """The process group FSDP2 shards over (the chunks' ``process_group``: DP × CP)."""
+    groups = {id(c.process_group): c.process_group for c in model_chunks if hasattr(c, "process_group")}
+    if len(groups) != 1:
+        raise ValueError(f"FSDP2 model chunks must share one data-parallel group (got {len(groups)})")
+    return next(iter(groups.values()))
+
+
+def row_range(p) -> tuple[int, int]:
+    """Rows ``[r0, r1)`` of DTensor ``p`` (``Shard(0)`` on a 1-D mesh) held by this rank; checked
+    against the local piece's length."""
+    from torch.distributed.tensor import Shard
+    mesh, placements = p.device_mesh, p.placements
+    if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ValueError(f"FSDP2 parameter with placements {placements} on a {mesh.ndim}-D mesh: megatron_md "
+                         "binds Shard(0) over one data-parallel mesh dimension only")
+    m, w, r = p.shape[0], mesh.size(), mesh.get_local_rank()
+    chunk = math.ceil(m / w) if m else 0
+    r0 = min(r * chunk, m)
+    r1 = min(r0 + chunk, m)
+    if p._local_tensor.shape[0] != r1 - r0:
+        raise RuntimeError(f"FSDP2 local piece of {tuple(p.shape)} has {p._local_tensor.shape[0]} rows on rank {r} "
+                           f"of {w}; expected {r1 - r0} (torch.chunk's split)")
+    return r0, r1
+
+
+class Proxy(torch.nn.Parameter):
+    """A plain parameter on the storage of an FSDP2 DTensor's local piece (see module docstring).
+    ``md_dtensor``: the DTensor; Megatron's parameter attributes (``tensor_model_parallel``,
+    ``partition_dim``, ``shared``, ``allreduce``, ...) are copied from it."""
+
+
+def make_proxies(named: list[tuple[str, torch.Tensor]]) -> dict[int, Proxy]:
+    """id(DTensor) → its :class:`Proxy` (shape: the local piece's)."""
+    out = {}
+    for _, p in named:
+        local = p._local_tensor
+        q = Proxy(local.detach(), requires_grad=p.requires_grad)
+        for k, v in vars(p).items():
+            if not k.startswith("_"):
+                setattr(q, k, v)
+        q.md_dtensor = p
+        out[id(p)] = q
+    return out
+
+
+def pull_grads(proxies) -> None:
+    """Each proxy's ``.grad`` ← the local piece of its DTensor's gradient (None stays None).
+    Refuses a proxy no longer on its DTensor's storage (FSDP2 re-allocated the shard)."""
+    for q in proxies:
+        p = q.md_dtensor
+        local = p._local_tensor
+        if local.numel() and local.data_ptr() != q.data_ptr():
+            raise RuntimeError("FSDP2 moved a parameter's local shard to new storage after the optimizer was built "
+                               "(e.g. model.load_state_dict(assign=True) or .to()); build the optimizer after that")
+        g = p.grad
+        q.grad = None if g is None else (g._local_tensor if is_dtensor(g) else g).view_as(q)

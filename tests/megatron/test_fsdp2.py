@@ -1,0 +1,238 @@
+"""Every optimizer under megatron-core's torch FSDP2 (``TorchFullyShardedDataParallel``, DTensor
+``Shard(0)`` parameters), CPU/gloo, fp32: the exact update of plain data parallelism.
+
+One spawned group of 2 ranks runs the tiny GQA SwiGLU GPT of test_megatron_optimizers (per-block
+Q/K/V and, with ``split_fc1``, gate/up) for 5 steps, each rank half the batch, under
+  * plain DP=2 (megatron-core's DDP, replicated weights): the reference,
+  * FSDP2 DP=2 (each rank a row block of every weight, Megatron's FP32Optimizer over proxies),
+and checks the losses (≤1e-5 relative) and the final gathered parameters; then MD's recipe
+(unit-norm embedding rows, the row-sphere head), a non-finite gradient on one rank (skipped on
+every rank, nothing changed), the collective count per step independent of the matrix count,
+megatron-core's refusal combinations, and bf16.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from megatron_md.testing.spawn import group_fixture
+
+pytestmark = [pytest.mark.megatron, pytest.mark.skipif(importlib.util.find_spec("megatron.core") is None,
+                                                       reason="megatron-core is not installed")]
+
+VOCAB, SEQ, HIDDEN, HEADS, GROUPS, LAYERS, BATCH, STEPS = 96, 16, 32, 4, 2, 2, 4, 5
+LRS = {"adam": 3e-3, "muon": 0.02, "normuon": 0.02, "rmnp": 3e-3, "adamh": 0.01, "muonh": 0.01,
+       "adam-md": 3e-3, "muon-md": 0.01, "sf-adamw": 3e-3, "sf-normuon": 0.01}
+OPTIMIZERS = list(LRS)
+RTOL_LOSS, RTOL_PARAM = 1e-5, 1e-4
+#: AdamH: one near-zero-gradient element of the word embedding (test_megatron_optimizers' note)
+RTOL_PARAM_BY = {"adamh": 5e-4}
+
+
+def _config(bf16=False, tp=1):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    return TransformerConfig(num_layers=LAYERS, hidden_size=HIDDEN, ffn_hidden_size=2 * HIDDEN,
+                             num_attention_heads=HEADS, num_query_groups=GROUPS, use_cpu_initialization=True,
+                             hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False,
+                             gated_linear_unit=True, bf16=bf16, tensor_model_parallel_size=tp,
+                             params_dtype=torch.bfloat16 if bf16 else torch.float32, transformer_impl="local")
+
+
+def _gpt(cfg, tied=False):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    torch.manual_seed(1234)
+    gpt = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
+                   share_embeddings_and_output_weights=tied)
+    with torch.no_grad():  # weights keyed by name (independent of the RNG's history)
+        import zlib
+        for name, p in gpt.named_parameters():
+            if p.ndim >= 2:
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return gpt
+
+
+def _build(name, fsdp, md_kw=None, bf16=False, tied=False, tp=1):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_md.megatron.builder import get_megatron_optimizer
+    from megatron_md.megatron.config import MDConfig
+    from megatron_md.megatron.fsdp import fsdp2_class
+
+    cfg = _config(bf16, tp)
+    gpt = _gpt(cfg, tied)
+    if bf16:
+        from megatron.core.transformer.module import Float16Module
+        gpt = Float16Module(cfg, gpt)
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=not fsdp)
+    if fsdp:
+        model = fsdp2_class()(cfg, ddp_cfg, gpt)
+    else:
+        model = DistributedDataParallel(config=cfg, ddp_config=ddp_cfg, module=gpt)
+    ocfg = OptimizerConfig(optimizer="adam", lr=LRS[name], min_lr=0.0, weight_decay=0.0, clip_grad=1.0,
+                           bf16=bf16, params_dtype=cfg.params_dtype)
+    md = MDConfig(optimizer=name, **dict(dict(split_fc1=True), **(md_kw or {})))
+    return model, get_megatron_optimizer(ocfg, [model], md)
+
+
+def _batch(step, dp_rank, dp_size):
+    g = torch.Generator().manual_seed(1000 + step % 2)
+    tok = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+    n = BATCH // dp_size
+    tok = tok[dp_rank * n:(dp_rank + 1) * n]
+    return tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
+
+
+def _train(model, opt, steps=STEPS, poison_rank=None):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    losses, oks = [], []
+    for s in range(steps):
+        tokens, labels = _batch(s, r, dp)
+        model.zero_grad_buffer()
+        opt.zero_grad()
+        pos = torch.arange(SEQ).unsqueeze(0).expand(tokens.shape[0], -1)
+        loss = model(tokens, pos, None, labels=labels).float().mean()
+        loss.backward()
+        if poison_rank is not None and r == poison_rank:
+            p = next(p for n, p in model.module.named_parameters() if "linear_fc1" in n)
+            g = p.grad._local_tensor if hasattr(p.grad, "_local_tensor") else p.main_grad
+            g.view(-1)[0] = float("nan")
+        finalize_model_grads([model])
+        ok, _, _ = opt.step()
+        oks.append(ok)
+        mean = loss.detach().clone()
+        dist.all_reduce(mean, group=ps.get_data_parallel_group())
+        losses.append(mean.item() / dp)
+    return (losses, oks) if poison_rank is not None else losses
+
+
+def _full_params(model):
+    """name -> full fp32 parameter (FSDP2 DTensors gathered; DDP's replicated as they are)."""
+    from megatron_md.megatron.fsdp import is_dtensor
+    out = {}
+    for name, p in model.module.named_parameters():
+        t = p.full_tensor() if is_dtensor(p) else p
+        out[name.replace("module.", "")] = t.detach().float().clone()
+    return out
+
+
+def _compare(ref, got, rtol_param=RTOL_PARAM):
+    (l0, p0), (l1, p1) = ref, got
+    for a, b in zip(l1, l0):
+        assert abs(a - b) <= RTOL_LOSS * abs(b) + 1e-6, f"losses {l1} vs reference {l0}"
+    assert p0.keys() == p1.keys(), sorted(set(p0) ^ set(p1))
+    worst = max(((p1[k] - p0[k]).norm() / p0[k].norm()).item() for k in p0)
+    assert worst <= rtol_param, f"max relative parameter difference {worst:.2e}"
+    return worst
+
+
+def _checks(ctx):
+    from megatron_md.megatron.fsdp import is_dtensor
+    from megatron_md.shard import comm
+
+    ctx.init_model_parallel(tp=1)
+    refs = {}
+    for name in OPTIMIZERS:
+        with ctx.check(f"{name}/ddp"):
+            model, opt = _build(name, fsdp=False)
+            losses = _train(model, opt)
+            assert losses[-1] < losses[0], losses
+            refs[name] = (losses, _full_params(model))
+        with ctx.check(f"{name}/fsdp2"):
+            assert name in refs, "reference failed"
+            model, opt = _build(name, fsdp=True)
+            qkv = dict(model.module.named_parameters())["decoder.layers.0.self_attention.linear_qkv.weight"]
+            assert is_dtensor(qkv) and qkv._local_tensor.shape[0] == qkv.shape[0] // 2, qkv.shape
+            ctx.record(f"{name}/fsdp2", _compare(refs[name], (_train(model, opt), _full_params(model)),
+                                                 RTOL_PARAM_BY.get(name, RTOL_PARAM)))
+
+    for name in ("adam-md", "muon-md"):
+        with ctx.check(f"{name}/fsdp2-recipe"):
+            # MD's recipe under FSDP2: unit-norm embedding rows and the row-sphere head, each rank
+            # projecting its own rows
+            model, opt = _build(name, fsdp=True)
+            _train(model, opt, steps=2)
+            full = _full_params(model)
+            emb = full["embedding.word_embeddings.weight"]
+            torch.testing.assert_close(emb.norm(dim=1), torch.ones(emb.shape[0]), rtol=1e-5, atol=1e-5)
+
+    with ctx.check("nonfinite-skips-on-every-rank"):
+        model, opt = _build("muon-md", fsdp=True)
+        _train(model, opt, steps=1)
+        before = _full_params(model)
+        (_, oks) = _train(model, opt, steps=1, poison_rank=1)
+        from megatron_md.megatron.builder import skipped_steps
+        assert oks == [False] and skipped_steps(opt) == 1, oks
+        after = _full_params(model)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+    with ctx.check("collectives-independent-of-matrix-count"):
+        # the optimizer step's all-reduces (row/column statistics, norms: metered) do not grow with
+        # the number of layers; Newton–Schulz pieces travel point-to-point, per matrix
+        global LAYERS
+        counts = {}
+        for name in ("rmnp", "normuon", "muon-md"):
+            for layers in (2, 4):
+                saved, LAYERS = LAYERS, layers
+                try:
+                    model, opt = _build(name, fsdp=True)
+                finally:
+                    LAYERS = saved
+                _train(model, opt, steps=1)
+                comm.METER.reset()
+                _train(model, opt, steps=1)
+                counts[(name, layers)] = sum(v for (_, kind), v in comm.METER.calls.items() if kind == "all_reduce")
+            assert counts[(name, 2)] == counts[(name, 4)] > 0, counts
+        ctx.record("all-reduce-counts", {f"{k[0]}/L{k[1]}": v for k, v in counts.items()})
+
+    with ctx.check("refusals"):
+        from megatron.core.optimizer import OptimizerConfig
+
+        from megatron_md.megatron.builder import get_megatron_optimizer
+        from megatron_md.megatron.config import MDConfig
+        from megatron_md.megatron.fsdp import fsdp2_class
+        from megatron.core.distributed import DistributedDataParallelConfig
+        cfg = _config()
+        model = fsdp2_class()(cfg, DistributedDataParallelConfig(), _gpt(cfg))
+        for kw, flag in ((dict(use_distributed_optimizer=True), "--use-distributed-optimizer"),):
+            try:
+                get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, **kw), [model],
+                                       MDConfig(optimizer="muon"))
+            except ValueError as exc:
+                assert flag in str(exc) and "--use-torch-fsdp2" in str(exc), exc
+            else:
+                raise AssertionError(f"{flag} with FSDP2 was accepted")
+        try:
+            get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0), [model],
+                                   MDConfig(optimizer="muon", dp_mode="layer-wise"))
+        except ValueError as exc:
+            assert "--dp-mode layer-wise" in str(exc), exc
+        else:
+            raise AssertionError("--dp-mode layer-wise with FSDP2 was accepted")
+
+    for name in ("muon-md", "rmnp"):
+        with ctx.check(f"{name}/bf16"):
+            model, opt = _build(name, fsdp=True, bf16=True)
+            losses = _train(model, opt, steps=8)
+            assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.05, losses
+
+
+group = group_fixture(2, _checks, megatron=True, timeout=1200)
+
+CHECKS = [f"{n}/{s}" for n in OPTIMIZERS for s in ("ddp", "fsdp2")] + \
+    ["adam-md/fsdp2-recipe", "muon-md/fsdp2-recipe", "nonfinite-skips-on-every-rank",
+     "collectives-independent-of-matrix-count", "refusals", "muon-md/bf16", "rmnp/bf16"]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_fsdp2(group, check):
+    group.assert_ok(check)
