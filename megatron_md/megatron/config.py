@@ -364,6 +364,10 @@ class MDConfig:
     ns_mode: NsMode = _f("owner", "Newton–Schulz of sharded matrices: owner = one rank per matrix orthogonalizes "
                                   "and scatters; gather = every rank gathers and orthogonalizes. Ignored by "
                                   "methods without Newton–Schulz.")
+    ns_split: bool = _f(False, "Owner Newton–Schulz may split a matrix over its tensor-parallel group (each rank "
+                               "keeps its block of the long side; the m×m Gram is all-reduced every step) when "
+                               "that lowers the busiest rank's load; same as MEGATRON_MD_NS_SPLIT=1. Off: one "
+                               "owner per matrix.")
     dp_mode: DpMode = _f("auto", "auto = follow --use-distributed-optimizer (ZeRO-1 flat shards when set, plain DDP "
                                  "otherwise); layer-wise = whole matrices distributed across DP ranks (plain DDP, "
                                  "without --use-distributed-optimizer).")
