@@ -53,6 +53,8 @@ def parse(argv=None):
     lay.add_argument("--ns-dtype", choices=["bf16", "fp32"], default="bf16")
     lay.add_argument("--no-split-qkv", action="store_true")
     lay.add_argument("--split-fc1", action="store_true", help="SwiGLU's gate and up as separate matrices")
+    lay.add_argument("--ns-split", action="store_true",
+                     help="owner NS may split a matrix over its TP group (the product's --ns-split)")
     lay.add_argument("--global-batch", type=int, default=1024, help="sequences per step")
     lay.add_argument("--seq", type=int, default=4096)
     lay.add_argument("--bucket-size", type=int, default=None, help="DDP bucket size in elements (ZeRO-1 ranges)")
@@ -79,7 +81,8 @@ def main(argv=None):
     opts = [o.strip() for o in a.optimizers.split(",") if o.strip()]
     total, active = spec.params()
     print(f"{spec.name}: {total / 1e9:.1f}B parameters ({active / 1e9:.1f}B active); TP {a.tp} PP {a.pp} "
-          f"VPP {a.vpp} EP {a.ep} ETP {a.etp or a.tp}; {a.dp_mode}, NS {a.ns_mode} {a.ns_dtype}; "
+          f"VPP {a.vpp} EP {a.ep} ETP {a.etp or a.tp}; {a.dp_mode}, NS {a.ns_mode}{' split' if a.ns_split else ''} "
+          f"{a.ns_dtype}; "
           f"{a.global_batch} × {a.seq} tokens; {hw.name}: bf16 {hw.bf16_tflops:g} TFLOP/s × {hw.matmul_fraction:g}, "
           f"MFU {hw.mfu:g}, NVLink {hw.nvlink_gbs:g} GB/s, IB {hw.ib_gbs:g} GB/s")
     print("| " + " | ".join(h for _, h, _ in COLUMNS) + " |")
@@ -88,7 +91,7 @@ def main(argv=None):
     for dp in dps:
         lay = Layout(tp=a.tp, pp=a.pp, vpp=a.vpp, ep=a.ep, etp=a.etp, dp=dp, dp_mode=a.dp_mode, ns_mode=a.ns_mode,
                      ns_dtype=a.ns_dtype, split_qkv=not a.no_split_qkv, split_fc1=a.split_fc1, global_batch=a.global_batch, seq=a.seq,
-                     bucket_size=a.bucket_size)
+                     bucket_size=a.bucket_size, ns_split=a.ns_split)
         base = times(plan(spec, lay, "adam"), hw)
         for o in opts:
             r = summary(spec, lay, o, hw, baseline=base)

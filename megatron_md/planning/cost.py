@@ -18,7 +18,10 @@ The product's own decisions are imported, not re-derived:
   MD's MoE router group (``--md-router``'s default, ``builder.router_overrides``);
 * owners: :func:`megatron_md.shard.orthogonalize.assign_owners` with the costs
   :func:`megatron_md.ops.ns_flops` and the levels / majority-holder rule of ``orthogonalize``
-  (layer-wise DP: ``hybrid._cost``);
+  (layer-wise DP: ``hybrid._cost``); with ``Layout.ns_split`` (``--ns-split``) the teams of
+  :func:`megatron_md.shard.orthogonalize.assign_teams` (a matrix split over its TP group: each member
+  :func:`megatron_md.ops.split_ns.split_ns_flops`, one fp32 norm all-reduce and one m×m Gram
+  all-reduce per NS step per shape batch, no owner transfers at the TP level);
 * what each method's step reduces, over how many flushes, its NS steps, state and elementwise
   passes: :func:`megatron_md.planning.trace.trace_method` (the real class, traced);
 * the byte count of each collective: the counting model of :mod:`megatron_md.shard.comm`.
@@ -53,7 +56,8 @@ from ..megatron.routing import RoutingOptions, _tp_dim_from_name, is_router, rol
 from ..ops import ns_flops
 from ..shard import fused_qkv
 from ..shard.blocks import flat_blocks, swiglu_fc1
-from ..shard.orthogonalize import assign_owners
+from ..ops.split_ns import split_ns_flops
+from ..shard.orthogonalize import assign_owners, assign_teams
 from .model import ModelSpec, Param, stage_params
 from .trace import MethodTrace, Reduction, trace_method
 
@@ -76,6 +80,7 @@ class Layout:
     ns_dtype: Literal["bf16", "fp32"] = "bf16"
     split_qkv: bool = True          # --split-qkv (Q, K, V as separate matrices for the per-block methods)
     split_fc1: bool = False         # --split-fc1 (SwiGLU's gate and up halves as separate matrices)
+    ns_split: bool = False          # --ns-split (owner NS may split a matrix over its TP group)
     global_batch: int = 1024        # sequences
     seq: int = 4096
     bucket_size: Optional[int] = None   # DDP bucket size in elements (None: one bucket per buffer)
@@ -307,13 +312,25 @@ def _level_pieces(m: Mat, level: str, R: _Ranks) -> list[int]:
     return [rows * cols] * R.tw
 
 
+def _team_flops(m: Mat, R: _Ranks, steps: int) -> Optional[int]:
+    """A team member's split NS FLOPs (``orthogonalize.team_flops``) when the matrix's last level is
+    TP along its long side (``orthogonalize.split_dim_of``); None when it cannot be split."""
+    if m.tp_dim is None or R.tw <= 1 or m.shape[m.tp_dim] < m.shape[1 - m.tp_dim]:
+        return None
+    return split_ns_flops(m.shape[1 - m.tp_dim], m.local[m.tp_dim], steps)
+
+
 def _exchange(mats: list[Mat], flops: list[int], lay: Layout, R: _Ranks, tr: Traffic, ns: np.ndarray,
-              tag: str, es: int, members: Optional[list[np.ndarray]] = None, calls: Optional[list[int]] = None) -> None:
+              tag: str, es: int, members: Optional[list[np.ndarray]] = None, calls: Optional[list[int]] = None,
+              split: Optional[list] = None, steps: int = 0) -> None:
     """Owner-mode NS of ``mats`` (one ``orthogonalize`` call): owners per (level, group) as the
     product assigns them, a gather and a scatter record per matrix and level on every rank that
     takes part, and the NS FLOPs on the final owner. ``members[i]``: the ranks that step matrix i
     (layer-wise: the DP owner's TP group; default: every rank); ``calls[i]``: which ``orthogonalize``
-    call matrix i belongs to (layer-wise: one per DP owner, each assigning its own owners)."""
+    call matrix i belongs to (layer-wise: one per DP owner, each assigning its own owners).
+    ``split[i]`` (``--ns-split``): matrix i's per-member split cost, None if it cannot be split;
+    a team matrix (owner −1 at its TP level) has no transfers there, its FLOPs on every member and
+    its all-reduces per shape batch (``orthogonalize._run_teams``)."""
     levels = [_levels(m, lay, R) for m in mats]
     allr = np.ones(R.n, dtype=bool)
     members = members or [allr] * len(mats)
@@ -336,14 +353,27 @@ def _exchange(mats: list[Mat], flops: list[int], lay: Layout, R: _Ranks, tr: Tra
             w = dict(levels[lst[0]])[g]
             costs = [flops[i] for i in lst]
             holders = [_level_pieces(mats[i], g, R) if d == len(levels[i]) - 1 else None for i in lst]
-            for i, o in zip(lst, assign_owners(costs, w, holders)):
+            if split is not None:
+                sc = [split[i] if d == len(levels[i]) - 1 and g == R.tg else None for i in lst]
+                owners = assign_teams(costs, sc, w, holders)
+            else:
+                owners = assign_owners(costs, w, holders)
+            for i, o in zip(lst, owners):
                 owner[(i, d)] = o
+    batches: dict = {}
     for i in sharded:
         part = members[i].copy()
         for d, (g, w) in enumerate(levels[i]):
             idx = R.r if g in ("dp", "edp") else R.t
             pieces = np.asarray(_level_pieces(mats[i], g, R), dtype=np.int64)
             o = owner[(i, d)]
+            if o < 0:   # a team: the ranks that reached this level (one outer owner's group) split it
+                m = mats[i]
+                key = (calls[i], g, owner[(i, d - 1)] if d else -1, m.shape, m.tp_dim)
+                batches.setdefault(key, [part, 0, m.shape[1 - m.tp_dim], w])[1] += 1
+                ns[part] += split[i]
+                part = None
+                break
             me_owner = part & (idx == o)
             others = part & (idx != o)
             recv = int(pieces.sum() - pieces[o]) * es
@@ -353,7 +383,13 @@ def _exchange(mats: list[Mat], flops: list[int], lay: Layout, R: _Ranks, tr: Tra
             tr.add((tag, "scatter", g), me_owner, 0, recv, 0)
             tr.add_round(g, part, 2)
             part = me_owner
-        ns[part] += flops[i]
+        if part is not None:
+            ns[part] += flops[i]
+    for (_, g, _, _, _), (part, b, m, k) in batches.items():
+        f = 2 * (k - 1) / k
+        nbytes = int(round(f * 4 * b)) + steps * int(round(f * b * m * m * es))
+        tr.add((tag, "all_reduce", g), part, steps + 1, nbytes, nbytes)
+        tr.add_round(g, part, steps + 1)
 
 
 def _gather_mode(mats, flops, lay, R, tr, ns, tag, members=None):
@@ -522,7 +558,8 @@ def _method(mats, trace, lay, R, tr, ns, elem, state, tag, es, members, calls):
                                                                   + trace.state_per_col * m.local[1])
     if trace.ns_steps:
         if lay.ns_mode == "owner":
-            _exchange(mats, flops, lay, R, tr, ns, tag, es, members, calls)
+            split = [_team_flops(m, R, trace.ns_steps) for m in mats] if lay.ns_split else None
+            _exchange(mats, flops, lay, R, tr, ns, tag, es, members, calls, split, trace.ns_steps)
         else:
             _gather_mode(mats, flops, lay, R, tr, ns, tag, members)
     _reductions(mats, trace, lay, R, tr, tag, members)

@@ -254,3 +254,20 @@ def test_owner_split_close_to_owner_and_others_bitwise(split_w4):
 
 def test_owner_split_without_gain_is_bitwise_off(split_w4):
     split_w4.assert_ok("owner-nosplit")
+
+
+def test_assign_teams_splits_only_what_lowers_the_busiest_load():
+    from megatron_md.shard.orthogonalize import assign_owners, assign_teams
+
+    # one dominating splittable matrix: split (busiest 60 + LPT(10, 10) = 70 < 100)
+    assert assign_teams([100, 10, 10], [60, None, None], 2) == [-1, 0, 1]
+    # two equal big ones on two ranks: already balanced, nothing split — exactly assign_owners
+    costs = [100, 100, 10, 10]
+    assert assign_teams(costs, [60, 60, None, None], 2) == assign_owners(costs, 2)
+    # not splittable (None) or not cheaper split: the owners
+    assert assign_teams([100, 10], [None, None], 2) == assign_owners([100, 10], 2)
+    assert assign_teams([100, 10], [100, None], 2) == assign_owners([100, 10], 2)
+    # every prefix is tried: one split is worse than none (20 + 90 > 95), both are better (20 + 20 + 5)
+    assert assign_teams([90, 90, 5], [20, 20, None], 2) == [-1, -1, 0]
+    # the replicated part counts: with 4 ranks no split beats the owners (90 against 50 + 90, 100 + 5)
+    assert assign_teams([90, 90, 5], [50, 50, None], 4) == assign_owners([90, 90, 5], 4)

@@ -10,7 +10,10 @@ The cost model's prediction for the same model, layout and rank must equal both,
 
 Layouts: TP=2, ZeRO-1 DP=2 (per-block flat ranges of the split QKV; and of SwiGLU's split fc1),
 layer-wise DP=2, PP=2, EP=2 ZeRO-1 (experts at expert-DP 1: whole on their rank) (2 ranks);
-TP=2 × DP=2 ZeRO-1 and EP=2 × DP=2 ZeRO-1 MoE with ``--no-split-qkv`` (4 ranks; MD's router rule). Newton–Schulz in fp32 (the tests' pinned dtype; bf16 halves the NS bytes).
+TP=2 × DP=2 ZeRO-1 and EP=2 × DP=2 ZeRO-1 MoE with ``--no-split-qkv`` (4 ranks; MD's router rule);
+TP=2 × DP=2 ZeRO-1 with split Newton–Schulz (``MEGATRON_MD_NS_SPLIT=1``, the model's ``ns_split``) on one
+layer with FFN 1024, where each DP owner's TP group splits its fc1 / fc2 (a team: no owner transfers at the
+TP level, the Gram all-reduces, half an NS each). Newton–Schulz in fp32 (the tests' pinned dtype; bf16 halves the NS bytes).
 """
 from __future__ import annotations
 
@@ -47,6 +50,10 @@ CASES_W4 = {
                       dict(dp=4, ep=2, dp_mode="zero1", split_qkv=False), dict(bias=False, num_experts=4, moe_ffn=128,
                                                                              topk=2),
                       ["muon", "adam-md"]),
+    "tp2_dp2_zero1_split": (["--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--num-layers", "1",
+                             "--ffn-hidden-size", "1024"],
+                            dict(tp=2, dp=2, dp_mode="zero1", ns_split=True), dict(layers=1, ffn=1024),
+                            ["muon", "muon-md"]),
 }
 
 
@@ -96,6 +103,7 @@ def _measure(args):
 
 def _checks(ctx, cases):
     import os
+    from dataclasses import replace
 
     import torch.distributed as dist
 
@@ -113,6 +121,8 @@ def _checks(ctx, cases):
     for name, (flags, lay_kw, model_kw, optimizers) in cases.items():
         for opt in optimizers:
             with ctx.check(f"{name}_{opt}"):
+                # the product's knob until the builder passes --ns-split (orthogonalize.split_default)
+                os.environ["MEGATRON_MD_NS_SPLIT"] = "1" if lay_kw.get("ns_split") else "0"
                 got, got_flops = _measure(parse_args(base + ["--optimizer", opt] + flags))
                 lay = Layout(ns_dtype="fp32", vocab_divisible_by=64, **lay_kw)
                 assert lay.world == world, (lay, world)
@@ -124,6 +134,10 @@ def _checks(ctx, cases):
                                              "ns_flops": got_flops})
                 assert got == want, f"rank {rank}: METER {sorted(got.items())} != model {sorted(want.items())}"
                 assert got_flops == want_flops, f"rank {rank}: NS FLOPs run {got_flops} != model {want_flops}"
+                if lay.ns_split:   # the case exercises teams: without the split this rank's step differs
+                    off = plan(tiny(**model_kw), replace(lay, ns_split=False), opt)
+                    assert off.meter(rank // n, rank % n) != want and \
+                        int(off.stages[rank // n].ns_flops[rank % n]) != want_flops, "nothing was split"
 
 
 def _checks_w2(ctx):

@@ -7,6 +7,8 @@ rank under plain DDP — summed over the ranks of a stage, NS FLOPs equal one co
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from megatron_md.planning.cost import Layout, plan
@@ -32,3 +34,19 @@ def test_each_matrix_orthogonalized_once_per_replica(mode, copies):
     for s in p.stages:
         assert s.unique_ns_flops > 0
         assert int(s.ns_flops.sum()) == copies * s.unique_ns_flops, (mode, s.stage)
+
+
+def test_ns_split_lowers_the_busiest_rank_and_is_off_by_default():
+    """Llama-3-70B at TP 8 × PP 4 × DP 128: with --ns-split the busiest rank's NS is fc1's split share,
+    not the whole fc1; the cluster's NS work grows (each team member repeats the m³ term of A·A); the
+    Gram all-reduces appear on the TP group. Off (the default): the plan is that of the owners."""
+    spec = PRESETS["llama3-70b"]
+    assert Layout().ns_split is False
+    lay = Layout(tp=8, pp=4, dp=128, dp_mode="zero1", global_batch=2048, seq=8192)
+    off, on = plan(spec, lay, "muon"), plan(spec, replace(lay, ns_split=True), "muon")
+    off_ns, on_ns = off.per_rank("ns_flops"), on.per_rank("ns_flops")
+    assert on_ns.max() < off_ns.max() / 4 and on_ns.sum() > off_ns.sum()
+    assert on_ns.max() >= on_ns.mean()
+    ar = lambda p: sum(int(v.sum()) for (t, k, g), v in p.stages[0].traffic.sent.items()  # noqa: E731
+                       if k == "all_reduce" and g == "tp")
+    assert ar(on) > ar(off)
