@@ -268,6 +268,6 @@ def test_assign_teams_splits_only_what_lowers_the_busiest_load():
     assert assign_teams([100, 10], [None, None], 2) == assign_owners([100, 10], 2)
     assert assign_teams([100, 10], [100, None], 2) == assign_owners([100, 10], 2)
     # every prefix is tried: one split is worse than none (20 + 90 > 95), both are better (20 + 20 + 5)
-    assert assign_teams([90, 90, 5], [20, 20, None], 2) == [-1, -1, 0]
+    assert assign_teams([90, 90, 5], [20, 20, None], 3) == [-1, -1, 0]
     # the replicated part counts: with 4 ranks no split beats the owners (90 against 50 + 90, 100 + 5)
     assert assign_teams([90, 90, 5], [50, 50, None], 4) == assign_owners([90, 90, 5], 4)
