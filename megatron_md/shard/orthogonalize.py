@@ -196,7 +196,7 @@ def orthogonalize(items: Sequence[tuple[MatrixShard, torch.Tensor]], *, coeffici
     """Local pieces of NS(logical matrix) for every item (see module docstring). ``overlap``
     (default: :func:`overlap_default`) pipelines the owners' last round (bitwise the same result).
     ``split`` (default: :func:`split_default`, off) lets owner mode give a matrix to a team
-    (module docstring, "Split (team) Newton–Schulz")."""
+    (module docstring, "Split (team) Newton–Schulz"); gather mode ignores it."""
     if overlap is None:
         overlap = overlap_default()
     if split is None:
