@@ -13,7 +13,7 @@ layer-wise DP=2, PP=2, EP=2 ZeRO-1 (experts at expert-DP 1: whole on their rank)
 TP=2 × DP=2 ZeRO-1 and EP=2 × DP=2 ZeRO-1 MoE with ``--no-split-qkv`` (4 ranks; MD's router rule);
 TP=2 × DP=2 ZeRO-1 with split Newton–Schulz (``MEGATRON_MD_NS_SPLIT=1``, the model's ``ns_split``) on one
 layer with FFN 1024, where each DP owner's TP group splits its fc1 / fc2 (a team: no owner transfers at the
-TP level, the Gram all-reduces, half an NS each). Newton–Schulz in fp32 (the tests' pinned dtype; bf16 halves the NS bytes).
+TP level, the Gram all-reduces, half an NS each), and the same under TP=2 × layer-wise DP=2. Newton–Schulz in fp32 (the tests' pinned dtype; bf16 halves the NS bytes).
 """
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ CASES_W4 = {
                              "--ffn-hidden-size", "1024"],
                             dict(tp=2, dp=2, dp_mode="zero1", ns_split=True), dict(layers=1, ffn=1024),
                             ["muon", "muon-md"]),
+    "tp2_layerwise_dp2_split": (["--tensor-model-parallel-size", "2", "--dp-mode", "layer-wise", "--num-layers", "1",
+                                 "--ffn-hidden-size", "1024"],
+                                dict(tp=2, dp=2, dp_mode="layer-wise", ns_split=True), dict(layers=1, ffn=1024),
+                                ["muon"]),
 }
 
 
