@@ -50,7 +50,8 @@ def _check_math(group, k, r):
     cases = [  # (full shape, split dim, block sizes)
         ((37, 9), -2, even(37)),                                    # tall, uneven blocks
         ((9, 37), -1, even(37)),                                    # wide, uneven blocks
-        ((12, 12), -1, even(12)),                                   # square
+        ((12, 12), -1, even(12)),                                   # square, columns split
+        ((10, 10), -2, even(10)),                                   # square, rows split (transposed)
         ((6, 20), -1, [0, 20] if k == 2 else [0, 11, 0, 9]),        # empty blocks
         ((3, 7, 29), -1, even(29)),                                 # batched
         ((2, 2, 30, 6), -2, even(30)),                              # 4-D batch, tall
