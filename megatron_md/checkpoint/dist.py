@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from ..megatron.sharded_state import (Entry, apply_wrapper_common, commons_for, merge_commons, optimizer_wrappers,
                                       sharded_types, template_map, wrapper_common, wrapper_entries)
+from ..errors import CheckpointError
 from .integrity import FORMAT, agree, checkpoint_dir, hash_tree, new_staging, publish, save_step, verify_file
 from .rng import rng_state, set_rng_state
 from .topology import DIST_OPTIM_FLAGS, LAYOUT_FLAGS, MODEL_FLAGS, run_topology, topology_diffs
@@ -53,7 +54,9 @@ def _unwrapped(chunk):
 
 def model_templates(model_chunks) -> list[dict]:
     """Each chunk's ``sharded_state_dict()`` (what Megatron saves for the model)."""
-    return [_unwrapped(c).sharded_state_dict() for c in model_chunks]
+    from ..megatron import fsdp
+    return [fsdp.sharded_state_dict(_unwrapped(c)) if fsdp.is_fsdp2([c]) else _unwrapped(c).sharded_state_dict()
+            for c in model_chunks]
 
 
 def _collect(optimizer, model_chunks, templates, args, *, loading: bool) -> tuple[list[Entry], list[dict]]:
@@ -136,6 +139,28 @@ def check_keys(directory: str, sd) -> Optional[str]:
     return None
 
 
+def _load_model(module, state: dict) -> None:
+    """``module.load_state_dict(state, strict=True)``; an FSDP2 module's DTensors take the loaded
+    local rows into their local pieces (what the torch_dist load read for this rank)."""
+    from ..megatron.fsdp import is_dtensor
+    own = module.state_dict(keep_vars=True)
+    if not any(is_dtensor(v) for v in own.values()):
+        module.load_state_dict(state, strict=True)
+        return
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("._extra_state"))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"model state: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    with torch.no_grad():
+        for k, v in own.items():
+            if not torch.is_tensor(v) or k not in state:
+                continue
+            target = v._local_tensor if is_dtensor(v) else v
+            got = state[k]
+            if got is not target:
+                target.copy_(got.view_as(target))
+
+
 def load_dist(directory: str, model_chunks, optimizer, args, *, load_optim: bool, load_rng: bool,
               check: Callable[[Optional[str]], None]) -> dict:
     """Load a torch_dist checkpoint into the model (and optimizer): returns its common state.
@@ -151,7 +176,7 @@ def load_dist(directory: str, model_chunks, optimizer, args, *, load_optim: bool
     sd["common"] = None
     got = _dc().load(sd, directory)
     for i, c in enumerate(model_chunks):
-        _unwrapped(c).load_state_dict(got[_model_key(i, len(model_chunks))], strict=True)
+        _load_model(_unwrapped(c), got[_model_key(i, len(model_chunks))])
     common = got["common"]
     if entries:
         with torch.no_grad():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TRACKER", "MANIFEST", "FORMAT", "MEGATRON_LM_WRITER", "checkpoint_dir", "rank_name", "rank_file",
            "atomic_torch_save", "atomic_write_text", "sha256", "read_latest", "complete_iterations", "clean_stale",
@@ -269,6 +272,7 @@ def save_step(root: str, iteration: int, staging: Optional[str], write: Callable
         except (CheckpointError, OSError):
             prev = None
         error, _ = describe_save_failure(root, iteration, exc, prev)
+        logger.debug("checkpoint save of iteration %d failed on this rank", iteration, exc_info=True)
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     bad = [e for e in errors if e is not None]

@@ -436,7 +436,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     # row-aligned flat ranges over FSDP2's group (fsdp.py)
     proxies = _fsdp.make_proxies(names) if fsdp else {}
     fsdp_group = _fsdp.dp_group_of(model_chunks) if fsdp else None
-    fsdp_rows = {n: _fsdp.row_range(p) for n, p in names} if fsdp else {}
+    fsdp_rows = {n: _fsdp.row_range(p, fsdp_group) for n, p in names} if fsdp else {}
     if md_run:
         kwargs["init"] = head_kwargs["init"] = md.md_init
         if fsdp:  # project each rank's rows: the same sphere, its norms reduced over the group
@@ -461,7 +461,8 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
             for g in groups:
                 g["params"] = [proxies[id(p)] for p in g["params"]]
         inner = HybridOptimizer(groups, matrix_cls=matrix_cls, matrix_kwargs=kwargs, partner=partner,
-                                partner_kwargs=partner_kwargs, ns_mode=md.ns_mode, head_kwargs=head_kwargs)
+                                partner_kwargs=partner_kwargs, ns_mode=md.ns_mode, head_kwargs=head_kwargs,
+                                ns_split=True if getattr(md, "ns_split", False) else None)
         model_groups = [list(g["params"]) for g in inner.param_groups]
         dp_group = pgs["intra_expt_dp_group"] if expert else pgs["intra_dp_cp_group"]
         dp_gloo = pgs.get("intra_expt_dp_group_gloo" if expert else "intra_dp_cp_group_gloo")

@@ -100,15 +100,21 @@ def dp_group_of(model_chunks):
     return next(iter(groups.values()))
 
 
-def row_range(p) -> tuple[int, int]:
-    """Rows ``[r0, r1)`` of DTensor ``p`` (``Shard(0)`` on a 1-D mesh) held by this rank; checked
-    against the local piece's length."""
+def row_range(p, group=None) -> tuple[int, int]:
+    """Rows ``[r0, r1)`` of DTensor ``p`` (``Shard(0)`` on a 1-D mesh over ``group``, default megatron's
+    data-parallel × context-parallel group) held by this rank; checked against the local piece's length."""
+    import torch.distributed as dist
     from torch.distributed.tensor import Shard
     mesh, placements = p.device_mesh, p.placements
     if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
         raise ValueError(f"FSDP2 parameter with placements {placements} on a {mesh.ndim}-D mesh: megatron_md "
                          "binds Shard(0) over one data-parallel mesh dimension only")
-    m, w, r = p.shape[0], mesh.size(), mesh.get_local_rank()
+    if group is None:
+        from megatron.core import parallel_state as ps
+        group = ps.get_data_parallel_group(with_context_parallel=True)
+    m, w, r = p.shape[0], dist.get_world_size(group), dist.get_rank(group)
+    if w != mesh.size():
+        raise ValueError(f"FSDP2 mesh of {mesh.size()} ranks, data-parallel group of {w}")
     chunk = math.ceil(m / w) if m else 0
     r0 = min(r * chunk, m)
     r1 = min(r0 + chunk, m)
@@ -149,3 +155,102 @@ def pull_grads(proxies) -> None:
                                "(e.g. model.load_state_dict(assign=True) or .to()); build the optimizer after that")
         g = p.grad
         q.grad = None if g is None else (g._local_tensor if is_dtensor(g) else g).view_as(q)
+
+
+# ------------------------------------------------------------------------ torch_dist checkpoints
+def _prepend_of(T):
+    """(shape, offset, fragmentation) of the prepended axes of megatron-core's sharded tensor (or
+    the first tensor its factory builds): e.g. the local expert index of SequentialMLP experts."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    if not isinstance(T, ShardedTensor):
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        T = [t for t in nested_values(T.build()) if isinstance(t, ShardedTensor)][0]
+    k = T.prepend_axis_num
+    return tuple(T.global_shape[:k]), tuple(T.global_offset[:k]), tuple(T.axis_fragmentations[:k] or ())
+
+
+def row_factory(key: str, data: torch.Tensor, *, rows: tuple[int, int], full_rows: int, tp_rank: int, tp: int,
+                tp_axis: Optional[int], swiglu: bool, prepend: tuple, replica_id):
+    """A ``ShardedTensorFactory`` of rows ``[r0, r1)`` (``data``) of a TP-local tensor of ``full_rows``
+    rows, in the coordinates megatron-core saves the unsharded parameter in (the same keys, global
+    shape and offsets as without FSDP2, so a checkpoint reshards to and from every other layout):
+
+    * TP along rows (``tp_axis`` 0): global rows ``tp · full_rows``, this piece at ``tp_rank · full_rows + r0``;
+    * a SwiGLU ``linear_fc1`` (``[gate_t; up_t]`` on each TP rank, saved as all gates then all ups):
+      the piece's gate rows and up rows are two boxes;
+    * TP along columns (``tp_axis`` 1): the columns at ``tp_rank · n``.
+
+    Boxes may be uneven (``axis_fragmentations=None``: DCP checks the coverage). Megatron-core's own
+    FSDP2 sharded tensors assume even splits and cut a SwiGLU piece in two halves regardless of
+    which rows it holds, which mislabels gate and up rows."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    r0, r1 = rows
+    pshape, poff, _ = prepend
+    k = len(pshape)
+
+    def boxes(cols):
+        if swiglu:
+            f = full_rows // 2
+            out = []
+            if r0 < f:
+                out.append((0, min(r1, f) - r0, tp_rank * f + r0))
+            if r1 > f:
+                lo = max(r0, f)
+                out.append((lo - r0, r1 - r0, tp * f + tp_rank * f + (lo - f)))
+            return out, 2 * f * tp, cols, 0
+        grows = full_rows * tp if tp_axis == 0 else full_rows
+        gcols = cols * tp if tp_axis == 1 else cols
+        return [(0, r1 - r0, (tp_rank * full_rows if tp_axis == 0 else 0) + r0)], grows, gcols, \
+            (tp_rank * cols if tp_axis == 1 else 0)
+
+    def build(key, t, replica_id, flattened_range):
+        if t.ndim not in (1, 2):
+            raise ValueError(f"FSDP2 checkpoint: {key} has {t.ndim} dimensions; expected a vector or a matrix")
+        spec, grows, gcols, c0 = boxes(t.shape[1] if t.ndim == 2 else 1)
+        out = []
+        for a, b, g0 in spec:
+            if b <= a:
+                continue
+            # the prepended axes (e.g. the layer index) become leading axes of size 1: DCP takes boxes of an
+            # irregular grid with the tensor's own dimensions
+            piece = t[a:b].reshape((1,) * k + tuple(t[a:b].shape))
+            gshape, goff = ((grows, gcols), (g0, c0)) if t.ndim == 2 else ((grows,), (g0,))
+            sh = ShardedTensor(key=key, data=piece, dtype=piece.dtype, local_shape=tuple(piece.shape),
+                               global_shape=pshape + gshape, global_offset=poff + goff,
+                               axis_fragmentations=None, replica_id=replica_id, prepend_axis_num=0)
+            sh.validate_metadata_integrity()
+            out.append(sh)
+        return out
+
+    def merge(pieces):
+        pieces = [x.reshape(x.shape[k:]) for x in pieces]
+        return torch.cat(pieces) if pieces else data.new_zeros((0,) + tuple(data.shape[1:]))
+
+    fac = ShardedTensorFactory(key, data, build, merge, replica_id)
+    fac.md_fsdp = dict(full_rows=full_rows, tp_rank=tp_rank, tp=tp, tp_axis=tp_axis, swiglu=swiglu, prepend=prepend)
+    return fac
+
+
+def sharded_state_dict(module) -> dict:
+    """``module.sharded_state_dict()`` of an FSDP2-wrapped GPTModel with every DTensor parameter's
+    entry replaced by a :func:`row_factory` of its local rows (others unchanged)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    sd = module.sharded_state_dict()
+    by_local = {id(p._local_tensor): (n, p) for n, p in module.named_parameters() if is_dtensor(p)}
+    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+    def fix(T):
+        if not isinstance(T, (ShardedTensor, ShardedTensorFactory)) or id(T.data) not in by_local:
+            return T
+        name, p = by_local[id(T.data)]
+        tp_axis = p.partition_dim if getattr(p, "tensor_model_parallel", False) and tp > 1 else None
+        swiglu = isinstance(T, ShardedTensorFactory)
+        if swiglu and not name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
+            raise ValueError(f"FSDP2 checkpoint: {name} has a sharded-tensor factory megatron_md does not know")
+        return row_factory(T.key, p._local_tensor, rows=row_range(p), full_rows=p.shape[0], tp_rank=tp_rank,
+                           tp=tp, tp_axis=tp_axis, swiglu=swiglu, prepend=_prepend_of(T), replica_id=T.replica_id)
+    dict_list_map_inplace(fix, sd)
+    return sd

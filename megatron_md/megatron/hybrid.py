@@ -59,7 +59,7 @@ class HybridOptimizer(torch.optim.AdamW):
 
     def __init__(self, param_groups: Sequence[dict], *, matrix_cls=None, matrix_kwargs: Optional[dict] = None,
                  partner: str = "adamw", partner_kwargs: Optional[dict] = None, ns_mode: str = "owner",
-                 head_kwargs: Optional[dict] = None):
+                 head_kwargs: Optional[dict] = None, ns_split: Optional[bool] = None):
         if partner not in ("adamw", "sf-adamw"):
             raise ValueError(f"partner={partner!r}: expected 'adamw' or 'sf-adamw'")
         groups = [dict(g) for g in param_groups]
@@ -71,6 +71,7 @@ class HybridOptimizer(torch.optim.AdamW):
         torch.optim.Optimizer.__init__(self, groups, dict(lr=0.0, weight_decay=0.0))
         self.matrix_cls, self.matrix_kwargs = matrix_cls, dict(matrix_kwargs or {})
         self.ns_mode = ns_mode
+        self.ns_split = ns_split  # None: MEGATRON_MD_NS_SPLIT decides
         if any(g["md_role"] == "matrix" and g["params"] for g in self.param_groups) and matrix_cls is None:
             raise ValueError("matrix_cls is required when there are matrix parameters")
         pk = dict(partner_kwargs or {})
@@ -174,6 +175,8 @@ class HybridOptimizer(torch.optim.AdamW):
             return
         self._matrix = self.matrix_cls(groups, shards=shards, **self._ns_kw(), **self.matrix_kwargs)
         self._matrix.check_finite = False
+        if hasattr(self._matrix, "ns_split"):
+            self._matrix.ns_split = self.ns_split
         for (gi, *_), g in zip(sub_groups.keys(), self._matrix.param_groups):
             self._links.append((g, gi))
         self._sync_hparams()

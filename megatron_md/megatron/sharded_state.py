@@ -98,6 +98,8 @@ def _prepend(T):
     """(shape, offset, fragmentation) of the prepended axes of the template (experts of a
     SequentialMLP); for a factory, of the tensors it builds."""
     ShardedTensor, _, _ = sharded_types()
+    if getattr(T, "md_fsdp", None) is not None:  # an FSDP2 parameter's rows (fsdp.row_factory)
+        return T.md_fsdp["prepend"]
     if not isinstance(T, ShardedTensor):
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         built = [t for t in nested_values(T.build()) if isinstance(t, ShardedTensor)]
@@ -132,9 +134,13 @@ def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[Entry]
     partner_keys = ("z", "exp_avg_sq") if "SFAdamW" in type(inner._partner).__name__ else ("exp_avg", "exp_avg_sq")
     entries: list[Entry] = []
     for rec in records:
-        T = tmap.get(id(rec.model))
+        fsdp = rec.fsdp_rows is not None
+        # megatron-core's sharded tensor of an FSDP2 DTensor holds its local piece
+        T = tmap.get(id(rec.model._local_tensor if fsdp else rec.model))
         if T is None:
-            raise CheckpointError(f"{rec.name}: not in the model's sharded_state_dict()")
+            raise CheckpointError(f"{rec.name}: not in the model's sharded_state_dict()"
+                                  + (" as its FSDP2 local rows (a parameter with fewer rows than data-parallel ranks: "
+                                     "megatron-core saves it whole)" if fsdp else ""))
         if mixed:  # the fp32 main copy: every rank holds (and loads) it, layer-wise too
             entries.append(_param_shaped("optimizer.main", T, rec, rec.main, loading))
         layerwise_owner = False
@@ -168,6 +174,8 @@ def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[Entry]
             raise CheckpointError(f"--ckpt-format torch_dist: {rec.name} holds several experts in one tensor "
                                   "(grouped GEMM weights); their per-expert optimizer state cannot be named "
                                   "globally yet — use --ckpt-format torch, or the SequentialMLP/TE experts")
+        if fsdp:  # per-matrix vectors are reassembled over the DP group: one main replica, DP rank 0
+            rep = rep[:-1] + (dist.get_rank(rec.dp_group),)
         for b, view in enumerate(views):
             vec = BlockState(st, b)
             shard = lay if view is None else view.shard
@@ -219,7 +227,14 @@ def _param_shaped(prefix, T, rec, t, loading) -> Entry:
     tensor: ZeRO pieces summed over the data-parallel group first."""
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
     mp = rec.model
-    if rec.zero is not None:
+    if rec.fsdp_rows is not None:  # FSDP2: this rank's rows, sharded as the parameter's own tensor
+        shape = tuple(mp._local_tensor.shape)
+        full = (torch.zeros(shape, dtype=torch.float32, device=mp.device) if loading
+                else t.detach().reshape(shape).to(torch.float32))
+
+        def restore(v, t=t):
+            t.copy_(v.view_as(t))
+    elif rec.zero is not None:
         s, e = rec.zero
         full = torch.zeros(mp.numel(), dtype=torch.float32, device=mp.device)
         if not loading:
@@ -245,7 +260,7 @@ def _partner_step(T, rep, rec, st, loading) -> Entry:
     val = torch.zeros(1, dtype=torch.float32, device=rec.model.device)
     if not loading and step is not None:
         val += step.to(val)
-    if rec.zero is not None and not loading:  # ranks without a piece of this param hold no step
+    if (rec.zero is not None or rec.fsdp_rows is not None) and not loading:  # ranks without a piece hold no step
         dist.all_reduce(val, op=dist.ReduceOp.MAX, group=rec.dp_group)
     sh = _vector_tensor(f"optimizer.scalar.step.{T.key}", val, T, 1, 0, rep + (0 if _first_shard(T) else 1,))
 
@@ -258,10 +273,15 @@ def _partner_step(T, rep, rec, st, loading) -> Entry:
 def _first_shard(T) -> bool:
     """Whether this rank holds the first TP shard of ``T`` (offset 0 on every non-prepended axis)."""
     ShardedTensor, _, _ = sharded_types()
+    geo = getattr(T, "md_fsdp", None)
     if not isinstance(T, ShardedTensor):
         from megatron.core.dist_checkpointing.dict_utils import nested_values
-        T = [t for t in nested_values(T.build()) if isinstance(t, ShardedTensor)][0]
-    return all(o == 0 for o in T.global_offset[T.prepend_axis_num:])
+        built = [t for t in nested_values(T.build()) if isinstance(t, ShardedTensor)]
+        if not built:  # an FSDP2 rank without rows of this parameter
+            return False
+        T = built[0]
+    k = len(geo["prepend"][0]) if geo is not None else T.prepend_axis_num  # FSDP2 boxes carry them as axes
+    return all(o == 0 for o in T.global_offset[k:])
 
 
 def _matrix_value(k, v, vec, T, rep, shard, name, loading, whole_param=True) -> Entry:
@@ -312,7 +332,13 @@ def _matrix_value(k, v, vec, T, rep, shard, name, loading, whole_param=True) -> 
         def restore(x, k=k):
             vec[k].copy_(x)
     _, Factory, _ = sharded_types()
-    if whole_param and isinstance(T, Factory):  # SwiGLU fc1 as one matrix: its gate and up halves, as the
+    geo = getattr(T, "md_fsdp", None)
+    if geo is not None and whole_param and geo["swiglu"]:  # FSDP2: the vector's gate and up rows, as the weight's
+        from .fsdp import row_factory
+        sh = row_factory(key, data[:, None], rows=(0, m), full_rows=m, tp_rank=geo["tp_rank"], tp=geo["tp"],
+                         tp_axis=geo["tp_axis"], swiglu=True, prepend=geo["prepend"], replica_id=rep)
+        return Entry(sh, (lambda x, f=restore: f(x.reshape(-1))) if loading else None)
+    if whole_param and isinstance(T, Factory) and geo is None:  # SwiGLU fc1 as one matrix: its gate and up halves, as the
         # weight's own factory (split into gate and up blocks, each block is a plain vector)
         sh = replace(T, key=key, data=data[:, None],
                      replica_id=rep if isinstance(T.replica_id, tuple) else rep[0])

@@ -261,6 +261,9 @@ class MatrixOptimizer(SkippingOptimizer):
                  nonfinite_group=None):
         super().__init__(params, defaults, nonfinite_group=nonfinite_group)
         self.ns_mode = ns_mode
+        #: owner NS may split a matrix over its TP group (``orthogonalize(split=)``); None: the environment's
+        #: ``MEGATRON_MD_NS_SPLIT``
+        self.ns_split: Optional[bool] = None
         self._layouts: dict[torch.Tensor, Any] = {}
         shards = shards or {}
         local_errors: list[ValueError] = []
@@ -428,7 +431,8 @@ class MatrixOptimizer(SkippingOptimizer):
             key = (resolve_coefficients(g["ns_coefficients"], g["ns_steps"]), dtype)
             keyed.setdefault(key, []).append(i)
         for (coeffs, dtype), idx in keyed.items():
-            res = orthogonalize([inputs[i] for i in idx], coefficients=coeffs, dtype=dtype, mode=self.ns_mode)
+            res = orthogonalize([inputs[i] for i in idx], coefficients=coeffs, dtype=dtype, mode=self.ns_mode,
+                                split=self.ns_split)
             for i, r in zip(idx, res):
                 outs[i] = r
         return outs

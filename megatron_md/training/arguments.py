@@ -124,6 +124,11 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
     g.add_argument("--expert-model-parallel-size", type=_positive_int, default=1)
     g.add_argument("--sequence-parallel", action="store_true", help="needs --tensor-model-parallel-size > 1")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="ZeRO-1 over data parallel")
+    g.add_argument("--use-torch-fsdp2", action="store_true",
+                   help="torch FSDP2 over data parallel (megatron-core's TorchFullyShardedDataParallel): parameters, "
+                   "gradients and optimizer state sharded by rows; every optimizer's update stays the exact one. "
+                   "Not with --pipeline-model-parallel-size > 1, --expert-model-parallel-size > 1, "
+                   "--use-distributed-optimizer, --overlap-grad-reduce/--overlap-param-gather or --dp-mode layer-wise")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="overlap DDP's gradient all-reduce (reduce-scatter with --use-distributed-optimizer) with "
                    "the backward pass: each bucket's collective starts as soon as its gradients are ready")
@@ -312,6 +317,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("--split-fc1 splits a SwiGLU linear_fc1 into its gate and up halves; it needs --swiglu")
 
     _validate_overlap(args)
+    _validate_fsdp2(args)
 
     ws = world_size if world_size is not None else world_size_from_env()
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
@@ -604,6 +610,32 @@ def _validate_overlap(args: argparse.Namespace) -> None:
     if args.ddp_bucket_size is not None and not args.overlap_grad_reduce:
         raise ArgumentError(f"--ddp-bucket-size {args.ddp_bucket_size} has no effect without --overlap-grad-reduce "
                             "(megatron-core then puts all gradients in one bucket)")
+
+
+def _validate_fsdp2(args: argparse.Namespace) -> None:
+    """``--use-torch-fsdp2`` where megatron-core's torch FSDP2 wrapper and megatron_md support it (the
+    first three as Megatron-LM's own checks)."""
+    if not args.use_torch_fsdp2:
+        return
+    bad = [f for on, f in ((args.pipeline_model_parallel_size > 1, "--pipeline-model-parallel-size > 1"),
+                           (args.expert_model_parallel_size > 1, "--expert-model-parallel-size > 1"),
+                           (args.use_distributed_optimizer, "--use-distributed-optimizer"),
+                           (args.overlap_grad_reduce, "--overlap-grad-reduce"),
+                           (args.overlap_param_gather, "--overlap-param-gather"),
+                           (args.md.dp_mode == "layer-wise", "--dp-mode layer-wise"),
+                           (args.fp16, "--fp16"),
+                           (not args.untie_embeddings_and_output_weights,
+                            "a tied output layer (pass --untie-embeddings-and-output-weights: megatron-core's wrapper "
+                            "shards the word embedding as its own unit, so the tied head would read a sharded weight)"),
+                           (args.ckpt_format != "torch_dist", f"--ckpt-format {args.ckpt_format}")) if on]
+    if bad:
+        raise ArgumentError(f"--use-torch-fsdp2 with {', '.join(bad)}: not supported (FSDP2 shards parameters, "
+                            "gradients and optimizer state itself and overlaps its own all-gathers; megatron-core's "
+                            "FSDP2 wrapper has no pipeline or expert parallelism; its checkpoints are torch_dist)")
+    from ..megatron.fsdp import available
+    ok, why = available()
+    if not ok:
+        raise ArgumentError(f"--use-torch-fsdp2: {why}")
 
 
 def optimizer_config(args):

@@ -285,12 +285,30 @@ def build_model(args, config) -> list:
         if args.bf16 or args.fp16:
             from megatron.core.transformer.module import Float16Module
             model = Float16Module(config, model)
+        if getattr(args, "use_torch_fsdp2", False):
+            out.append(_fsdp2(config, model))
+            continue
         # as Megatron-LM: only the first chunk's buffers are bucketed
         ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
                                       disable_bucketing=i > 0)
         ddp.broadcast_params()  # DP replicas start identical (they already are with CPU init)
         out.append(ddp)
     return out
+
+
+def _fsdp2(config, model):
+    """``--use-torch-fsdp2``: the chunk in megatron-core's FSDP2 wrapper (megatron_md.megatron.fsdp), after
+    every data-parallel rank took rank 0's weights (FSDP2 shards what each rank holds)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from ..megatron.fsdp import fsdp2_class
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    src = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for p in model.parameters():
+            dist.broadcast(p.data, src, group=group)
+    return fsdp2_class()(config, DistributedDataParallelConfig(), model)
 
 
 def unwrap(chunk):

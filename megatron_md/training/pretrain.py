@@ -306,10 +306,13 @@ def pretrain(args) -> dict:
         recent_losses = collections.deque(maxlen=args.loss_spike_window)
         hooks = ParamGatherHooks(model, config)
         hooks.start()
-        buckets = sum(len(c.bucket_groups) + len(c.expert_parallel_bucket_groups) for c in model)
+        buckets = sum(len(getattr(c, "bucket_groups", ())) + len(getattr(c, "expert_parallel_bucket_groups", ()))
+                      for c in model)
         _print0(f"> training iterations {iteration + 1}..{last_it} (global batch {args.global_batch_size} = "
                 f"{args.num_microbatches} x {args.micro_batch_size} x DP {args.data_parallel_size}; "
-                f"{tokens_per_iter} tokens/iteration; {buckets} gradient bucket(s) on rank 0"
+                f"{tokens_per_iter} tokens/iteration; "
+                + ("FSDP2: parameters, gradients and optimizer state sharded by rows over DP"
+                   if args.use_torch_fsdp2 else f"{buckets} gradient bucket(s) on rank 0")
                 + (", reduced during backward" if args.overlap_grad_reduce else "")
                 + (", parameters gathered during forward" if args.overlap_param_gather else "")
                 + f") — setup {time.perf_counter() - t_start:.1f}s")

@@ -91,6 +91,19 @@ SCENARIOS.update({
                                   f"{SHARED} --expert-model-parallel-size 2"),
     "sf-normuon/shared-ep1-to-ep2-zero1": ("sf-normuon", SHARED, f"{SHARED} --expert-model-parallel-size 2 {ZERO}"),
 })
+#: torch FSDP2 (rows of every weight over DP=2; megatron-core's wrapper needs an untied head): every
+#: optimizer FSDP2 → ZeRO-1 (each also resumed at FSDP2), and back; the Llama model's SwiGLU rows (gate
+#: and up boxes of one FSDP2 piece) to and from TP=2; bf16 main copies; layer-wise
+UNTIE = "--untie-embeddings-and-output-weights"
+FSDP = f"--use-torch-fsdp2 {UNTIE}"
+SCENARIOS.update({f"{o}/fsdp2-to-zero1": (o, FSDP, f"{ZERO} {UNTIE}") for o in OPTIMIZERS})
+SCENARIOS.update({
+    "muon-md/zero1-to-fsdp2": ("muon-md", f"{ZERO} {UNTIE}", FSDP),
+    "muon-md/llama-fsdp2-to-tp2": ("muon-md", f"{LLAMA} --use-torch-fsdp2", f"{LLAMA} {TP2}"),
+    "normuon/llama-fc1-tp2-to-fsdp2": ("normuon", f"{LLAMA} {FC1} {TP2}", f"{LLAMA} {FC1} --use-torch-fsdp2"),
+    "sf-normuon/llama-fsdp2-to-layerwise": ("sf-normuon", f"{LLAMA} --use-torch-fsdp2", f"{LLAMA} --dp-mode layer-wise"),
+    "muon/bf16-fsdp2-to-tp2": ("muon", f"--bf16 {FSDP}", f"--bf16 {TP2} {UNTIE}"),
+})
 RTOL = 1e-5
 #: bf16 runs: the layouts' different reduction orders are rounded to bf16 weights each step
 RTOL_BF16 = 1e-4
