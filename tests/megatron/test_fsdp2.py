@@ -8,7 +8,8 @@ Q/K/V and, with ``split_fc1``, gate/up) for 5 steps, each rank half the batch, u
 and checks the losses (≤1e-5 relative) and the final gathered parameters; then MD's recipe
 (unit-norm embedding rows, the row-sphere head), a non-finite gradient on one rank (skipped on
 every rank, nothing changed), the collective count per step independent of the matrix count,
-megatron-core's refusal combinations, and bf16.
+megatron-core's refusal combinations, and bf16. A group of 4 ranks does the same at TP=2 × FSDP2
+DP=2 against TP=2 × plain DP=2 (and with sequence parallelism).
 """
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ RTOL_LOSS, RTOL_PARAM = 1e-5, 1e-4
 RTOL_PARAM_BY = {"adamh": 5e-4}
 
 
-def _config(bf16=False, tp=1):
+def _config(bf16=False, tp=1, sp=False):
     from megatron.core.transformer.transformer_config import TransformerConfig
     return TransformerConfig(num_layers=LAYERS, hidden_size=HIDDEN, ffn_hidden_size=2 * HIDDEN,
                              num_attention_heads=HEADS, num_query_groups=GROUPS, use_cpu_initialization=True,
                              hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False,
-                             gated_linear_unit=True, bf16=bf16, tensor_model_parallel_size=tp,
+                             gated_linear_unit=True, bf16=bf16, tensor_model_parallel_size=tp, sequence_parallel=sp,
                              params_dtype=torch.bfloat16 if bf16 else torch.float32, transformer_impl="local")
 
 
@@ -47,16 +48,18 @@ def _gpt(cfg, tied=False):
     torch.manual_seed(1234)
     gpt = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
                    share_embeddings_and_output_weights=tied)
-    with torch.no_grad():  # weights keyed by name (independent of the RNG's history)
+    with torch.no_grad():  # weights keyed by name (independent of the RNG's history; TP ranks draw their own)
         import zlib
+        from megatron.core import parallel_state as ps
+        tp_rank = ps.get_tensor_model_parallel_rank()
         for name, p in gpt.named_parameters():
             if p.ndim >= 2:
-                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{tp_rank}".encode()))
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return gpt
 
 
-def _build(name, fsdp, md_kw=None, bf16=False, tied=False, tp=1):
+def _build(name, fsdp, md_kw=None, bf16=False, tied=False, tp=1, sp=False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
@@ -64,7 +67,7 @@ def _build(name, fsdp, md_kw=None, bf16=False, tied=False, tp=1):
     from megatron_md.megatron.config import MDConfig
     from megatron_md.megatron.fsdp import fsdp2_class
 
-    cfg = _config(bf16, tp)
+    cfg = _config(bf16, tp, sp)
     gpt = _gpt(cfg, tied)
     if bf16:
         from megatron.core.transformer.module import Float16Module
@@ -116,7 +119,7 @@ def _train(model, opt, steps=STEPS, poison_rank=None):
 
 
 def _full_params(model):
-    """name -> full fp32 parameter (FSDP2 DTensors gathered; DDP's replicated as they are)."""
+    """name -> this TP rank's fp32 parameter (FSDP2 DTensors gathered over DP; DDP's as they are)."""
     from megatron_md.megatron.fsdp import is_dtensor
     out = {}
     for name, p in model.module.named_parameters():
@@ -228,6 +231,29 @@ def _checks(ctx):
 
 group = group_fixture(2, _checks, megatron=True, timeout=1200)
 
+
+def _checks_tp2(ctx):
+    """4 ranks: TP=2 × FSDP2 over DP=2 against TP=2 × plain DP=2, every optimizer (the TP-local
+    rows of each weight cut again over DP: flat ranges inside tensor-parallel layouts); and with
+    sequence parallelism (megatron-core all-reduces the norms' gradients over TP between FSDP2's
+    DTensors)."""
+    ctx.init_model_parallel(tp=2)
+    for name in OPTIMIZERS:
+        with ctx.check(f"{name}/tp2-fsdp2"):
+            model, opt = _build(name, fsdp=False, tp=2)
+            ref = (_train(model, opt), _full_params(model))
+            model, opt = _build(name, fsdp=True, tp=2)
+            ctx.record(f"{name}/tp2-fsdp2", _compare(ref, (_train(model, opt), _full_params(model)),
+                                                     RTOL_PARAM_BY.get(name, RTOL_PARAM)))
+    with ctx.check("muon-md/tp2-sp-fsdp2"):
+        model, opt = _build("muon-md", fsdp=False, tp=2, sp=True)
+        ref = (_train(model, opt), _full_params(model))
+        model, opt = _build("muon-md", fsdp=True, tp=2, sp=True)
+        ctx.record("muon-md/tp2-sp-fsdp2", _compare(ref, (_train(model, opt), _full_params(model))))
+
+
+group4 = group_fixture(4, _checks_tp2, megatron=True, timeout=1200)
+
 CHECKS = [f"{n}/{s}" for n in OPTIMIZERS for s in ("ddp", "fsdp2")] + \
     ["adam-md/fsdp2-recipe", "muon-md/fsdp2-recipe", "nonfinite-skips-on-every-rank",
      "collectives-independent-of-matrix-count", "refusals", "muon-md/bf16", "rmnp/bf16"]
@@ -236,3 +262,8 @@ CHECKS = [f"{n}/{s}" for n in OPTIMIZERS for s in ("ddp", "fsdp2")] + \
 @pytest.mark.parametrize("check", CHECKS)
 def test_fsdp2(group, check):
     group.assert_ok(check)
+
+
+@pytest.mark.parametrize("check", [f"{n}/tp2-fsdp2" for n in OPTIMIZERS] + ["muon-md/tp2-sp-fsdp2"])
+def test_tp2_fsdp2(group4, check):
+    group4.assert_ok(check)
