@@ -13,6 +13,7 @@ Run: ``PYTHONPATH=. .venv/bin/python benchmarks/memory.py [--hidden 512,1024]``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -89,7 +90,10 @@ def main(argv=None) -> int:
                             "Counts, not timings: the load does not matter.") + body) + "\n"
     print(text)
     if args.out != "-":
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        old = out.read_text() if out.exists() else ""
+        kept = re.search(r"<!-- BEGIN memory_per_rank -->.*?<!-- END memory_per_rank -->", old, flags=re.S)
+        out.write_text(text + ("\n" + kept.group(0) + "\n" if kept else ""))  # benchmarks/memory_per_rank.py's
     return 0
 
 

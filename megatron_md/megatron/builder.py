@@ -396,6 +396,10 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     ctx = _layout_context(model_chunks, split_qkv=md.split_qkv and name in _PER_BLOCK,
                           split_fc1=md.split_fc1 and name in _PER_BLOCK)
     names = named_params(model_chunks)
+    if any(getattr(getattr(c, "ddp_config", None), "use_megatron_fsdp", False) for c in model_chunks):
+        raise ValueError("--use-megatron-fsdp: megatron_md's optimizers do not bind Megatron-FSDP's flat parameter "
+                         "shards yet; use --use-torch-fsdp2 (rows of every weight, the exact update) or "
+                         "--use-distributed-optimizer (docs/compatibility.md, 'FSDP')")
     fsdp = _fsdp.is_fsdp2(model_chunks)
     if fsdp and (config.use_distributed_optimizer or md.dp_mode == "layer-wise"):
         raise ValueError("--use-torch-fsdp2 shards parameters, gradients and optimizer state itself: drop "

@@ -54,6 +54,15 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
     (["--fp8-format", "e4m3"], ["--fp8-format"]),
     (["--save-interval", "2"], ["--save-interval", "--save"]),
     (["--muon-md-momentum", "1.5"], ["--muon-md-momentum"]),
+    (["--use-torch-fsdp2"], ["--use-torch-fsdp2", "--untie-embeddings-and-output-weights"]),
+    (["--use-torch-fsdp2", "--untie-embeddings-and-output-weights", "--use-distributed-optimizer"],
+     ["--use-torch-fsdp2", "--use-distributed-optimizer"]),
+    (["--use-torch-fsdp2", "--untie-embeddings-and-output-weights", "--pipeline-model-parallel-size", "2"],
+     ["--use-torch-fsdp2", "--pipeline-model-parallel-size > 1"]),
+    (["--use-torch-fsdp2", "--untie-embeddings-and-output-weights", "--dp-mode", "layer-wise"],
+     ["--use-torch-fsdp2", "--dp-mode layer-wise"]),
+    (["--use-torch-fsdp2", "--untie-embeddings-and-output-weights", "--ckpt-format", "torch"],
+     ["--use-torch-fsdp2", "--ckpt-format torch"]),
 ])
 def test_invalid_flag_combinations_fail_before_training(extra, needles):
     with pytest.raises(ArgumentError) as err:
