@@ -32,6 +32,7 @@ model. The files are read back by ``safetensors`` and ``transformers`` like ``sa
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -98,7 +99,7 @@ def hf_config(topo: dict, dtype: str = "fp32") -> dict:
         "intermediate_size": m["moe_ffn_hidden_size"] if moe else m["ffn_hidden_size"],
         "hidden_act": "silu", "max_position_embeddings": m["max_position_embeddings"],
         "rms_norm_eps": info["layernorm_epsilon"], "rope_theta": float(base),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(base)},
+        "rope_parameters": _rope_parameters(m, float(base)),
         "tie_word_embeddings": tied, "attention_bias": False, "attention_dropout": 0.0,
         "torch_dtype": DTYPES[dtype][2], "dtype": DTYPES[dtype][2],
     }
@@ -110,6 +111,26 @@ def hf_config(topo: dict, dtype: str = "fp32") -> dict:
     else:
         config["mlp_bias"] = False
     return config
+
+
+def yarn_attention_factor(factor: float, mscale: float, mscale_all_dim: float) -> float:
+    """YaRN's attention temperature (the cos/sin multiplier), as megatron-core computes it:
+    ``m(s, mscale) / m(s, mscale_all_dim)`` with ``m(s, a) = 0.1 · a · ln s + 1`` (1 for s ≤ 1)."""
+    def m(a):
+        return 1.0 if factor <= 1 else 0.1 * a * math.log(factor) + 1.0
+    return m(mscale) / m(mscale_all_dim)
+
+
+def _rope_parameters(m: dict, base: float) -> dict:
+    """Hugging Face's ``rope_parameters``: plain RoPE, or YaRN (``--rope-type yarn``) with megatron-core's
+    attention factor written out (transformers would infer another one when ``mscale_all_dim`` is 0)."""
+    if m.get("rope_type", "rope") != "yarn":
+        return {"rope_type": "default", "rope_theta": base}
+    s = float(m["rotary_scaling_factor"])
+    return {"rope_type": "yarn", "rope_theta": base, "factor": s,
+            "original_max_position_embeddings": int(m["original_max_position_embeddings"]),
+            "beta_fast": float(m["beta_fast"]), "beta_slow": float(m["beta_slow"]), "truncate": True,
+            "attention_factor": yarn_attention_factor(s, float(m["mscale"]), float(m["mscale_all_dim"]))}
 
 
 def hf_tensors(state: Mapping, topo: dict) -> Iterator[tuple[str, torch.Tensor]]:

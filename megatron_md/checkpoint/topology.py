@@ -51,14 +51,21 @@ MODEL_FLAGS = {
     "multi_latent_attention": "--multi-latent-attention", "q_lora_rank": "--q-lora-rank",
     "kv_lora_rank": "--kv-lora-rank", "qk_head_dim": "--qk-head-dim", "qk_pos_emb_head_dim": "--qk-pos-emb-head-dim",
     "v_head_dim": "--v-head-dim",
+    # YaRN (--rope-type yarn): absent in older checkpoints = plain RoPE
+    "rope_type": "--rope-type", "rotary_scaling_factor": "--rotary-scaling-factor",
+    "original_max_position_embeddings": "--original-max-position-embeddings", "beta_fast": "--beta-fast",
+    "beta_slow": "--beta-slow", "mscale": "--mscale", "mscale_all_dim": "--mscale-all-dim",
 }
+#: YaRN's manifest keys (None with plain RoPE)
+YARN_KEYS = ("rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim")
 #: the MLA dimensions of the manifest (None without --multi-latent-attention)
 MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
 #: model keys that older checkpoints lack, with the value they stand for
 _MODEL_KEY_DEFAULTS = {"qk_layernorm": False, "embedding_multiplier": None, "post_norm": False,
                        "post_norm_gain": True, "fixed_layer_scale": None, "norm_epsilon": 1e-5,
                        "moe_shared_expert_intermediate_size": None, "multi_latent_attention": False,
-                       **{k: None for k in MLA_KEYS}}
+                       **{k: None for k in MLA_KEYS}, "rope_type": "rope", **{k: None for k in YARN_KEYS}}
 #: optimizer-setup keys a torch_dist checkpoint must share with the run that loads its optimizer
 #: state (its state is in the unsharded model's coordinates: the DP mode and ZeRO buckets may change)
 DIST_OPTIM_FLAGS = {k: v for k, v in OPTIM_FLAGS.items() if k in ("optimizer", "split_qkv", "split_fc1",
@@ -99,7 +106,7 @@ def run_topology(args) -> dict:
                   "norm_epsilon": getattr(args, "norm_epsilon", 1e-5),
                   "moe_shared_expert_intermediate_size": (getattr(args, "moe_shared_expert_intermediate_size", None)
                                                           if args.num_experts else None),
-                  **_recipe_keys(args), **_mla_keys(args)},
+                  **_recipe_keys(args), **_mla_keys(args), **_yarn_keys(args)},
         # not compared on load; read by tools/convert_checkpoint.py
         "info": {"vocab_size": args.vocab_size, "seq_length": args.seq_length, "layernorm_epsilon": getattr(args, "norm_epsilon", 1e-5),
                  "transformer_impl": args.transformer_impl, "moe_grouped_gemm": bool(args.moe_grouped_gemm)},
@@ -111,6 +118,12 @@ def _recipe_keys(args) -> dict:
     r = recipe_from_args(args)
     return {"qk_layernorm": r.qk_layernorm, "embedding_multiplier": r.embedding_multiplier, "post_norm": r.post_norm,
             "post_norm_gain": r.post_norm_gain if r.post_norm else True, "fixed_layer_scale": r.fixed_layer_scale}
+
+
+def _yarn_keys(args) -> dict:
+    """``--rope-type`` and YaRN's parameters (None with plain RoPE)."""
+    yarn = getattr(args, "rope_type", "rope") == "yarn"
+    return {"rope_type": "yarn" if yarn else "rope", **{k: getattr(args, k, None) if yarn else None for k in YARN_KEYS}}
 
 
 def _mla_keys(args) -> dict:

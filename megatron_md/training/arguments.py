@@ -70,6 +70,20 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
                    help="default --seq-length")
     g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
     g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rope-type", choices=["rope", "yarn"], default="rope",
+                   help="yarn: YaRN context extension of RoPE (arXiv:2309.00071; megatron-core's YarnRotaryEmbedding, "
+                   "for multi-head/GQA and for --multi-latent-attention): frequencies interpolated by "
+                   "--rotary-scaling-factor between --beta-fast and --beta-slow rotations over "
+                   "--original-max-position-embeddings, attention temperature from --mscale/--mscale-all-dim. "
+                   "Needs --position-embedding-type rope")
+    g.add_argument("--rotary-scaling-factor", type=float, default=None,
+                   help="YaRN's context extension factor s >= 1 (with --rope-type yarn; default 1)")
+    g.add_argument("--original-max-position-embeddings", type=_positive_int, default=None,
+                   help="the context length before YaRN's extension (required with --rope-type yarn)")
+    g.add_argument("--beta-fast", type=float, default=None, help="YaRN's beta_fast (default 32)")
+    g.add_argument("--beta-slow", type=float, default=None, help="YaRN's beta_slow (default 1)")
+    g.add_argument("--mscale", type=float, default=None, help="YaRN's mscale (default 1)")
+    g.add_argument("--mscale-all-dim", type=float, default=None, help="YaRN's mscale_all_dim (default 0)")
     g.add_argument("--norm-epsilon", type=float, default=1e-5, help="epsilon of every LayerNorm/RMSNorm")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (gated, SiLU)")
@@ -318,6 +332,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
 
     _validate_overlap(args)
     _validate_fsdp2(args)
+    _validate_yarn(args)
 
     ws = world_size if world_size is not None else world_size_from_env()
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
@@ -610,6 +625,37 @@ def _validate_overlap(args: argparse.Namespace) -> None:
     if args.ddp_bucket_size is not None and not args.overlap_grad_reduce:
         raise ArgumentError(f"--ddp-bucket-size {args.ddp_bucket_size} has no effect without --overlap-grad-reduce "
                             "(megatron-core then puts all gradients in one bucket)")
+
+
+#: YaRN's flags and their values when --rope-type yarn leaves them out (megatron-core's YaRN defaults)
+YARN_DEFAULTS = {"rotary_scaling_factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+                 "mscale_all_dim": 0.0}
+YARN_FIELDS = ("rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+               "mscale_all_dim")
+
+
+def _validate_yarn(args: argparse.Namespace) -> None:
+    """``--rope-type yarn`` and its parameters: RoPE only; the YaRN flags need it; the original context
+    length is given and the factor is at least 1."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if args.rope_type != "yarn":
+        given = [flag(n) for n in YARN_FIELDS if getattr(args, n) is not None]
+        if given:
+            raise ArgumentError(f"{', '.join(given)} need --rope-type yarn")
+        return
+    if args.position_embedding_type != "rope":
+        raise ArgumentError(f"--rope-type yarn needs --position-embedding-type rope (got {args.position_embedding_type})")
+    if args.original_max_position_embeddings is None:
+        raise ArgumentError("--rope-type yarn needs --original-max-position-embeddings (the context length the "
+                            "rotary frequencies were trained at, before the extension)")
+    for name, value in YARN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not (math.isfinite(args.rotary_scaling_factor) and args.rotary_scaling_factor >= 1):
+        raise ArgumentError(f"--rotary-scaling-factor {args.rotary_scaling_factor}: must be >= 1 (YaRN extends)")
+    if not args.beta_fast > args.beta_slow > 0:
+        raise ArgumentError(f"--beta-fast {args.beta_fast} and --beta-slow {args.beta_slow}: need beta_fast > "
+                            "beta_slow > 0 (rotations over the original context)")
 
 
 def _validate_fsdp2(args: argparse.Namespace) -> None:

@@ -150,7 +150,9 @@ def transformer_config(args):
         # finalize_model_grads sum q_layernorm's (already whole) gradient over TP (megatron_md.megatron.mla)
         kw.update(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_head_dim=args.qk_head_dim,
                   qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim,
-                  rope_type="rope", rotary_base=args.rotary_base, rotary_scaling_factor=1.0)
+                  rope_type=getattr(args, "rope_type", "rope"), rotary_base=args.rotary_base,
+                  **(_yarn_fields(args, prefix="") if getattr(args, "rope_type", "rope") == "yarn"
+                     else dict(rotary_scaling_factor=1.0)))
     if args.num_experts:
         kw.update(num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
                   moe_aux_loss_coeff=args.moe_aux_loss_coeff,
@@ -164,7 +166,11 @@ def transformer_config(args):
                   fp8_amax_history_len=args.fp8_amax_history_len,
                   fp8_amax_compute_algo=args.fp8_amax_compute_algo)
     cls = MLATransformerConfig if mla else TransformerConfig
-    return unscaled_output_init(cls(**kw), args)  # --no-scaled-output-init
+    config = cls(**kw)
+    if getattr(args, "rope_type", "rope") == "yarn" and not mla:
+        for k, v in _yarn_fields(args, prefix="yarn_").items():
+            setattr(config, k, v)
+    return unscaled_output_init(config, args)  # --no-scaled-output-init
 
 
 def layer_spec(args, config):
@@ -192,13 +198,31 @@ def layer_spec(args, config):
     return apply_to_layer_spec(spec, recipe)
 
 
+def _yarn_fields(args, prefix: str) -> dict:
+    """YaRN's parameters as megatron-core reads them: ``MLATransformerConfig`` fields (``prefix=""``) or,
+    for multi-head/GQA attention, ``yarn_*`` attributes of the config (GPTModel's ``position_embedding_type
+    ="yarn"`` and the attention's temperature read them there)."""
+    return {f"{prefix}rotary_scaling_factor": args.rotary_scaling_factor,
+            f"{prefix}original_max_position_embeddings": args.original_max_position_embeddings,
+            f"{prefix}beta_fast": args.beta_fast, f"{prefix}beta_slow": args.beta_slow,
+            f"{prefix}mscale": args.mscale, f"{prefix}mscale_all_dim": args.mscale_all_dim,
+            **({"yarn_correction_range_round_to_int": True} if prefix else {})}
+
+
+def _position_embedding_type(args) -> str:
+    """GPTModel's position embedding: ``"yarn"`` for YaRN on multi-head/GQA attention (MLA builds its own)."""
+    if getattr(args, "rope_type", "rope") == "yarn" and not getattr(args, "multi_latent_attention", False):
+        return "yarn"
+    return args.position_embedding_type
+
+
 def _gpt(args, config, pre_process: bool, post_process: bool, vp_stage=None):
     from megatron.core.models.gpt.gpt_model import GPTModel
     model = GPTModel(
         config=config, transformer_layer_spec=layer_spec(args, config), vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings, pre_process=pre_process, post_process=post_process,
         parallel_output=True, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base, vp_stage=vp_stage)
+        position_embedding_type=_position_embedding_type(args), rotary_base=args.rotary_base, vp_stage=vp_stage)
     add_embedding_multiplier(model, recipe_from_args(args).embedding_multiplier)
     return model
 

@@ -48,9 +48,15 @@ CASES = {
     "moe_ep2": ["--num-experts", "4", "--moe-router-topk", "2", "--expert-model-parallel-size", "2",
                 "--untie-embeddings-and-output-weights", "--moe-token-dispatcher-type", "alltoall"],
     "qk_tp2": ["--tensor-model-parallel-size", "2", "--qk-layernorm"],      # exported as Qwen3
+    # YaRN on a 4x context: megatron-core's YarnRotaryEmbedding against transformers' own YaRN (an
+    # independent implementation), positions 0..15 beyond the original 8, a non-default temperature
+    "yarn_tp2": ["--tensor-model-parallel-size", "2", "--rope-type", "yarn", "--rotary-scaling-factor", "4",
+                 "--original-max-position-embeddings", "8", "--mscale", "1.5", "--mscale-all-dim", "0.5",
+                 "--max-position-embeddings", "32"],
 }
 #: the Hugging Face class each case exports to
-ARCH = {"dense_tp2": "LlamaForCausalLM", "moe_ep2": "MixtralForCausalLM", "qk_tp2": "Qwen3ForCausalLM"}
+ARCH = {"dense_tp2": "LlamaForCausalLM", "moe_ep2": "MixtralForCausalLM", "qk_tp2": "Qwen3ForCausalLM",
+        "yarn_tp2": "LlamaForCausalLM"}
 RTOL = 1e-4
 
 

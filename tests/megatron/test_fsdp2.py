@@ -245,6 +245,13 @@ def _checks_tp2(ctx):
             model, opt = _build(name, fsdp=True, tp=2)
             ctx.record(f"{name}/tp2-fsdp2", _compare(ref, (_train(model, opt), _full_params(model)),
                                                      RTOL_PARAM_BY.get(name, RTOL_PARAM)))
+    with ctx.check("ns-split-reaches-the-optimizer"):
+        # --ns-split (MDConfig.ns_split) is what the matrix optimizer's orthogonalize gets; off: the environment
+        from megatron_md.megatron.builder import hybrid_optimizers
+        for flag, want in ((True, True), (False, None)):
+            _, opt = _build("muon", fsdp=True, tp=2, md_kw=dict(ns_split=flag))
+            got = hybrid_optimizers(opt)[0].matrix_optimizer.ns_split
+            assert got is want, (flag, got)
     with ctx.check("muon-md/tp2-sp-fsdp2"):
         model, opt = _build("muon-md", fsdp=False, tp=2, sp=True)
         ref = (_train(model, opt), _full_params(model))
@@ -264,6 +271,7 @@ def test_fsdp2(group, check):
     group.assert_ok(check)
 
 
-@pytest.mark.parametrize("check", [f"{n}/tp2-fsdp2" for n in OPTIMIZERS] + ["muon-md/tp2-sp-fsdp2"])
+@pytest.mark.parametrize("check", [f"{n}/tp2-fsdp2" for n in OPTIMIZERS] + ["muon-md/tp2-sp-fsdp2",
+                                                                           "ns-split-reaches-the-optimizer"])
 def test_tp2_fsdp2(group4, check):
     group4.assert_ok(check)

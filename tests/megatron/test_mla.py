@@ -48,6 +48,8 @@ TP2 = "--tensor-model-parallel-size 2"
 ZERO = "--use-distributed-optimizer"
 SHARED = ("--num-experts 8 --moe-ffn-hidden-size 16 --moe-router-topk 2 --moe-shared-expert-intermediate-size 32 "
           "--moe-token-dispatcher-type alltoall")
+YARN = ("--rope-type yarn --rotary-scaling-factor 4 --original-max-position-embeddings 4 --mscale 1.2 "
+        "--mscale-all-dim 0.7")
 #: name: (optimizer, reference flags, flags of the run that must give the reference's losses)
 VARIANTS = {f"tp2_equals_tp1_{o}": (o, ZERO if o in ZERO_REF else "", TP2) for o in OPTIMIZERS}
 VARIANTS.update({
@@ -57,6 +59,8 @@ VARIANTS.update({
     # whole MLA matrices owned by one DP rank each; two pipeline stages
     "layerwise_dp2_equals_tp2_adamh": ("adamh", "--dp-mode layer-wise", TP2),
     "pp2_equals_tp2_rmnp": ("rmnp", TP2, "--pipeline-model-parallel-size 2"),
+    # YaRN on MLA's rotary dims (megatron-core's MLA rope_type="yarn"; its temperature in the softmax scale)
+    "yarn_tp2_equals_tp1_muon-md": ("muon-md", YARN, f"{YARN} {TP2}"),
 })
 #: the runs above that save iteration 2 (torch_dist), and the MLA MoE run that does (EP=2)
 SAVED = {"tp2_equals_tp1_muon-md", "tp2_equals_tp1_sf-normuon"}
@@ -347,6 +351,10 @@ def _mla_checks(ctx):
             results[name] = run(opt, flags, *save)
             _compare(ref, results[name])
 
+    with ctx.check("yarn_changes_the_model"):
+        a, b = results["tp2_equals_tp1_muon-md"], results["yarn_tp2_equals_tp1_muon-md"]
+        assert abs(a["train_loss_history"]["1"] - b["train_loss_history"]["1"]) > 1e-4, (a, b)
+
     with ctx.check("moe_ep2_muon_md"):  # 8 fine-grained experts and a shared expert, EP=2
         opt, flags = MOE_SOURCE
         results["moe_ep2_muon_md"] = res = run(opt, flags, "--save", os.path.join(ctx.tmpdir, "moe_ep2_muon_md"),
@@ -378,6 +386,6 @@ mla_group = group_fixture(2, _mla_checks, megatron=True, timeout=600)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["routing_and_layouts", *VARIANTS, "moe_ep2_muon_md", *RESUMES])
+@pytest.mark.parametrize("name", ["routing_and_layouts", *VARIANTS, "yarn_changes_the_model", "moe_ep2_muon_md", *RESUMES])
 def test_mla_trains_exactly_across_layouts(mla_group, name):
     mla_group.assert_ok(name)
