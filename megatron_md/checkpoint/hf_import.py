@@ -85,7 +85,10 @@ def expected_model(cfg: dict) -> dict:
         if cfg.get(key):
             wrong.append(f"{key} true (--disable-bias-linear models only)")
     kind, theta = _rope(cfg)
-    if kind != "default":
+    if kind == "yarn":
+        wrong.append("RoPE scaling 'yarn' (from-hf reads plain-RoPE folders only; the driver's --rope-type yarn "
+                     "extends a plain-RoPE model, and to-hf exports YaRN)")
+    elif kind != "default":
         wrong.append(f"RoPE scaling {kind!r} (plain RoPE only; megatron-core's --use-rope-scaling is not exposed)")
     if theta != int(theta):
         wrong.append(f"rope_theta {theta} (--rotary-base takes an integer)")
