@@ -303,8 +303,10 @@ def _apply_model_recipe(args) -> None:
 def _hook_gpt_model(original: type) -> type:
     """``gpt_builders.GPTModel`` (what Megatron-LM's ``gpt_builder`` constructs): a subclass that
     puts the model recipe (post-norm, branch scale: layer-spec subclasses; the embedding multiplier:
-    a hook) into every model it builds; with no recipe flag set it is the plain model."""
-    return recipe_gpt_model(original, lambda: recipe_from_args(_megatron_args()))
+    a hook) into every model it builds, and builds multi-latent attention on the local spec with our core
+    attention (:func:`megatron_md.megatron.mla.mla_gpt_model`); with neither it is the plain model."""
+    from .megatron.mla import mla_gpt_model
+    return recipe_gpt_model(mla_gpt_model(original), lambda: recipe_from_args(_megatron_args()))
 
 
 def _hook_transformer_config(original: Callable) -> Callable:

@@ -234,6 +234,38 @@ def use_local_core_attention(spec):
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
 
 
+def use_local_core_attention_any(spec):
+    """:func:`use_local_core_attention` for what a host passes as ``GPTModel(transformer_layer_spec=...)``:
+    a layer ``ModuleSpec`` or a decoder block spec (``TransformerBlockSubmodules``: each of its
+    ``layer_specs``)."""
+    if spec is None:
+        return spec
+    if hasattr(spec, "layer_specs"):
+        return dataclasses.replace(spec, layer_specs=[use_local_core_attention(s) for s in spec.layer_specs])
+    return use_local_core_attention(spec)
+
+
+def mla_gpt_model(base: type) -> type:
+    """A subclass of the host's ``GPTModel`` class ``base`` (Megatron-LM's ``gpt_builders.GPTModel``) that
+    builds an MLA model (``config.multi_latent_attention``) on megatron-core's local spec with
+    :class:`MLACoreAttention` (megatron-core 0.16's local ``DotProductAttention`` cannot take MLA's head
+    dims) and the TE flag corrected (:func:`correct_te_flag`); any other model is built unchanged."""
+
+    class MLAGPTModel(base):
+        def __init__(self, *args, **kwargs):
+            config = kwargs.get("config", args[0] if args else None)
+            if getattr(config, "multi_latent_attention", False):
+                correct_te_flag()
+                if "transformer_layer_spec" in kwargs:
+                    kwargs["transformer_layer_spec"] = use_local_core_attention_any(kwargs["transformer_layer_spec"])
+                elif len(args) >= 2:
+                    args = (args[0], use_local_core_attention_any(args[1]), *args[2:])
+            super().__init__(*args, **kwargs)
+
+    MLAGPTModel.__qualname__ = MLAGPTModel.__name__ = base.__name__
+    return MLAGPTModel
+
+
 def correct_te_flag() -> bool:
     """Make megatron-core's ``multi_latent_attention.HAVE_TE`` say what
     ``megatron.core.extensions.transformer_engine.HAVE_TE`` says; True if it changed.
