@@ -325,11 +325,13 @@ def plot_scaling(rows: dict[tuple[str, int], Row], by: str, out_dir: Path) -> li
 @dataclass
 class Side:
     """One side of a claim: an optimizer in a sweep directory (``fixed_lr``: a single-LR run
-    set, e.g. seeds at a chosen LR — no grid-edge check)."""
+    set, e.g. seeds at a chosen LR — no grid-edge check; ``where``: only the runs with these
+    settings, e.g. ``{"hidden_size": 256}`` of a width sweep)."""
 
     dir: str
     optimizer: str
     fixed_lr: bool = False
+    where: Optional[dict] = None
 
 
 def claim_verdict(root: Path, treatment: Side, control: Side, expect: str = "lower",
@@ -341,7 +343,7 @@ def claim_verdict(root: Path, treatment: Side, control: Side, expect: str = "low
     single seed)."""
     rows = []
     for side in (treatment, control):
-        found = quality_rows(Path(root) / side.dir, [side.optimizer], baseline)
+        found = quality_rows(Path(root) / side.dir, [side.optimizer], baseline, side.where)
         rows.append(found[0] if found and found[0].best_lr is not None else None)
     out = {"rows": rows, "diff": None, "verdict": "pending", "why": "no finished run"}
     a, b = rows
@@ -385,8 +387,10 @@ def claims_table(root: Path, claims: Sequence[dict]) -> str:
         v = claim_verdict(root, t, k, c.get("expect", "lower"))
         a, b = v["rows"]
         diff = "—" if v["diff"] is None else f"{v['diff']:+.3f}"
-        lines.append(f"| {c['id']} | {c['claim']} | {t.optimizer} in `{t.dir}`: {_describe(a)} | "
-                     f"{k.optimizer} in `{k.dir}`: {_describe(b)} | {diff} | **{v['verdict']}** ({v['why']}) |")
+        def at(s):
+            return f"`{s.dir}`" + "".join(f" ({key} {val})" for key, val in (s.where or {}).items())
+        lines.append(f"| {c['id']} | {c['claim']} | {t.optimizer} in {at(t)}: {_describe(a)} | "
+                     f"{k.optimizer} in {at(k)}: {_describe(b)} | {diff} | **{v['verdict']}** ({v['why']}) |")
     return "\n".join(lines)
 
 

@@ -115,6 +115,26 @@ def test_claim_verdicts(sweep):
     assert "| X | muon beats adam |" in table and "**holds**" in table
 
 
+def test_claim_sides_select_one_width(tmp_path):
+    """``where`` restricts a side to one width of a width sweep: the same optimizers at hidden 64
+    and 256 give opposite verdicts, and the table names the width."""
+    for hidden, (a_loss, m_loss) in ((64, (5.0, 5.3)), (256, (4.9, 4.6))):
+        for opt, loss in (("adam", a_loss), ("muon", m_loss)):
+            for lr, bump in ((1e-3, 0.1), (2e-3, 0.0), (4e-3, 0.1)):
+                _run(tmp_path, opt, lr, 1, loss + bump, _curve(1.0), hidden=hidden)
+            _run(tmp_path, opt, 2e-3, 2, loss + 0.01, _curve(1.0), hidden=hidden)
+    Side = res.Side
+    at = lambda h: {"hidden_size": h}  # noqa: E731
+    assert res.claim_verdict(tmp_path, Side(".", "muon", where=at(64)), Side(".", "adam", where=at(64)))["verdict"] \
+        == "does not hold"
+    v = res.claim_verdict(tmp_path, Side(".", "muon", where=at(256)), Side(".", "adam", where=at(256)))
+    assert v["verdict"] == "holds" and v["diff"] == pytest.approx(-0.3), v
+    table = res.claims_table(tmp_path, [dict(id="W", claim="muon beats adam at 256",
+                                             treatment=dict(dir=".", optimizer="muon", where=at(256)),
+                                             control=dict(dir=".", optimizer="adam", where=at(256)))])
+    assert "muon in `.` (hidden_size 256): 4.605" in table and "**holds**" in table
+
+
 def test_fill_blocks_replaces_between_markers_and_keeps_them():
     page = "a\n<!-- BEGIN quality -->\nold\n<!-- END quality -->\nb\n"
     once = res.fill_blocks(page, {"quality": "new table\n"})
