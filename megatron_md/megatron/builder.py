@@ -346,7 +346,7 @@ def _flat_view(q: torch.Tensor) -> torch.Tensor:
     return q.detach().view(-1)
 
 
-def _fsdp_layout(inner, rows: tuple[int, int], group):
+def fsdp_layout(inner, rows: tuple[int, int], group):
     """FSDP2's rows ``[r0, r1)`` of a parameter with (TP) layout ``inner``, as the flat range
     ``[r0·n, r1·n)`` (per block for a fused QKV / split fc1, :func:`flat_blocks`)."""
     n = math.prod(inner.local_shape[1:])
@@ -445,7 +445,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
         kwargs["init"] = head_kwargs["init"] = md.md_init
         if fsdp:  # project each rank's rows: the same sphere, its norms reduced over the group
             local = [(n, _flat_view(proxies[id(p)])) for n, p in names]
-            local_lay = {n: _fsdp_layout(layouts[n], fsdp_rows[n], fsdp_group) for n in layouts}
+            local_lay = {n: fsdp_layout(layouts[n], fsdp_rows[n], fsdp_group) for n in layouts}
             _project_model_matrices(matrix_cls, kwargs, head_kwargs, local, roles, local_lay, radius, overrides)
         else:
             _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layouts, radius, overrides)
@@ -494,7 +494,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
                 n = by_id[id(mp)]
                 main = mains.get(id(mp))
                 if fsdp:
-                    lay = _fsdp_layout(layouts[n], fsdp_rows[n], dp_group)
+                    lay = fsdp_layout(layouts[n], fsdp_rows[n], dp_group)
                 else:
                     lay = _flat_range(mp, buffers, dp_group, layouts[n]) if flat else layouts[n]
                 if (flat or fsdp) and main is not None and main.numel() != lay.local_shape[0]:

@@ -100,6 +100,18 @@ def _expert_offset(model_chunks) -> int:
     return ps.get_expert_model_parallel_rank() * (n_exp // ps.get_expert_model_parallel_world_size())
 
 
+def _local_matrix(p, layout, model_chunks):
+    """``(tensor, layout)`` this rank reads a matrix's step from: the model parameter and its TP
+    layout, or under FSDP2 its local rows (flattened, on the parameter's storage) as the row-aligned
+    flat range the optimizer binds (:func:`megatron_md.megatron.builder.fsdp_layout`)."""
+    from ..megatron import fsdp
+    if not fsdp.is_dtensor(p):
+        return p, layout
+    from ..megatron.builder import fsdp_layout
+    group = fsdp.dp_group_of(model_chunks)
+    return p._local_tensor.detach().view(-1), fsdp_layout(layout, fsdp.row_range(p, group), group)
+
+
 def _views(layout):
     return [(v.shard, v.get) for v in layout.views] if hasattr(layout, "views") else [(layout, lambda t: t)]
 
@@ -128,7 +140,7 @@ class OptimizerTelemetry:
         gnames = _global_names(model_chunks)
         self._offset = _expert_offset(model_chunks)
         self._gname = {n: gnames.get(id(p), n) for n, p in named_params(model_chunks)}
-        self.matrices = [(self._gname[n], p, lay) for n, p, lay in
+        self.matrices = [(self._gname[n], *_local_matrix(p, lay, model_chunks)) for n, p, lay in
                          model_matrices(model_chunks, router_on_matrix=args.md.router_on_matrix)]
         self._adamw = (args.optimizer == "adam" and args.weight_decay > 0, args.weight_decay, args.adam_beta1)
         self._prev: Optional[list] = None

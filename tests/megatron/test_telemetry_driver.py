@@ -11,6 +11,7 @@ and ``--log-jsonl``, on the same model, seed and global batch at different layou
   relative plus the float32 resolution of the update (8·2⁻²⁴·‖w‖/‖u‖: the layouts' optimizer
   steps themselves differ in the last bit); over three steps to 1e-4 (the trajectories then
   differ by reduction order);
+* the same at DP=2 under torch FSDP2 (each rank its rows of every matrix) against plain DP=2;
 * MoE with EP=2 reports every expert once under its global name, as EP=1 does (the driver's EP=1
   and EP=2 models start from different expert weights, so values are not compared there);
 * telemetry off and on give bit-identical losses (reading changes nothing);
@@ -165,6 +166,17 @@ def _checks(ctx):
             with ctx.check(f"{opt}_record_contents"):
                 pass
 
+    # FSDP2 (megatron-core's wrapper needs an untied head): each rank reads its rows of every matrix
+    for opt in ("muon-md", "rmnp"):
+        with ctx.check(f"{opt}_fsdp2_equals_unsharded"):
+            flags = ["--optimizer", opt, "--untie-embeddings-and-output-weights"]
+            _, ref_path = run(f"{opt}_dp2_untied", flags)
+            _, path = run(f"{opt}_fsdp2", flags + ["--use-torch-fsdp2"])
+            if ctx.rank == 0:
+                keys = STEP_KEYS + (("gain_row_mean", "gain_row_std", "gain_col_mean", "gain_col_std")
+                                    if opt == "muon-md" else ())
+                ctx.record(f"{opt}_fsdp2_worst", _compare(_records(ref_path), _records(path), keys, 1e-6, 1e-4))
+
     with ctx.check("moe_ep2_equals_ep1"):
         flags = ["--optimizer", "muon", "--weight-decay", "0.0", *MOE]
         _, p1 = run("moe_ep1", flags)
@@ -195,7 +207,8 @@ telemetry_group = group_fixture(2, _checks, megatron=True, timeout=600)
 
 CHECKS = ([f"{o}_{lay}_equals_unsharded" for o in OPTIMIZERS for lay in LAYOUTS if not (o == "adam" and lay == "layerwise")]
           + [f"{o}_record_contents" for o in OPTIMIZERS]
-          + ["sharded_sums_equal_whole", "moe_ep2_equals_ep1", "telemetry_changes_no_bit"])
+          + ["sharded_sums_equal_whole", "moe_ep2_equals_ep1", "telemetry_changes_no_bit", "muon-md_fsdp2_equals_unsharded",
+             "rmnp_fsdp2_equals_unsharded"])
 
 
 @pytest.mark.parametrize("name", CHECKS)
