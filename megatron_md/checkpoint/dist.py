@@ -113,14 +113,23 @@ def save_dist(staging: str, model_chunks, optimizer, args, common: dict) -> None
 def sharded_tensors(sd) -> list:
     """Every ``ShardedTensor`` of a sharded state dict, factories built (a SwiGLU fc1 shard is two
     tensors, views of the parameter)."""
+    return [t for t, _ in sharded_tensors_with_lead(sd)]
+
+
+def sharded_tensors_with_lead(sd) -> list:
+    """``(ShardedTensor, number of leading layer/expert axes)`` of every tensor of :func:`sharded_tensors`:
+    its ``prepend_axis_num``, or for an FSDP2 row box (:func:`megatron_md.megatron.fsdp.row_factory`, whose
+    prepended axes are leading axes of size 1) the prepended axes' count."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     ShardedTensor, Factory, _ = sharded_types()
     out = []
     for t in nested_values(sd):
         if isinstance(t, Factory):
-            out.extend(x for x in nested_values(t.build()) if isinstance(x, ShardedTensor))
+            geo = getattr(t, "md_fsdp", None)
+            built = [x for x in nested_values(t.build()) if isinstance(x, ShardedTensor)]
+            out.extend((x, len(geo["prepend"][0]) if geo is not None else x.prepend_axis_num) for x in built)
         elif isinstance(t, ShardedTensor):
-            out.append(t)
+            out.append((t, t.prepend_axis_num))
     return out
 
 

@@ -263,22 +263,19 @@ def load_into(model_chunks, hf_dir: str, padded_vocab: int) -> int:
     leading axes) the mapped global tensor of each layer (expert) in its box is built and the box cut
     out of it; a key no Hugging Face tensor maps to is a :class:`CheckpointError` naming it. Holds one
     layer's mapped tensor at a time."""
-    from .dist import sharded_tensors   # megatron-core: imported where a built model is at hand
+    from .dist import model_templates, sharded_tensors_with_lead   # megatron-core: where a built model is at hand
     cfg = read_config(hf_dir)
     hf = HFWeights(hf_dir)
     written = 0
     cache: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for chunk in model_chunks:
-            while hasattr(chunk, "module"):
-                chunk = chunk.module
-            for st in sharded_tensors(chunk.sharded_state_dict()):
+        for template in model_templates(model_chunks):   # FSDP2: each rank's rows (megatron_md.megatron.fsdp)
+            for st, lead_n in sharded_tensors_with_lead(template):
                 if st.key.endswith("_extra_state"):
                     continue
                 if st.flattened_range is not None:
                     raise CheckpointError(f"{st.key}: a flattened (distributed-optimizer) shard; load the model "
                                           "before the optimizer flattens it")
-                lead_n = st.prepend_axis_num
                 lead = tuple(st.global_offset[:lead_n])
                 name = merge_name(st.key, lead)
                 try:
@@ -289,7 +286,8 @@ def load_into(model_chunks, hf_dir: str, padded_vocab: int) -> int:
                 except KeyError:
                     raise CheckpointError(f"{hf_dir}: no Hugging Face tensor maps to the model's {name} "
                                           "(a model built with other flags than from-hf gives?)") from None
-                box = tuple(slice(o, o + n) for o, n in zip(st.global_offset[lead_n:], st.local_shape))
+                own = st.local_shape[len(st.local_shape) - (len(st.global_shape) - lead_n):]  # without lead axes
+                box = tuple(slice(o, o + n) for o, n in zip(st.global_offset[lead_n:], own))
                 if tuple(full.shape) != tuple(st.global_shape[lead_n:]):
                     raise CheckpointError(f"{hf_dir}: {name} has shape {tuple(full.shape)} from the Hugging Face "
                                           f"tensors, the model {tuple(st.global_shape[lead_n:])}")

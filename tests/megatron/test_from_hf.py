@@ -163,6 +163,14 @@ def _checks(ctx):
         ctx.record("losses", losses)
         assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values()), losses
         assert abs(losses["adam"][0] - losses["muon-md"][0]) <= 1e-6 * losses["adam"][0], losses
+    with ctx.check("load_hf_under_fsdp2_gives_the_same_model"):
+        # --load-hf straight into FSDP2's row shards (SwiGLU gate/up rows, the untied head): the first
+        # loss is the imported model's, as at plain DP=2
+        hf_flags = model_flags(read_config(src)) + BASE + ["--train-iters", "1", "--load-hf", src, "--optimizer", "adam"]
+        plain = pretrain(parse_args(hf_flags))["train_loss_history"]["1"]
+        fsdp = pretrain(parse_args(hf_flags + ["--use-torch-fsdp2"]))["train_loss_history"]["1"]
+        ctx.record("fsdp2_first_losses", [plain, fsdp])
+        assert abs(plain - fsdp) <= 1e-6 * plain, (plain, fsdp)
     with ctx.check("muon_md_first_step_keeps_the_imported_model"):
         tiny = ["--lr", "1e-12", "--min-lr", "0"]
         kept = pretrain(parse_args(flags + tiny + ["--optimizer", "muon-md", "--train-iters", "2", *factor]))
@@ -210,7 +218,8 @@ def _tensors_of_ckpt_equal(tool, a: str, b: str, d: str) -> bool:
 hf_group = group_fixture(2, _checks, megatron=True, timeout=400)
 
 CHECKS = ([f"{n}_{c}" for n in MODELS for c in ("round_trip_is_bitwise", "logits_equal_transformers")]
-          + ["imported_model_trains_with_adam_and_muon_md", "muon_md_first_step_keeps_the_imported_model",
+          + ["imported_model_trains_with_adam_and_muon_md", "load_hf_under_fsdp2_gives_the_same_model",
+             "muon_md_first_step_keeps_the_imported_model",
              "cli_writes_and_refuses_in_one_line"])
 
 
