@@ -27,6 +27,9 @@ Layouts (world size in brackets):
              a param lies wholly on one rank unless the boundary falls inside it.
 * ``tp2dp2`` [4] TP=2 × DP=2 (Megatron rank order: TP groups {0,1},{2,3}; DP groups {0,2},{1,3});
              FlatRange over each TP shard, mid-row split as in ``dp2``; QKV plain.
+* ``fsdp2``  [2] torch FSDP2's rows over DP=2 (``torch.chunk``: rank 0 the first ⌈m/2⌉ rows of every
+             matrix), bound as the driver binds them (megatron_md.megatron.fsdp): a row-aligned
+             FlatRange per matrix, the fused QKV one FlatRange per block (Q, K, V: ``flat_blocks``).
 
 Baseline: the bytes that an all-gather of every *full* matrix over the ranks it is sharded across
 would move per rank under the same counting model (``comm.py``): ``(w−1)/w × matrix bytes`` sent
@@ -62,7 +65,7 @@ from _common import cpu_name, csv_subset, git_rev  # noqa: E402
 OPTIMIZERS = ("Muon", "NorMuon", "RMNP", "AdamH", "MuonH", "AdamMD", "MuonMD", "SFNorMuon")
 NS_OPTIMIZERS = ("Muon", "NorMuon", "MuonH", "MuonMD", "SFNorMuon")
 ROW_OPTIMIZERS = ("RMNP", "AdamH", "AdamMD")
-LAYOUTS = {"tp2": 2, "dp2": 2, "dp2buf": 2, "tp2dp2": 4}
+LAYOUTS = {"tp2": 2, "dp2": 2, "dp2buf": 2, "tp2dp2": 4, "fsdp2": 2}
 HEADS, QUERY_GROUPS = 32, 8
 FLOAT_BYTES = 4  # fp32 params, grads and collectives
 
@@ -88,7 +91,7 @@ def logical_matrices(layout: str, h: int) -> list[tuple[str, tuple[int, int], in
     out = []
     head_dim = h // HEADS
     for s in layer_specs(h):
-        if s["fused"] and layout == "tp2":
+        if s["fused"] and layout in ("tp2", "fsdp2"):
             out += [("Q", (HEADS * head_dim, h), w), ("K", (QUERY_GROUPS * head_dim, h), w),
                     ("V", (QUERY_GROUPS * head_dim, h), w)]
         else:
@@ -136,7 +139,7 @@ def _build_layer(layout: str, h: int, seed: int, tp, dp, tp_rank: int, dp_rank: 
     """
     import torch
 
-    from megatron_md.shard import Blocks, FlatRange, TensorParallel, Whole, fused_qkv
+    from megatron_md.shard import Blocks, FlatRange, TensorParallel, Whole, flat_blocks, fused_qkv
 
     specs = layer_specs(h)
     # Megatron's contiguous buffer (reverse param order) for dp2buf
@@ -162,7 +165,22 @@ def _build_layer(layout: str, h: int, seed: int, tp, dp, tp_rank: int, dp_rank: 
         else:
             w_loc, g_loc = full_w, full_g
         del full_w, full_g
-        if layout == "tp2":
+        if layout == "fsdp2":
+            m, n = s["shape"]
+            chunk = -(-m // 2)
+            r0 = min(dp_rank * chunk, m)
+            a, b = r0 * n, min(r0 + chunk, m) * n
+            if s["fused"]:
+                inner = fused_qkv(num_query_groups=QUERY_GROUPS, heads_per_group=HEADS // QUERY_GROUPS,
+                                  head_dim=h // HEADS, d_in=h)
+                lay = flat_blocks(inner, a, b, dp)
+                subsets = [(lab, Blocks([v], lay.local_shape)) for lab, v in zip("QKV", lay.views)]
+            else:
+                lay = FlatRange(a, b, dp, Whole(s["shape"]))
+                subsets = [(s["name"], lay)]
+            w_loc = w_loc.reshape(-1)[a:b].clone()
+            g_loc = g_loc.reshape(-1)[a:b].clone()
+        elif layout == "tp2":
             if s["fused"]:
                 lay = fused_qkv(num_query_groups=QUERY_GROUPS, heads_per_group=HEADS // QUERY_GROUPS,
                                 head_dim=h // HEADS, d_in=h, tp_group=tp, tp_size=2)
@@ -375,7 +393,9 @@ def render(args, values, elapsed: float) -> str:
         "`dp2` FlatRange over DP=2, each matrix cut at `numel/2 + d_in/2` (mid-row), fused QKV as one",
         "plain matrix; `dp2buf` FlatRange cut of Megatron's contiguous buffer (reverse param order)",
         "into 2 equal halves, params mostly whole on one rank; `tp2dp2` world 4, FlatRange (mid-row",
-        "cut) of each TP shard, QKV plain.", "",
+        "cut) of each TP shard, QKV plain; `fsdp2` torch FSDP2's rows over DP=2 (rank 0 the first ⌈m/2⌉",
+        "rows of every matrix) as `--use-torch-fsdp2` binds them: a row-aligned FlatRange per matrix, Q, K, V",
+        "one per block.", "",
     ]
     body, targets = summarize(args, values)
     tail = ["", "## Targets", "",
