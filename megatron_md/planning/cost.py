@@ -34,9 +34,11 @@ Not modelled: Megatron's own collectives (gradient reduce-scatter / all-reduce, 
 all-gather, MoE all-to-all: the same for every optimizer, part of the step time), overlap of
 optimizer communication with compute (the product pipelines the owners' last round with their
 Newton–Schulz; the model adds the two, an upper bound),
-kernel launch overheads, the Adam partner beyond its elementwise passes. FSDP is modelled as
-ZeRO-1's flat shards (the optimizer math on a flat range is the same; our product has no FSDP
-path). Times are sums of compute, memory traffic and (bandwidth + latency) per collective.
+kernel launch overheads, the Adam partner beyond its elementwise passes. FSDP (``dp_mode="fsdp"``:
+the driver's ``--use-torch-fsdp2``) is every parameter's rows split over the data-parallel group by
+``torch.chunk`` (:func:`fsdp_pieces`), each rank's rows a row-aligned flat range, as
+:mod:`megatron_md.megatron.fsdp` binds them: the same flat-range math as ZeRO-1 with other cut points
+(every matrix spread over all DP ranks instead of mostly whole on one). Times are sums of compute, memory traffic and (bandwidth + latency) per collective.
 """
 from __future__ import annotations
 
@@ -196,6 +198,15 @@ def roles_of(params: list[Param], optimizer: str, *, tied: bool, md_embedding_un
                 role = "head"
         out.append(role)
     return out
+
+
+def fsdp_pieces(shape: tuple, dp: int) -> np.ndarray:
+    """Elements of a (TP-local) parameter of ``shape`` that each of ``dp`` ranks holds under torch
+    FSDP2: its rows split by ``torch.chunk`` (⌈m/dp⌉ rows per rank, trailing ranks fewer or none)."""
+    m, n = int(shape[0]), math.prod(shape[1:])
+    chunk = -(-m // dp) if m else 0
+    starts = [min(r * chunk, m) for r in range(dp)]
+    return np.array([(min(s0 + chunk, m) - s0) * n for s0 in starts], dtype=np.int64)
 
 
 def zero_pieces(numels: list[int], dp: int, *, bucket_size=None, shared=None) -> list[np.ndarray]:
@@ -492,8 +503,11 @@ def plan_stage(spec: ModelSpec, lay: Layout, optimizer: str, stage: int) -> Stag
                 if not idx:
                     continue
                 w = lay.expert_dp if expert else lay.dp
-                got = zero_pieces([math.prod(params[i].shape) for i in idx], w, bucket_size=lay.bucket_size,
-                                  shared=[params[i].shared_embedding for i in idx])
+                if lay.dp_mode == "fsdp":
+                    got = [fsdp_pieces(params[i].shape, w) for i in idx]
+                else:
+                    got = zero_pieces([math.prod(params[i].shape) for i in idx], w, bucket_size=lay.bucket_size,
+                                      shared=[params[i].shared_embedding for i in idx])
                 pieces.update(zip(idx, got))
             k += len(c)
     adam_passes = adamw_passes()

@@ -39,6 +39,9 @@ CASES_W2 = {
     "pp2": (["--pipeline-model-parallel-size", "2"], dict(pp=2), {}, ["muon-md"]),
     "zero1_dp2_split_fc1": (["--use-distributed-optimizer", "--swiglu", "--split-fc1"],
                             dict(dp=2, dp_mode="zero1", split_fc1=True), dict(swiglu=True), ["muon-md"]),
+    # torch FSDP2: every weight's rows over DP=2 (per block for Q, K, V), an untied head
+    "fsdp2_dp2": (["--use-torch-fsdp2", "--untie-embeddings-and-output-weights"], dict(dp=2, dp_mode="fsdp"),
+                  dict(tied=False), ["muon-md", "rmnp", "normuon"]),
     "ep2_zero1": (MOE + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer", "--no-split-qkv"],
                   dict(dp=2, ep=2, dp_mode="zero1", split_qkv=False), dict(bias=False, num_experts=4, moe_ffn=128,
                                                                          topk=2), ["muon"]),
