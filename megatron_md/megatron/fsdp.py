@@ -145,8 +145,10 @@ def make_proxies(named: list[tuple[str, torch.Tensor]]) -> dict[int, Proxy]:
 
 
 def pull_grads(proxies) -> None:
-    """Each proxy's ``.grad`` ← the local piece of its DTensor's gradient (None stays None).
-    Refuses a proxy no longer on its DTensor's storage (FSDP2 re-allocated the shard)."""
+    """Each proxy's ``.grad`` ← the local piece of its DTensor's gradient; a parameter that received
+    none this step gets zeros, as megatron-core's DDP grad buffer gives it (every rank then takes part in
+    the same collectives of the step). Refuses a proxy no longer on its DTensor's storage (FSDP2
+    re-allocated the shard)."""
     for q in proxies:
         p = q.md_dtensor
         local = p._local_tensor
@@ -154,7 +156,7 @@ def pull_grads(proxies) -> None:
             raise RuntimeError("FSDP2 moved a parameter's local shard to new storage after the optimizer was built "
                                "(e.g. model.load_state_dict(assign=True) or .to()); build the optimizer after that")
         g = p.grad
-        q.grad = None if g is None else (g._local_tensor if is_dtensor(g) else g).view_as(q)
+        q.grad = torch.zeros_like(q) if g is None else (g._local_tensor if is_dtensor(g) else g).view_as(q)
 
 
 # ------------------------------------------------------------------------ torch_dist checkpoints
