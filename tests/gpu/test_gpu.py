@@ -131,3 +131,64 @@ def test_nccl_two_ranks_sharded_equals_reference():
                          timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "NCCL CHECKS PASSED" in out.stdout
+
+
+def _fsdp2_vs_ddp(optimizer: str, steps: int = 5):
+    """megatron-core's torch FSDP2 wrapper (megatron_md.megatron.fsdp) and plain DDP on one GPU (world 1:
+    FSDP2's mesh on CUDA, DTensor parameters and proxies on the device): the same losses."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_md.megatron.builder import get_megatron_optimizer
+    from megatron_md.megatron.config import MDConfig
+    from megatron_md.megatron.fsdp import fsdp2_class
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29561")
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(1, 1)
+    out = {}
+    for fsdp in (False, True):
+        model_parallel_cuda_manual_seed(1)
+        torch.manual_seed(1)
+        cfg = TransformerConfig(num_layers=2, hidden_size=256, ffn_hidden_size=1024, num_attention_heads=8,
+                                num_query_groups=4, gated_linear_unit=True, add_bias_linear=False,
+                                hidden_dropout=0.0, attention_dropout=0.0, transformer_impl="local",
+                                use_cpu_initialization=True)
+        gpt = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=1024, max_sequence_length=128,
+                       share_embeddings_and_output_weights=False).cuda()
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=not fsdp)
+        model = fsdp2_class()(cfg, ddp_cfg, gpt) if fsdp else DistributedDataParallel(cfg, ddp_cfg, gpt)
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.01, weight_decay=0.0, clip_grad=1.0),
+                                     [model], MDConfig(optimizer=optimizer))
+        g = torch.Generator().manual_seed(0)
+        tok = torch.randint(0, 1024, (8, 129), generator=g).cuda()
+        pos = torch.arange(128, device="cuda").unsqueeze(0).expand(8, -1)
+        losses = []
+        for _ in range(steps):
+            model.zero_grad_buffer()
+            opt.zero_grad()
+            loss = model(tok[:, :-1], pos, None, labels=tok[:, 1:]).float().mean()
+            loss.backward()
+            finalize_model_grads([model])
+            ok, _, _ = opt.step()
+            assert ok
+            losses.append(loss.item())
+        out[fsdp] = losses
+    return out
+
+
+@needs_cuda
+def test_fsdp2_on_cuda_equals_ddp():
+    for name in ("muon-md", "rmnp"):
+        got = _fsdp2_vs_ddp(name)
+        assert all(math.isfinite(x) for x in got[True]), got
+        for a, b in zip(got[True], got[False]):
+            assert abs(a - b) <= 1e-4 * abs(b), (name, got)
