@@ -245,7 +245,7 @@ def pretrain(args) -> dict:
                 + f"; optimizer {args.optimizer}")
         config = transformer_config(args)
         model = build_model(args, config)
-        n_local = sum(p.numel() for c in model for p in c.parameters())
+        n_local = sum(getattr(p, "_local_tensor", p).numel() for c in model for p in c.parameters())  # FSDP2: its rows
         _print0(f"> GPTModel{' (MoE, %d experts, top-%d, %s dispatcher)' % (args.num_experts, args.moe_router_topk, args.moe_token_dispatcher_type) if args.num_experts else ''}: "
                 f"{args.num_layers} layers, hidden {args.hidden_size}, heads {args.num_attention_heads}, "
                 f"seq {args.seq_length}, vocab {args.vocab_size} (padded {args.padded_vocab_size}); "
