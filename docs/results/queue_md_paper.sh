@@ -64,7 +64,7 @@ MOE="--model-recipe md-paper-moe --num-experts 4 --moe-router-topk 2 --moe-aux-l
 moe() { sweep $C --out "$Q" --optimizers "$(names "$1")" --lrs "$1" --seeds "${2:-1}" \
   --optimizer-args "adam=--weight-decay 0.1 --lr-warmup-iters 30 $MOE" \
   --optimizer-args "muon-md=--weight-decay 0 --lr-warmup-iters 0 --partner-lr 3e-3 --no-md-embedding-unit-norm --no-md-head-gains --md-residual-scaling $MOE"; }
-moe "adam=2e-3,4e-3,8e-3;muon-md=1e-2,2e-2,4e-2,8e-2"
+moe "adam=2e-3,4e-3,8e-3;muon-md=5e-3,1e-2,2e-2,4e-2,8e-2"
 for _ in 1 2; do
   EXT=$(edges "$Q" adam,muon-md)
   [ -z "$EXT" ] || moe "$EXT"
