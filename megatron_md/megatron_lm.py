@@ -189,6 +189,8 @@ def _hook_validate_args(original: Callable) -> Callable:
             with _refusals():
                 _validate_load_hf(args, md=None)
             return result
+        with _refusals():
+            _refuse_fsdp(args, name)
         arguments = importlib.import_module("megatron.training.arguments")
         print_args = getattr(arguments, "_print_args", None)
 
@@ -346,11 +348,25 @@ def _stop(message: str, code: int, *, says: bool):
 _REFUSAL_GRACE_S = 30.0
 
 
+def _refuse_fsdp(args, name: str) -> None:
+    """``--use-torch-fsdp2`` / ``--use-megatron-fsdp`` with our optimizers in Megatron-LM's loop: refused
+    (checked before Megatron-LM's own validation, whose FSDP asserts would otherwise come first as a traceback)."""
+    fsdp = [f for f, on in (("--use-torch-fsdp2", getattr(args, "use_torch_fsdp2", False)),
+                            ("--use-megatron-fsdp", getattr(args, "use_megatron_fsdp", False))) if on]
+    if fsdp:
+        raise ValueError(
+            f"--optimizer {name} with {fsdp[0]} in Megatron-LM's loop: not supported (megatron-core 0.16's "
+            f"FSDP2 wrapper fails in finalize_model_grads, and its checkpoints cut FSDP2's rows its own way); "
+            f"use megatron_md's driver (examples/pretrain_gpt.py --use-torch-fsdp2: every optimizer, exact) or "
+            f"--use-distributed-optimizer here")
+
+
 def _validate_md(args, name: str) -> None:
     md = dataclasses.replace(md_config_for_megatron_lm(args), optimizer=name)
     validate(md, args)
     from .checkpoint.md import check_resume  # a to-md checkpoint names its flags
     check_resume(md, args)
+    _refuse_fsdp(args, name)
     fmt = getattr(args, "ckpt_format", "torch")
     saves = bool(getattr(args, "save", None) or getattr(args, "load", None))
     if saves and fmt not in ("torch", "torch_dist"):

@@ -146,6 +146,8 @@ def test_checkpoint_formats_it_cannot_hold_are_refused_before_training(tmp_path)
 @pytest.mark.parametrize("flags,needles", [
     (["--optimizer", "muon-md", "--weight-decay", "0.1"], ["--optimizer muon-md", "--weight-decay"]),
     (["--optimizer", "sf-normuon", "--lr-decay-style", "cosine"], ["--optimizer sf-normuon", "--lr-decay-style"]),
+    (["--optimizer", "muon-md", "--use-torch-fsdp2", "--untie-embeddings-and-output-weights"],
+     ["--optimizer muon-md", "--use-torch-fsdp2", "examples/pretrain_gpt.py --use-torch-fsdp2"]),
 ])
 def test_refusals_are_one_error_line_from_rank_0(flags, needles):
     """A flag combination we refuse stops before training with one ``error:`` line (rank 0 only)
