@@ -335,10 +335,15 @@ def zero_range(model_param, buffers, dp_group) -> tuple[int, int]:
 def _flat_range(model_param, buffers, dp_group, inner):
     """This rank's ZeRO-1 :class:`FlatRange` of ``model_param`` (see :func:`zero_range`); a
     parameter of several matrices (:class:`Blocks`) gets one FlatRange per block (:func:`flat_blocks`)."""
-    s, e = zero_range(model_param, buffers, dp_group)
+    return _flat_layout(inner, *zero_range(model_param, buffers, dp_group), dp_group)
+
+
+def _flat_layout(inner, start: int, end: int, group):
+    """Elements ``[start, end)`` of a parameter with layout ``inner``: a :class:`FlatRange`, or one per
+    block of a :class:`Blocks` parameter (:func:`flat_blocks`)."""
     if isinstance(inner, Blocks):
-        return flat_blocks(inner, s, e, dp_group)
-    return FlatRange(s, e, dp_group, inner)
+        return flat_blocks(inner, start, end, group)
+    return FlatRange(start, end, group, inner)
 
 
 def _flat_view(q: torch.Tensor) -> torch.Tensor:
@@ -350,10 +355,7 @@ def fsdp_layout(inner, rows: tuple[int, int], group):
     """FSDP2's rows ``[r0, r1)`` of a parameter with (TP) layout ``inner``, as the flat range
     ``[r0·n, r1·n)`` (per block for a fused QKV / split fc1, :func:`flat_blocks`)."""
     n = math.prod(inner.local_shape[1:])
-    s, e = rows[0] * n, rows[1] * n
-    if isinstance(inner, Blocks):
-        return flat_blocks(inner, s, e, group)
-    return FlatRange(s, e, group, inner)
+    return _flat_layout(inner, rows[0] * n, rows[1] * n, group)
 
 
 def _fsdp_stats_group(pgs):

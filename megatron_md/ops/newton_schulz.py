@@ -87,15 +87,25 @@ def newton_schulz(
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
+    X = ns_iterations(X, coefficients)
+    if transposed:
+        X = X.mT
+    return X.reshape(shape).to(out_dtype)
+
+
+def ns_iterations(X: torch.Tensor, coefficients: Sequence[Triple], gram=None) -> torch.Tensor:
+    """The Newton–Schulz iterations on a normalized, wide (rows ≤ cols) ``X`` (2-D, or 3-D a batch):
+    ``A = X Xᵀ; B = b A + c A A; X ← a X + B X`` per triple. ``gram``: applied to each ``A`` before use
+    (the split NS sums it over the members holding column blocks of X, :mod:`.split_ns`)."""
     # addmm/baddbmm fuse the scaled sums (the same op sequence as torch.optim.Muon)
     mm = torch.addmm if X.ndim == 2 else torch.baddbmm
     for a, b, c in coefficients:
         A = X @ X.mT
+        if gram is not None:
+            A = gram(A)
         B = mm(A, A, A, beta=b, alpha=c)
         X = mm(X, B, X, beta=a)
-    if transposed:
-        X = X.mT
-    return X.reshape(shape).to(out_dtype)
+    return X
 
 
 def ns_flops(d_out: int, d_in: int, steps: int) -> int:

@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .newton_schulz import Triple
+from .newton_schulz import Triple, ns_iterations
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,12 +69,8 @@ def newton_schulz_split(
     X = X.div_(norm + eps) if X.data_ptr() != x_local.data_ptr() else X / (norm + eps)
     if transposed:
         X = X.mT
-    # the op sequence of newton_schulz, with the Gram summed over the members
-    mm = torch.addmm if X.ndim == 2 else torch.baddbmm
-    for a, b, c in coefficients:
-        A = reduce((X @ X.mT).contiguous())
-        B = mm(A, A, A, beta=b, alpha=c)
-        X = mm(X, B, X, beta=a)
+    # newton_schulz's iterations, with the Gram summed over the members
+    X = ns_iterations(X, coefficients, gram=lambda A: reduce(A.contiguous()))
     if transposed:
         X = X.mT
     return X.reshape(shape).to(out_dtype)

@@ -80,7 +80,7 @@ def _tiny_te_gpt(fp8: bool):
 
 
 def _train_te(fp8: bool, optimizer="muon-md", steps=20):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_md.megatron.builder import get_megatron_optimizer
@@ -90,6 +90,13 @@ def _train_te(fp8: bool, optimizer="muon-md", steps=20):
     model = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), gpt)
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.01, bf16=True, clip_grad=1.0,
                                                  params_dtype=torch.bfloat16), [model], MDConfig(optimizer=optimizer))
+    return _train_cuda(model, opt, steps)
+
+
+def _train_cuda(model, opt, steps: int) -> list[float]:
+    """``steps`` Megatron iterations of ``model`` on one fixed batch of 8 × 128 random tokens (vocab 1024)."""
+    from megatron.core.distributed import finalize_model_grads
+
     g = torch.Generator().manual_seed(0)
     tok = torch.randint(0, 1024, (8, 129), generator=g).cuda()
     pos = torch.arange(128, device="cuda").unsqueeze(0).expand(8, -1)
@@ -137,7 +144,7 @@ def _fsdp2_vs_ddp(optimizer: str, steps: int = 5):
     """megatron-core's torch FSDP2 wrapper (megatron_md.megatron.fsdp) and plain DDP on one GPU (world 1:
     FSDP2's mesh on CUDA, DTensor parameters and proxies on the device): the same losses."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.optimizer import OptimizerConfig
@@ -168,20 +175,7 @@ def _fsdp2_vs_ddp(optimizer: str, steps: int = 5):
         model = fsdp2_class()(cfg, ddp_cfg, gpt) if fsdp else DistributedDataParallel(cfg, ddp_cfg, gpt)
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.01, weight_decay=0.0, clip_grad=1.0),
                                      [model], MDConfig(optimizer=optimizer))
-        g = torch.Generator().manual_seed(0)
-        tok = torch.randint(0, 1024, (8, 129), generator=g).cuda()
-        pos = torch.arange(128, device="cuda").unsqueeze(0).expand(8, -1)
-        losses = []
-        for _ in range(steps):
-            model.zero_grad_buffer()
-            opt.zero_grad()
-            loss = model(tok[:, :-1], pos, None, labels=tok[:, 1:]).float().mean()
-            loss.backward()
-            finalize_model_grads([model])
-            ok, _, _ = opt.step()
-            assert ok
-            losses.append(loss.item())
-        out[fsdp] = losses
+        out[fsdp] = _train_cuda(model, opt, steps)
     return out
 
 

@@ -19,18 +19,20 @@ import math
 import pytest
 import torch
 
+from pathlib import Path
+
 from megatron_md.testing.spawn import group_fixture
+from megatron_md.testing.tools import load_module
 
 pytestmark = [pytest.mark.megatron, pytest.mark.skipif(importlib.util.find_spec("megatron.core") is None,
                                                        reason="megatron-core is not installed")]
 
+#: the optimizers, LRs, batches, tolerances and comparison of test_megatron_optimizers (the same model sizes)
+_MO = load_module(Path(__file__).with_name("test_megatron_optimizers.py"))
+LRS, OPTIMIZERS, RTOL_PARAM, RTOL_PARAM_BY = _MO.LRS, _MO.OPTIMIZERS, _MO.RTOL_PARAM, _MO.RTOL_PARAM_BY
+_batch, _compare = _MO._batch, _MO._compare
 VOCAB, SEQ, HIDDEN, HEADS, GROUPS, LAYERS, BATCH, STEPS = 96, 16, 32, 4, 2, 2, 4, 5
-LRS = {"adam": 3e-3, "muon": 0.02, "normuon": 0.02, "rmnp": 3e-3, "adamh": 0.01, "muonh": 0.01,
-       "adam-md": 3e-3, "muon-md": 0.01, "sf-adamw": 3e-3, "sf-normuon": 0.01}
-OPTIMIZERS = list(LRS)
-RTOL_LOSS, RTOL_PARAM = 1e-5, 1e-4
-#: AdamH: one near-zero-gradient element of the word embedding (test_megatron_optimizers' note)
-RTOL_PARAM_BY = {"adamh": 5e-4}
+assert (VOCAB, SEQ, BATCH, STEPS) == (_MO.VOCAB, _MO.SEQ, _MO.BATCH, _MO.STEPS), "the shared batches' sizes"
 
 
 def _config(bf16=False, tp=1, sp=False):
@@ -83,14 +85,6 @@ def _build(name, fsdp, md_kw=None, bf16=False, tied=False, tp=1, sp=False):
     return model, get_megatron_optimizer(ocfg, [model], md)
 
 
-def _batch(step, dp_rank, dp_size):
-    g = torch.Generator().manual_seed(1000 + step % 2)
-    tok = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-    n = BATCH // dp_size
-    tok = tok[dp_rank * n:(dp_rank + 1) * n]
-    return tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
-
-
 def _train(model, opt, steps=STEPS, poison_rank=None):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -126,16 +120,6 @@ def _full_params(model):
         t = p.full_tensor() if is_dtensor(p) else p
         out[name.replace("module.", "")] = t.detach().float().clone()
     return out
-
-
-def _compare(ref, got, rtol_param=RTOL_PARAM):
-    (l0, p0), (l1, p1) = ref, got
-    for a, b in zip(l1, l0):
-        assert abs(a - b) <= RTOL_LOSS * abs(b) + 1e-6, f"losses {l1} vs reference {l0}"
-    assert p0.keys() == p1.keys(), sorted(set(p0) ^ set(p1))
-    worst = max(((p1[k] - p0[k]).norm() / p0[k].norm()).item() for k in p0)
-    assert worst <= rtol_param, f"max relative parameter difference {worst:.2e}"
-    return worst
 
 
 def _checks(ctx):
