@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..megatron.sharded_state import (Entry, apply_wrapper_common, commons_for, merge_commons, optimizer_wrappers,
+from ..megatron.sharded_state import (Entry, apply_wrapper_common, built_tensors, commons_for, merge_commons, optimizer_wrappers,
                                       sharded_types, template_map, wrapper_common, wrapper_entries)
 from ..errors import CheckpointError
 from .integrity import FORMAT, agree, checkpoint_dir, hash_tree, new_staging, publish, save_step, verify_file
@@ -126,8 +126,7 @@ def sharded_tensors_with_lead(sd) -> list:
     for t in nested_values(sd):
         if isinstance(t, Factory):
             geo = getattr(t, "md_fsdp", None)
-            built = [x for x in nested_values(t.build()) if isinstance(x, ShardedTensor)]
-            out.extend((x, len(geo["prepend"][0]) if geo is not None else x.prepend_axis_num) for x in built)
+            out.extend((x, len(geo["prepend"][0]) if geo is not None else x.prepend_axis_num) for x in built_tensors(t))
         elif isinstance(t, ShardedTensor):
             out.append((t, t.prepend_axis_num))
     return out

@@ -166,7 +166,8 @@ def load_full_model(root: str, iteration: Optional[int] = None) -> tuple[dict, d
     num_experts = model["num_experts"] or 0
     local_experts = num_experts // layout["ep"] if num_experts else 0
     if topo["info"].get("moe_grouped_gemm"):
-        raise CheckpointError(f"{root}: grouped-GEMM experts (--moe-grouped-gemm) are not supported by the converter")
+        raise CheckpointError(f"{root}: grouped-GEMM experts (--moe-grouped-gemm) in per-rank files (--ckpt-format "
+                              "torch) are not supported by the converter; save with --ckpt-format torch_dist")
     pieces: dict[str, dict[int, torch.Tensor]] = {}
     d = checkpoint_dir(root, iteration)
     for name, entry in sorted(man["files"].items()):

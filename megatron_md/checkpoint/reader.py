@@ -191,8 +191,8 @@ def open_model(root: str, iteration: Optional[int] = None) -> ModelReader:
         return PerRankModel(root, iteration)
     if "info" not in man["topology"]:
         raise CheckpointError(f"{root} (iteration {iteration}): written before conversion support; re-save it")
-    if man["topology"]["info"].get("moe_grouped_gemm"):
-        raise CheckpointError(f"{root}: grouped-GEMM experts (--moe-grouped-gemm) are not supported by the converter")
+    # grouped-GEMM experts (legacy GroupedMLP) need nothing more: megatron-core saves them under
+    # SequentialMLP's keys and shapes, and so does megatron_md their optimizer state
     d = checkpoint_dir(root, iteration)
     for name, entry in sorted(man["files"].items()):
         why = verify_file(os.path.join(d, name), entry)

@@ -37,6 +37,11 @@ _LINEAR = re.compile(r"(linear_qkv|linear_proj|linear_fc1|linear_fc2|linear_q|li
                      r"linear_q_down_proj|linear_q_up_proj|linear_kv_down_proj|linear_kv_up_proj)\.weight\d*$")
 _GROUPED = re.compile(r"experts\.weight[12]$")
 
+def is_grouped_gemm(name: str) -> bool:
+    """A legacy ``GroupedMLP`` weight (``experts.weight1``/``weight2``: all experts in one tensor)."""
+    return bool(_GROUPED.search(name))
+
+
 MEGATRON_RULES: tuple[MegatronRule, ...] = (
     MegatronRule("0-D/1-D (norms, biases, layer_norm_weight)", "adam", lambda n, p, o: p.ndim < 2),
     MegatronRule("embedding or output head (attribute or name)", "adam",
@@ -45,7 +50,7 @@ MEGATRON_RULES: tuple[MegatronRule, ...] = (
     MegatronRule("MoE router", "matrix", lambda n, p, o: is_router(n) and o.router_on_matrix),
     MegatronRule("MoE router (on Adam by default)", "adam", lambda n, p, o: is_router(n)),
     MegatronRule("attention/MLP/expert linear weight", "matrix", lambda n, p, o: bool(_LINEAR.search(n))),
-    MegatronRule("legacy GroupedMLP expert weights", "matrix", lambda n, p, o: bool(_GROUPED.search(n))),
+    MegatronRule("legacy GroupedMLP expert weights", "matrix", lambda n, p, o: is_grouped_gemm(n)),
     MegatronRule("anything else", "adam", lambda n, p, o: True),
 )
 

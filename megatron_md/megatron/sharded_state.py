@@ -41,8 +41,9 @@ import torch.distributed as dist
 from ..errors import CheckpointError
 from ..optim.base import BlockState
 from ..shard import Blocks, FlatRange
+from .routing import is_grouped_gemm
 
-__all__ = ["wrapper_entries", "wrapper_sharded_state", "is_wrapper_sharded_state", "wrapper_load", "wrapper_common",
+__all__ = ["wrapper_entries", "built_tensors", "wrapper_sharded_state", "is_wrapper_sharded_state", "wrapper_load", "wrapper_common",
            "commons_for",
            "merge_commons", "apply_wrapper_common", "template_map", "optimizer_wrappers", "sharded_types", "Entry"]
 
@@ -98,14 +99,27 @@ def _prepend(T):
     """(shape, offset, fragmentation) of the prepended axes of the template (experts of a
     SequentialMLP); for a factory, of the tensors it builds."""
     ShardedTensor, _, _ = sharded_types()
+    if isinstance(T, _Axes):  # one expert of a grouped-GEMM weight
+        return T.prepend
     if getattr(T, "md_fsdp", None) is not None:  # an FSDP2 parameter's rows (fsdp.row_factory)
         return T.md_fsdp["prepend"]
     if not isinstance(T, ShardedTensor):
-        from megatron.core.dist_checkpointing.dict_utils import nested_values
-        built = [t for t in nested_values(T.build()) if isinstance(t, ShardedTensor)]
-        T = built[0]
+        T = built_tensors(T)[0]
     k = T.prepend_axis_num
     return tuple(T.global_shape[:k]), tuple(T.global_offset[:k]), tuple(T.axis_fragmentations[:k])
+
+
+def built_tensors(T) -> list:
+    """The ShardedTensors of a template: itself, or what its factory builds (one tensor, or a
+    nested list/dict of them)."""
+    ShardedTensor, _, _ = sharded_types()
+    if isinstance(T, ShardedTensor):
+        return [T]
+    out = T.build()
+    if isinstance(out, ShardedTensor):
+        return [out]
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    return [t for t in nested_values(out) if isinstance(t, ShardedTensor)]
 
 
 def _vector_tensor(key: str, data: torch.Tensor, T, length: int, offset: int, replica: tuple):
@@ -166,24 +180,106 @@ def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[Entry]
             entries.append(_param_shaped(f"optimizer.state.{k}", Tr, rec, t, loading))
         if rec.role not in ("matrix", "head"):
             # the Adam partner's per-param step count (the same for every param of a group)
-            entries.append(_partner_step(T, rep, rec, st, loading))
+            if is_grouped_gemm(rec.name):  # one step per expert, named as SequentialMLP's
+                experts = _GroupedExperts(T, rec.name)
+                entries.extend(_partner_step(experts.axes(b), rep, rec, st, loading, main=experts.first_tp_shard)
+                               for b in range(experts.n_local))
+            else:
+                entries.append(_partner_step(T, rep, rec, st, loading))
             continue
         lay = sub.layout(q)
         views = lay.views if isinstance(lay, Blocks) else [None]
-        if isinstance(lay, Blocks) and not rec.name.endswith(("linear_qkv.weight", "linear_fc1.weight")):
-            raise CheckpointError(f"--ckpt-format torch_dist: {rec.name} holds several experts in one tensor "
-                                  "(grouped GEMM weights); their per-expert optimizer state cannot be named "
-                                  "globally yet — use --ckpt-format torch, or the SequentialMLP/TE experts")
+        experts = _GroupedExperts(T, rec.name, len(views)) if _is_grouped(lay) else None
+        if isinstance(lay, Blocks) and experts is None and not rec.name.endswith(("linear_qkv.weight",
+                                                                                   "linear_fc1.weight")):
+            raise CheckpointError(f"--ckpt-format torch_dist: {rec.name} is a parameter of several matrices "
+                                  "that has no global naming of its per-matrix optimizer state")
         if fsdp:  # per-matrix vectors are reassembled over the DP group: one main replica, DP rank 0
             rep = rep[:-1] + (dist.get_rank(rec.dp_group),)
         for b, view in enumerate(views):
             vec = BlockState(st, b)
             shard = lay if view is None else view.shard
-            suffix = "" if view is None else f".block{b}"
             for k, v in vec.items():
+                if experts is not None:  # named as SequentialMLP's expert ``e``: the expert axis prepended
+                    if experts.glu and _axis(k) == "rows":
+                        entries.extend(experts.glu_rows(k, v, vec, b, rep, loading))
+                    else:
+                        entries.append(_matrix_value(k, v, vec, experts.axes(b), rep, shard, T.key, loading,
+                                                     whole_param=False))
+                    continue
+                suffix = "" if view is None else f".block{b}"
                 entries.append(_matrix_value(k, v, vec, T, rep, shard, f"{T.key}{suffix}", loading,
                                              whole_param=view is None))
     return entries
+
+
+# ------------------------------------------------------------- legacy GroupedMLP (grouped GEMM)
+def _is_grouped(lay) -> bool:
+    """A legacy ``GroupedMLP`` weight: every block a transposed chunk ``e`` of ``[E, in, out]``."""
+    return isinstance(lay, Blocks) and all(v.transpose and isinstance(v.index, int) for v in lay.views)
+
+
+class _Axes:
+    """Stands in for a template in :func:`_prepend`: the prepended axes of one expert's vectors."""
+
+    md_fsdp = None
+
+    def __init__(self, key: str, shape: tuple, offset: tuple, frag: tuple):
+        self.key, self.prepend = key, (shape, offset, frag)
+
+
+class _GroupedExperts:
+    """The per-expert geometry of a legacy ``GroupedMLP`` weight, read off the weight's own
+    ShardedTensorFactory (megatron-core builds it as SequentialMLP's tensors: ``[..., E, out, in]``
+    with the expert axis a data axis, and — gated — the gate and up rows as two tensors at TP
+    offsets ``r`` and ``tp + r`` of ``2·ffn``). Each expert's vectors are keyed and placed exactly
+    as SequentialMLP's expert ``e`` (its expert axis prepended), so the optimizer state reshards
+    between grouped GEMM and SequentialMLP experts, across EP and TP."""
+
+    def __init__(self, T, name: str, n_local: Optional[int] = None):
+        ShardedTensor, _, _ = sharded_types()
+        built = built_tensors(T)
+        if not built or len(built) > 2 or any(t.key != T.key for t in built):
+            raise CheckpointError(f"--ckpt-format torch_dist: {name}: megatron-core's grouped-GEMM sharded state "
+                                  f"has {len(built)} tensors ({sorted({t.key for t in built})[:3]}); expected "
+                                  f"SequentialMLP-compatible '{T.key}' (no singleton_local_shards)")
+        k = built[0].prepend_axis_num
+        if n_local is not None and built[0].data.shape[0] != n_local:
+            raise CheckpointError(f"{name}: {n_local} experts in the optimizer, {built[0].data.shape[0]} in the "
+                                  "weight's sharded state")
+        self.k, self.built, self.glu = k, built, len(built) == 2
+        g = built[0]
+        self._lead = (tuple(g.global_shape[:k]), tuple(g.global_offset[:k]), tuple(g.axis_fragmentations[:k]))
+        self.n_global, self.first = int(g.global_shape[k]), int(g.global_offset[k])
+        self.n_local, self.key = int(g.data.shape[0]), T.key
+        #: this rank holds TP offset 0 of the expert matrices (the main copy of replicated values)
+        self.first_tp_shard = all(o == 0 for o in g.global_offset[k + 1:])
+
+    def axes(self, b: int) -> _Axes:
+        shape, off, frag = self._lead
+        return _Axes(self.key, shape + (self.n_global,), off + (self.first + b,), frag + (self.n_global,))
+
+    def glu_rows(self, k, v, vec, b, rep, loading) -> list[Entry]:
+        """A gated fc1's row vector as SequentialMLP's SwiGLU factory saves it: ``[2·ffn, 1]``, this
+        rank's gate rows at the gate tensor's offset and its up rows at the up tensor's."""
+        ShardedTensor, _, _ = sharded_types()
+        shape, off, frag = self.axes(b).prepend
+        out, start = [], 0
+        for half in self.built:
+            n = int(half.data.shape[1])  # this rank's rows of the half
+            data = torch.zeros(n, 1, dtype=v.dtype, device=v.device) if loading else v.detach()[start:start + n, None]
+            length, offset = int(half.global_shape[self.k + 1]), int(half.global_offset[self.k + 1])
+            sh = ShardedTensor(key=f"optimizer.vec.{k}.{half.key}", data=data, dtype=data.dtype,
+                               local_shape=tuple(data.shape), global_shape=shape + (length, 1),
+                               global_offset=off + (offset, 0), axis_fragmentations=frag + (length // max(n, 1), 1),
+                               replica_id=rep + (0,), prepend_axis_num=len(shape))
+            sh.validate_metadata_integrity()
+
+            def restore(x, k=k, a=start, n=n):
+                vec[k][a:a + n].copy_(x.reshape(-1))
+            out.append(Entry(sh, restore if loading else None))
+            start += n
+        return out
 
 
 # --------------------------------------------------------------------------- Megatron-LM's seam
@@ -255,14 +351,15 @@ def _param_shaped(prefix, T, rec, t, loading) -> Entry:
     return Entry(make_sharded_optimizer_tensor(T, full, prefix), restore if loading else None)
 
 
-def _partner_step(T, rep, rec, st, loading) -> Entry:
+def _partner_step(T, rep, rec, st, loading, main: Optional[bool] = None) -> Entry:
     step = st.get("step") if st is not None else None
     val = torch.zeros(1, dtype=torch.float32, device=rec.model.device)
     if not loading and step is not None:
         val += step.to(val)
     if (rec.zero is not None or rec.fsdp_rows is not None) and not loading:  # ranks without a piece hold no step
         dist.all_reduce(val, op=dist.ReduceOp.MAX, group=rec.dp_group)
-    sh = _vector_tensor(f"optimizer.scalar.step.{T.key}", val, T, 1, 0, rep + (0 if _first_shard(T) else 1,))
+    main = _first_shard(T) if main is None else main
+    sh = _vector_tensor(f"optimizer.scalar.step.{T.key}", val, T, 1, 0, rep + (0 if main else 1,))
 
     def restore(v):
         if st is not None and "step" in st:
@@ -275,8 +372,7 @@ def _first_shard(T) -> bool:
     ShardedTensor, _, _ = sharded_types()
     geo = getattr(T, "md_fsdp", None)
     if not isinstance(T, ShardedTensor):
-        from megatron.core.dist_checkpointing.dict_utils import nested_values
-        built = [t for t in nested_values(T.build()) if isinstance(t, ShardedTensor)]
+        built = built_tensors(T)
         if not built:  # an FSDP2 rank without rows of this parameter
             return False
         T = built[0]

@@ -414,12 +414,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
         if args.moe_grouped_gemm and not args.bf16:
             raise ArgumentError("--moe-grouped-gemm needs --bf16")
-        if (args.moe_grouped_gemm and args.transformer_impl != "transformer_engine" and args.ckpt_format == "torch_dist"
-                and (args.save or args.load) and args.optimizer not in ("adam", "sf-adamw")):
-            raise ArgumentError(f"--moe-grouped-gemm without Transformer Engine (megatron-core's legacy GroupedMLP: all "
-                                f"experts in one tensor) with --ckpt-format torch_dist and --optimizer {args.optimizer}: "
-                                "the per-expert optimizer state of one tensor cannot be named globally yet; use "
-                                "--ckpt-format torch, or drop --moe-grouped-gemm (SequentialMLP experts)")
 
     # ---------------------------------------------------------------- batches
     if args.global_batch_size is None:

@@ -179,6 +179,7 @@ def _convert_checks(ctx):
 DIST_CASES = {"dense_tp2": CASES["dense_tp2"], "moe_ep2": CASES["moe_ep2"],
               "pp2": ["--num-layers", "4", "--pipeline-model-parallel-size", "2"]}
 DIST_CHECKS = ["to_hf_torch_dist_equals_per_rank", "to_hf_bf16_shards_with_index_load_in_transformers",
+               "to_hf_of_grouped_gemm_experts",
                "sf_to_x_torch_dist_equals_per_rank", "to_md_torch_dist_resumes_as_the_per_rank_one"]
 
 
@@ -254,6 +255,25 @@ def _torch_dist_checks(ctx, base, tool):
                     assert got[k].dtype == torch.bfloat16 and torch.equal(got[k].detach(), v.to(torch.bfloat16)), k
             assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
             assert json.load(open(os.path.join(out, "generation_config.json")))["do_sample"] is False
+
+    with ctx.check("to_hf_of_grouped_gemm_experts"):
+        # a MoE with legacy GroupedMLP experts (--moe-grouped-gemm, bf16: all experts of a layer in one
+        # transposed tensor) trained at EP=1 x DP=2 and saved as torch_dist, then loaded into
+        # SequentialMLP experts (the whole state: nothing left to train) and re-saved: to-hf of the
+        # grouped checkpoint gives the SequentialMLP one's export bit for bit
+        moe = list(DIST_CASES["moe_ep2"])
+        i = moe.index("--expert-model-parallel-size")
+        del moe[i:i + 2]
+        grouped, seq = os.path.join(ctx.tmpdir, "moe_grouped_dist"), os.path.join(ctx.tmpdir, "moe_grouped_as_seq")
+        pretrain(parse_args(base + moe + ["--bf16", "--moe-grouped-gemm", "--save", grouped, "--ckpt-format", "torch_dist"]))
+        pretrain(parse_args(base + moe + ["--bf16", "--load", grouped, "--save", seq, "--ckpt-format", "torch_dist"]))
+        if ctx.rank == 0:
+            out = {}
+            for name, ckpt in (("grouped", grouped), ("seq", seq)):
+                out[name] = os.path.join(ctx.tmpdir, f"moe_{name}_hf")
+                assert tool.main(["to-hf", "--load", ckpt, "--out", out[name]]) == 0
+            _same_export(out["grouped"], out["seq"])
+        dist.barrier()
 
     with ctx.check("sf_to_x_torch_dist_equals_per_rank"):
         # schedule-free runs saved in both formats — DP=2 (the run of sf_to_x_gives_the_driver_eval_loss

@@ -26,7 +26,10 @@ main copies); the Llama-style model (SwiGLU ``linear_fc1`` row vectors through t
 own gate/up factory, untied head with MD's head gains, GQA) DP=2 → TP=2, and with ``--split-fc1``
 (gate and up as blocks, ZeRO-1 flat-sharded per block) ZeRO-1 ↔ TP=2; a DeepSeek-style MoE (8
 fine-grained experts and a shared expert, ``--moe-shared-expert-intermediate-size``) EP=2 ↔ TP=2,
-EP=2 + ZeRO-1 → EP=1 and EP=1 → EP=2 + ZeRO-1, for MuonMD, NorMuon, AdamMD and SF-NorMuon. Bad input: a
+EP=2 + ZeRO-1 → EP=1 and EP=1 → EP=2 + ZeRO-1, for MuonMD, NorMuon, AdamMD and SF-NorMuon; legacy
+grouped-GEMM experts (``--moe-grouped-gemm``, bf16: every expert of a layer in one transposed tensor)
+for every optimizer across EP, TP and layer-wise DP and to and from SequentialMLP experts (with SwiGLU:
+the row vectors' gate and up halves). Bad input: a
 corrupted ``.distcp`` file, a checkpoint of another optimizer and one of another model shape are refused before anything
 is loaded, naming the file or the flag. ``tools/convert_checkpoint.py reshard`` (a driver run
 with nothing left to train) writes a torch_dist checkpoint as per-rank files at one rank: the
@@ -103,6 +106,28 @@ SCENARIOS.update({
     "normuon/llama-fc1-tp2-to-fsdp2": ("normuon", f"{LLAMA} {FC1} {TP2}", f"{LLAMA} {FC1} --use-torch-fsdp2"),
     "sf-normuon/llama-fsdp2-to-layerwise": ("sf-normuon", f"{LLAMA} --use-torch-fsdp2", f"{LLAMA} --dp-mode layer-wise"),
     "muon/bf16-fsdp2-to-tp2": ("muon", f"--bf16 {FSDP}", f"--bf16 {TP2} {UNTIE}"),
+})
+#: legacy GroupedMLP experts (--moe-grouped-gemm without TE: all experts of a layer in one tensor,
+#: bf16 only): each expert's optimizer state is named as SequentialMLP's expert, so every optimizer
+#: reshards across EP, TP and layer-wise DP and between grouped and SequentialMLP experts (the SwiGLU
+#: row vectors as gate and up halves). MD's EP→TP changes stay within one expert implementation's
+#: layout family here: in bf16 its recomputed weights round the other layout's fp32 sums into other
+#: bf16 values (~1e-3 of the loss, with SequentialMLP experts as much as with grouped ones)
+GG = f"{MOE} --bf16 --moe-grouped-gemm"
+SEQ = f"{MOE} --bf16"
+EP2, SP = "--expert-model-parallel-size 2", f"{TP2} --sequence-parallel"
+SCENARIOS.update({
+    "muon-md/grouped-ep2-to-sequential-ep2": ("muon-md", f"{GG} {EP2}", f"{SEQ} {EP2}"),
+    "muon-md/grouped-swiglu-ep2-to-ep1": ("muon-md", f"{GG} --swiglu {EP2}", f"{GG} --swiglu"),
+    "adam-md/sequential-swiglu-ep2-to-grouped-ep2": ("adam-md", f"{SEQ} --swiglu {EP2}", f"{GG} --swiglu {EP2}"),
+    "normuon/grouped-swiglu-tp2-to-sequential-ep2": ("normuon", f"{GG} --swiglu {SP}", f"{SEQ} --swiglu {EP2}"),
+    "muon/grouped-ep2-to-tp2": ("muon", f"{GG} {EP2}", f"{GG} {SP}"),
+    "sf-normuon/grouped-layerwise-to-ep2": ("sf-normuon", f"{GG} --dp-mode layer-wise", f"{GG} {EP2}"),
+    "rmnp/grouped-ep1-to-ep2": ("rmnp", GG, f"{GG} {EP2}"),
+    "adamh/grouped-ep2-to-ep1": ("adamh", f"{GG} {EP2}", GG),
+    "muonh/grouped-tp2-to-ep2": ("muonh", f"{GG} {SP}", f"{GG} {EP2}"),
+    "adam/grouped-ep2-to-sequential-ep1": ("adam", f"{GG} {EP2}", SEQ),
+    "sf-adamw/grouped-ep2-to-tp2": ("sf-adamw", f"{GG} {EP2}", f"{GG} {SP}"),
 })
 RTOL = 1e-5
 #: bf16 runs: the layouts' different reduction orders are rounded to bf16 weights each step

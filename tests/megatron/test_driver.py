@@ -59,8 +59,6 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
     (["--rotary-scaling-factor", "4", "--beta-fast", "16"], ["--rotary-scaling-factor, --beta-fast", "--rope-type yarn"]),
     (["--rope-type", "yarn", "--position-embedding-type", "rope", "--original-max-position-embeddings", "8",
       "--rotary-scaling-factor", "0.5"], ["--rotary-scaling-factor 0.5"]),
-    (["--num-experts", "4", "--moe-grouped-gemm", "--bf16", "--disable-bias-linear", "--optimizer", "muon-md",
-      "--save", "ck"], ["--moe-grouped-gemm", "--ckpt-format torch_dist", "--optimizer muon-md"]),
     (["--use-torch-fsdp2"], ["--use-torch-fsdp2", "--untie-embeddings-and-output-weights"]),
     (["--use-torch-fsdp2", "--untie-embeddings-and-output-weights", "--use-distributed-optimizer"],
      ["--use-torch-fsdp2", "--use-distributed-optimizer"]),
