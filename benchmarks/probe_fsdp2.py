@@ -124,7 +124,8 @@ def _probe_megatron_fsdp(ctx, step, out) -> None:
         torch.manual_seed(1)
         gpt = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ)
         ddp = DistributedDataParallelConfig(use_megatron_fsdp=True, data_parallel_sharding_strategy="optim_grads_params",
-                                            use_distributed_optimizer=True, grad_reduce_in_fp32=True)
+                                            use_distributed_optimizer=True, grad_reduce_in_fp32=True,
+                                            gradient_reduce_div_fusion=False)  # NCCL's PREMUL_SUM: not on gloo
         state["model"] = FullyShardedDataParallel(cfg, ddp, gpt, device=torch.device("cpu"))
 
     step("Megatron-FSDP wrap (device=cpu)", wrap)

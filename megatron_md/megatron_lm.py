@@ -357,8 +357,8 @@ def _refuse_fsdp(args, name: str) -> None:
         raise ValueError(
             f"--optimizer {name} with {fsdp[0]} in Megatron-LM's loop: not supported (megatron-core 0.16's "
             f"FSDP2 wrapper fails in finalize_model_grads, and its checkpoints cut FSDP2's rows its own way); "
-            f"use megatron_md's driver (examples/pretrain_gpt.py --use-torch-fsdp2: every optimizer, exact) or "
-            f"--use-distributed-optimizer here")
+            f"use megatron_md's driver (examples/pretrain_gpt.py --use-torch-fsdp2 or --use-megatron-fsdp: every "
+            f"optimizer, exact) or --use-distributed-optimizer here")
 
 
 def _validate_md(args, name: str) -> None:

@@ -103,7 +103,10 @@ class _SkipNonFinite:
     def step_with_ready_grads(self) -> bool:
         if getattr(self, "_md_norm_nonfinite", False):
             return False  # nothing changes: no update, no copy to the model params
-        return super().step_with_ready_grads()
+        updated = super().step_with_ready_grads()
+        if updated:  # Megatron-FSDP: the updated main weights into the weights it gathers
+            _fsdp.install_weights(getattr(self, "md_megatron_fsdp_chunks", ()))
+        return updated
 
 
     @staticmethod
@@ -194,7 +197,7 @@ def model_matrices(model_chunks, *, router_on_matrix: bool = False) -> list[tupl
     blocks: the per-matrix view that telemetry reports on."""
     ctx = _layout_context(model_chunks, split_qkv=True)
     opts = RoutingOptions(router_on_matrix=router_on_matrix)
-    return [(n, p, matrix_layout(n, p, ctx)) for n, p in named_params(model_chunks)
+    return [(n, p, matrix_layout(n, p, ctx, local_shape=_fsdp.tp_local_shape(p))) for n, p in named_params(model_chunks)
             if role_of(n, p, opts) == "matrix"]
 
 
@@ -398,13 +401,11 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     ctx = _layout_context(model_chunks, split_qkv=md.split_qkv and name in _PER_BLOCK,
                           split_fc1=md.split_fc1 and name in _PER_BLOCK)
     names = named_params(model_chunks)
-    if any(getattr(getattr(c, "ddp_config", None), "use_megatron_fsdp", False) for c in model_chunks):
-        raise ValueError("--use-megatron-fsdp: megatron_md's optimizers do not bind Megatron-FSDP's flat parameter "
-                         "shards yet; use --use-torch-fsdp2 (rows of every weight, the exact update) or "
-                         "--use-distributed-optimizer (docs/compatibility.md, 'FSDP')")
-    fsdp = _fsdp.is_fsdp2(model_chunks)
+    mfsdp = [c for c in model_chunks if _fsdp.is_megatron_fsdp(c)]
+    fsdp = _fsdp.is_fsdp2(model_chunks)  # torch FSDP2 or Megatron-FSDP: DTensors of whole rows
     if fsdp and (config.use_distributed_optimizer or md.dp_mode == "layer-wise"):
-        raise ValueError("--use-torch-fsdp2 shards parameters, gradients and optimizer state itself: drop "
+        raise ValueError(f"{'--use-megatron-fsdp' if mfsdp else '--use-torch-fsdp2'} shards parameters, gradients and "
+                         "optimizer state itself: drop "
                          + ("--use-distributed-optimizer" if config.use_distributed_optimizer else "--dp-mode layer-wise"))
     md_run = matrix_cls is not None and name in ("adam-md", "muon-md")
     md_router = md_run and md.md_router  # MD's MoE recipe: the router on its own rows sphere, with gains
@@ -413,7 +414,8 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     group_roles = ("matrix", "adam")
     if md_run:
         roles, group_roles = md_recipe_roles(model_chunks, names, roles, md)
-    layouts = {n: matrix_layout(n, p, ctx) for n, p in names if roles[n] in ("matrix", "head", "embedding")}
+    layouts = {n: matrix_layout(n, p, ctx, local_shape=_fsdp.tp_local_shape(p))
+               for n, p in names if roles[n] in ("matrix", "head", "embedding")}
     if (config.use_distributed_optimizer and md.dp_mode != "layer-wise") or fsdp:
         # per-block ZeRO-1 (flat_blocks) needs blocks that select whole rows: fused QKV, SwiGLU fc1
         bad = [n for n, lay in layouts.items() if isinstance(lay, Blocks) and roles[n] == "matrix"
@@ -442,13 +444,16 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     # row-aligned flat ranges over FSDP2's group (fsdp.py)
     proxies = _fsdp.make_proxies(names) if fsdp else {}
     fsdp_group = _fsdp.dp_group_of(model_chunks) if fsdp else None
-    fsdp_rows = {n: _fsdp.row_range(p, fsdp_group) for n, p in names} if fsdp else {}
+    fsdp_rows = _fsdp.row_ranges(names, fsdp_group, uneven=bool(mfsdp)) if fsdp else {}
+    for n, p in names if fsdp else ():
+        p.md_rows = fsdp_rows[n]  # what fsdp.row_range answers from now on (telemetry)
     if md_run:
         kwargs["init"] = head_kwargs["init"] = md.md_init
         if fsdp:  # project each rank's rows: the same sphere, its norms reduced over the group
             local = [(n, _flat_view(proxies[id(p)])) for n, p in names]
             local_lay = {n: fsdp_layout(layouts[n], fsdp_rows[n], fsdp_group) for n in layouts}
             _project_model_matrices(matrix_cls, kwargs, head_kwargs, local, roles, local_lay, radius, overrides)
+            _fsdp.install_weights(mfsdp)  # Megatron-FSDP: the projected main weights into the gathered ones
         else:
             _project_model_matrices(matrix_cls, kwargs, head_kwargs, names, roles, layouts, radius, overrides)
 
@@ -485,6 +490,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
         if fsdp:  # the model's DTensors are reached through their proxies
             w.grad_stats_parallel_group = _fsdp_stats_group(pgs)
             w.md_fsdp_proxies = [q for g in model_groups for q in g]
+            w.md_megatron_fsdp_chunks = mfsdp
             mains = {id(q.md_dtensor): m for q in w.md_fsdp_proxies for m in [mains.get(id(q))]}
             model_groups = [[q.md_dtensor for q in g] for g in model_groups]
         items = []

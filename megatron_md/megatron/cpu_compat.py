@@ -38,6 +38,11 @@ Every patch, and why (details in each function's docstring):
 ``gloo_uneven_allgather``   all-gather-v on gloo by padding (NCCL accepts unequal sizes).
 ``fsdp2_cpu_mesh``          megatron-core's FSDP2 wrapper builds its device mesh on the CPU
                             (it asks for ``"cuda"``).
+``megatron_fsdp_ordinal``   ``current_device()`` from Megatron-FSDP's modules is the ordinal
+                            0 (it formats ``f"cuda:{...}"``; others keep the CPU device).
+``megatron_fsdp_cpu_mesh``  Megatron-FSDP's adapter builds its DP × TP meshes on the CPU.
+``megatron_fsdp_without_te`` Megatron-FSDP's adapter's ``isinstance(m, (TELinear,))`` with
+                            TE absent (``TELinear`` a mock, not a class: a TypeError at TP > 1).
 ==========================  ==============================================================
 
 Removed, because they changed megatron-core's optimizer or checkpoint logic rather than a
@@ -626,7 +631,12 @@ def _patch_fsdp2_cpu_mesh(rec: _Recorder) -> None:
     ``"cuda"`` to ``"cpu"``: the same group, a CPU mesh, gloo collectives. Nothing else of the class
     changes.
     """
-    mod = _import("megatron.core.distributed.torch_fully_sharded_data_parallel")
+    _cpu_mesh_in(rec, "megatron.core.distributed.torch_fully_sharded_data_parallel")
+
+
+def _cpu_mesh_in(rec: _Recorder, module: str) -> None:
+    """``module.DeviceMesh`` → a stand-in whose ``from_group`` maps the device type ``"cuda"`` to ``"cpu"``."""
+    mod = _import(module)
     _require(mod, "DeviceMesh")
     real = mod.DeviceMesh
 
@@ -636,6 +646,63 @@ def _patch_fsdp2_cpu_mesh(rec: _Recorder) -> None:
             return real.from_group(group, "cpu" if _is_cuda_device(device_type) else device_type, *args, **kwargs)
 
     rec.setattr(mod, "DeviceMesh", _CpuDeviceMesh)
+
+
+def _patch_megatron_fsdp_cpu_mesh(rec: _Recorder) -> None:
+    """Megatron-FSDP's adapter builds its DP × TP meshes on the CPU device.
+
+    Without it: ``FullyShardedDataParallel._init_dist_index`` calls ``DeviceMesh.from_group(...,
+    device_type="cuda")`` (a literal). The meshes build, but anything that derives a mesh from them — a
+    flattened DP × TP mesh, e.g. Megatron-FSDP's own ``gather_uneven_dtensor_to_full_tensor`` — calls
+    ``torch.cuda.set_device`` and fails on a CPU build (``module 'torch._C' has no attribute
+    '_cuda_setDevice'``). As ``fsdp2_cpu_mesh``: the same groups, CPU meshes, gloo collectives.
+    """
+    _cpu_mesh_in(rec, "megatron.core.distributed.fsdp.mcore_fsdp_adapter")
+
+
+_MEGATRON_FSDP_MODULES = ("megatron.core.distributed.fsdp.src.megatron_fsdp.", "megatron_fsdp.")
+
+
+def _patch_megatron_fsdp_ordinal(rec: _Recorder) -> None:
+    """``torch.cuda.current_device()`` called from Megatron-FSDP's own modules answers the ordinal 0.
+
+    Without it: ``MegatronFSDP.__init__`` builds ``torch.device(f"cuda:{torch.cuda.current_device()}")``
+    to compare with the device it was given (``megatron_fsdp.py``; megatron-core 0.16.1 line 184), which
+    with the ``current_device`` patch's CPU device is the string ``"cuda:cpu"`` (``RuntimeError: Invalid
+    device string``). Megatron-FSDP's callers get what a one-GPU-per-rank machine gives them, a device
+    ordinal (every other caller still gets the CPU device); a ``cuda:0`` device object needs no CUDA, and
+    tensors it asks for on device ``0`` are mapped to the CPU by ``device_remap``, as every CUDA request.
+    """
+    current = torch.cuda.current_device
+
+    def current_device():
+        if _caller_module().startswith(_MEGATRON_FSDP_MODULES):
+            return 0
+        return current()
+
+    rec.setattr(torch.cuda, "current_device", current_device)
+
+
+def _patch_megatron_fsdp_without_te(rec: _Recorder) -> None:
+    """Megatron-FSDP's adapter checks ``isinstance(module, (TELinear,))``, where ``TELinear`` is not a
+    class when Transformer Engine is absent (megatron-core derives it from a ``MagicMock`` stand-in of
+    ``te``, which makes it a mock object).
+
+    Without it: at tensor-parallel size > 1, ``FullyShardedDataParallel._fix_tensor_parallel_attributes``
+    raises ``TypeError: isinstance() arg 2 must be a type`` for the first non-expert parameter
+    (megatron-core 0.16.1, ``mcore_fsdp_adapter.py`` line 184). The adapter's ``TELinear`` name becomes a
+    class that no module is an instance of — what the check means without TE: no module is a TE
+    linear. Skipped where TE is installed (the name is TE's class).
+    """
+    mod = _import("megatron.core.distributed.fsdp.mcore_fsdp_adapter")
+    _require(mod, "TELinear")
+    if isinstance(mod.TELinear, type):
+        raise NotApplicable("TELinear is a class (Transformer Engine is installed)")
+
+    class _NoTELinear:
+        """Transformer Engine is not installed: nothing is a TE linear."""
+
+    rec.setattr(mod, "TELinear", _NoTELinear)
 
 
 # ---------------------------------------------------------------------------------- registry
@@ -655,6 +722,9 @@ PATCHES: Mapping[str, Patch] = MappingProxyType(
             Patch("moe_host_splits", _patch_moe_host_splits),
             Patch("gloo_uneven_allgather", _patch_gloo_uneven_allgather),
             Patch("fsdp2_cpu_mesh", _patch_fsdp2_cpu_mesh),
+            Patch("megatron_fsdp_ordinal", _patch_megatron_fsdp_ordinal, requires=("current_device", "device_remap")),
+            Patch("megatron_fsdp_without_te", _patch_megatron_fsdp_without_te),
+            Patch("megatron_fsdp_cpu_mesh", _patch_megatron_fsdp_cpu_mesh),
         )
     }
 )

@@ -29,14 +29,24 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "fsdp2_class", "is_fsdp2", "is_dtensor", "row_range", "Proxy", "make_proxies",
-           "pull_grads", "dp_group_of"]
+__all__ = ["available", "fsdp2_class", "is_fsdp2", "is_dtensor", "is_megatron_fsdp", "row_range", "row_ranges",
+           "install_weights", "tp_local_shape", "Proxy", "make_proxies", "pull_grads", "dp_group_of"]
 
 _CLASS = None
 
 
-def available() -> tuple[bool, str]:
-    """``(True, "")`` when torch has FSDP2 and megatron-core has its wrapper, else ``(False, why)``."""
+def available(megatron: bool = False) -> tuple[bool, str]:
+    """``(True, "")`` when torch has FSDP2 and megatron-core has its wrapper (``megatron``: its
+    Megatron-FSDP adapter), else ``(False, why)``."""
+    if megatron:
+        try:
+            from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel  # noqa: F401
+        except ImportError as exc:
+            return False, f"megatron-core has no Megatron-FSDP adapter (distributed.fsdp.mcore_fsdp_adapter: {exc})"
+        import importlib.util
+        if importlib.util.find_spec("einops") is None:
+            return False, "megatron-core's Megatron-FSDP adapter needs einops (pip install 'megatron_md[fsdp]')"
+        return True, ""
     try:
         from megatron.core.distributed.torch_fully_sharded_data_parallel import HAVE_FSDP
     except ImportError as exc:
@@ -92,17 +102,89 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def is_megatron_fsdp(chunk) -> bool:
+    """Whether ``chunk`` is megatron-core's Megatron-FSDP adapter (``--use-megatron-fsdp``)."""
+    return bool(getattr(getattr(chunk, "ddp_config", None), "use_megatron_fsdp", False))
+
+
 def dp_group_of(model_chunks):
-    """The process group FSDP2 shards over (the chunks' ``process_group``: DP × CP)."""
-    groups = {id(c.process_group): c.process_group for c in model_chunks if hasattr(c, "process_group")}
+    """The process group FSDP shards over (DP × CP): FSDP2's ``process_group``, Megatron-FSDP's
+    dist index's FSDP group."""
+    groups = {}
+    for c in model_chunks:
+        g = c.megatron_fsdp_dist_index.get_fsdp_group() if is_megatron_fsdp(c) else getattr(c, "process_group", None)
+        if g is not None:
+            groups[id(g)] = g
     if len(groups) != 1:
         raise ValueError(f"FSDP2 model chunks must share one data-parallel group (got {len(groups)})")
     return next(iter(groups.values()))
 
 
+def row_ranges(named: list[tuple[str, torch.Tensor]], group, *, uneven: bool) -> dict[str, tuple[int, int]]:
+    """name → :func:`row_range` of every DTensor; ``uneven`` (Megatron-FSDP): the rows each rank holds
+    are read from the ranks themselves (one all-gather of every parameter's local row count):
+    Megatron-FSDP cuts each bucket into equal flat chunks in rank order, with every parameter's rows
+    kept whole (its buffer groups parameters by row size), so a rank's rows follow those of the ranks
+    before it; checked to sum to each parameter's rows."""
+    if not uneven:
+        return {n: row_range(p, group) for n, p in named}
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    # per parameter: this rank's rows and its row size (elements), both gathered over the DP group
+    local = torch.tensor([[p._local_tensor.shape[0] if p.ndim else p._local_tensor.numel(),
+                           math.prod(p._local_tensor.shape[1:]) if p._local_tensor.numel() else 0] for _, p in named],
+                         dtype=torch.int64).view(-1, 2)
+    w, r = dist.get_world_size(group), dist.get_rank(group)
+    every = [torch.zeros_like(local) for _ in range(w)]
+    dist.all_gather(every, local, group=group)
+    counts, widths = torch.stack(every)[..., 0], torch.stack(every)[..., 1]  # [ranks, params]
+    tp = ps.get_tensor_model_parallel_world_size()
+    out = {}
+    for j, (n, p) in enumerate(named):
+        rows = int(counts[:, j].sum())
+        width = {int(x) for x in widths[:, j] if int(x)}
+        # the DTensor is the whole (TP-unsharded) weight; the DP ranks' rows tile its TP-local part
+        row = width.pop() if len(width) == 1 else (1 if not width else None)
+        if row is None or not any(rows * row * t == p.numel() for t in {1, tp}):
+            raise RuntimeError(f"Megatron-FSDP shard of {n} {tuple(p.shape)}: local pieces of "
+                               f"{counts[:, j].tolist()} rows (local shape {tuple(p._local_tensor.shape)}) are not "
+                               "whole rows that tile its tensor-parallel part in rank order")
+        r0 = int(counts[:r, j].sum())
+        out[n] = (r0, r0 + int(counts[r, j]))
+    return out
+
+
+def tp_local_shape(p) -> Optional[tuple]:
+    """The tensor-parallel local shape of a Megatron-FSDP DTensor, whose mesh spans data × tensor
+    parallel (``("dp_cp", "tp")``): its global shape with each dim a ``"tp"`` mesh dimension shards
+    divided by that dimension's size. None for anything else (FSDP2's DTensors are already TP-local)."""
+    if not is_dtensor(p):
+        return None
+    from torch.distributed.tensor import Shard
+    names = p.device_mesh.mesh_dim_names or ()
+    if "tp" not in names:
+        return None
+    shape = list(p.shape)
+    for i, pl in enumerate(p.placements):
+        if names[i] == "tp" and isinstance(pl, Shard):
+            shape[pl.dim] //= p.device_mesh.size(i)
+    return tuple(shape)
+
+
+def install_weights(model_chunks) -> None:
+    """After an optimizer step: Megatron-FSDP copies its (updated) main weights into the model weights
+    it all-gathers for the next forward (megatron-core's own optimizer does this in its step)."""
+    for c in model_chunks:
+        if is_megatron_fsdp(c):
+            c.module.install_optimized_model_weights()
+
+
 def row_range(p, group=None) -> tuple[int, int]:
     """Rows ``[r0, r1)`` of DTensor ``p`` (``Shard(0)`` on a 1-D mesh over ``group``, default megatron's
     data-parallel × context-parallel group) held by this rank; checked against the local piece's length."""
+    rows = getattr(p, "md_rows", None)
+    if rows is not None:  # as the optimizer bound it (builder; Megatron-FSDP's uneven rows)
+        return rows
     import torch.distributed as dist
     from torch.distributed.tensor import Shard
     mesh, placements = p.device_mesh, p.placements
@@ -157,6 +239,8 @@ def pull_grads(proxies) -> None:
                                "(e.g. model.load_state_dict(assign=True) or .to()); build the optimizer after that")
         g = p.grad
         q.grad = torch.zeros_like(q) if g is None else (g._local_tensor if is_dtensor(g) else g).view_as(q)
+        if q.dtype == torch.float32:  # Megatron-FSDP's fp32 main weights of a bf16 model: Megatron's
+            q.main_grad = q.grad      # Float16 wrapper takes an fp32 parameter's gradient from main_grad
 
 
 # ------------------------------------------------------------------------ torch_dist checkpoints

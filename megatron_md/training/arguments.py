@@ -143,6 +143,11 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
                    "gradients and optimizer state sharded by rows; every optimizer's update stays the exact one. "
                    "Not with --pipeline-model-parallel-size > 1, --expert-model-parallel-size > 1, "
                    "--use-distributed-optimizer, --overlap-grad-reduce/--overlap-param-gather or --dp-mode layer-wise")
+    g.add_argument("--use-megatron-fsdp", action="store_true",
+                   help="Megatron-FSDP over data parallel (megatron-core's FullyShardedDataParallel, ZeRO-3 "
+                   "optim_grads_params: parameters, gradients and optimizer state in flat buckets cut at whole "
+                   "rows); every optimizer's update stays the exact one. Same restrictions as --use-torch-fsdp2; "
+                   "no --save/--load yet")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="overlap DDP's gradient all-reduce (reduce-scatter with --use-distributed-optimizer) with "
                    "the backward pass: each bucket's collective starts as soon as its gradients are ready")
@@ -659,9 +664,12 @@ def _validate_yarn(args: argparse.Namespace) -> None:
 
 
 def _validate_fsdp2(args: argparse.Namespace) -> None:
-    """``--use-torch-fsdp2`` where megatron-core's torch FSDP2 wrapper and megatron_md support it (the
-    first three as Megatron-LM's own checks)."""
-    if not args.use_torch_fsdp2:
+    """``--use-torch-fsdp2`` / ``--use-megatron-fsdp`` where megatron-core's wrappers and megatron_md
+    support them (the first three as Megatron-LM's own checks for FSDP2)."""
+    flag = "--use-megatron-fsdp" if args.use_megatron_fsdp else "--use-torch-fsdp2"
+    if args.use_megatron_fsdp and args.use_torch_fsdp2:
+        raise ArgumentError("--use-torch-fsdp2 and --use-megatron-fsdp: pick one")
+    if not (args.use_torch_fsdp2 or args.use_megatron_fsdp):
         return
     bad = [f for on, f in ((args.pipeline_model_parallel_size > 1, "--pipeline-model-parallel-size > 1"),
                            (args.expert_model_parallel_size > 1, "--expert-model-parallel-size > 1"),
@@ -673,15 +681,18 @@ def _validate_fsdp2(args: argparse.Namespace) -> None:
                            (not args.untie_embeddings_and_output_weights,
                             "a tied output layer (pass --untie-embeddings-and-output-weights: megatron-core's wrapper "
                             "shards the word embedding as its own unit, so the tied head would read a sharded weight)"),
-                           (args.ckpt_format != "torch_dist", f"--ckpt-format {args.ckpt_format}")) if on]
+                           (args.ckpt_format != "torch_dist", f"--ckpt-format {args.ckpt_format}"),
+                           (args.use_megatron_fsdp and bool(args.save or args.load or args.load_hf),
+                            "--save/--load/--load-hf (Megatron-FSDP checkpoints are not bound yet; --use-torch-fsdp2 "
+                            "saves and reshards torch_dist)")) if on]
     if bad:
-        raise ArgumentError(f"--use-torch-fsdp2 with {', '.join(bad)}: not supported (FSDP2 shards parameters, "
+        raise ArgumentError(f"{flag} with {', '.join(bad)}: not supported (FSDP shards parameters, "
                             "gradients and optimizer state itself and overlaps its own all-gathers; megatron-core's "
                             "FSDP2 wrapper has no pipeline or expert parallelism; its checkpoints are torch_dist)")
     from ..megatron.fsdp import available
-    ok, why = available()
+    ok, why = available(megatron=args.use_megatron_fsdp)
     if not ok:
-        raise ArgumentError(f"--use-torch-fsdp2: {why}")
+        raise ArgumentError(f"{flag}: {why}")
 
 
 def optimizer_config(args):

@@ -312,6 +312,9 @@ def build_model(args, config) -> list:
         if getattr(args, "use_torch_fsdp2", False):
             out.append(_fsdp2(config, model))
             continue
+        if getattr(args, "use_megatron_fsdp", False):
+            out.append(_megatron_fsdp(config, model))
+            continue
         # as Megatron-LM: only the first chunk's buffers are bucketed
         ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
                                       disable_bucketing=i > 0)
@@ -320,19 +323,39 @@ def build_model(args, config) -> list:
     return out
 
 
-def _fsdp2(config, model):
-    """``--use-torch-fsdp2``: the chunk in megatron-core's FSDP2 wrapper (megatron_md.megatron.fsdp), after
-    every data-parallel rank took rank 0's weights (FSDP2 shards what each rank holds)."""
+def _from_dp_rank0(model) -> None:
+    """Every data-parallel rank takes rank 0's weights (an FSDP wrapper shards what each rank holds)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallelConfig
-
-    from ..megatron.fsdp import fsdp2_class
     group = ps.get_data_parallel_group(with_context_parallel=True)
     src = dist.get_global_rank(group, 0)
     with torch.no_grad():
         for p in model.parameters():
             dist.broadcast(p.data, src, group=group)
+
+
+def _fsdp2(config, model):
+    """``--use-torch-fsdp2``: the chunk in megatron-core's FSDP2 wrapper (megatron_md.megatron.fsdp)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from ..megatron.fsdp import fsdp2_class
+    _from_dp_rank0(model)
     return fsdp2_class()(config, DistributedDataParallelConfig(), model)
+
+
+def _megatron_fsdp(config, model):
+    """``--use-megatron-fsdp``: the chunk in megatron-core's Megatron-FSDP adapter, ZeRO-3
+    (``optim_grads_params``: parameters, gradients and optimizer state sharded, each transformer layer
+    a unit), gradients reduced in fp32. On a machine without CUDA the module stays on the CPU, and the
+    gradient average is a scale then a sum (NCCL's pre-multiplied sum does not exist on gloo)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
+
+    _from_dp_rank0(model)
+    nccl = dist.get_backend() == "nccl"
+    ddp = DistributedDataParallelConfig(use_megatron_fsdp=True, data_parallel_sharding_strategy="optim_grads_params",
+                                        grad_reduce_in_fp32=True, check_for_nan_in_grad=False,
+                                        gradient_reduce_div_fusion=nccl)
+    return FullyShardedDataParallel(config, ddp, model, device=None if torch.cuda.is_available() else torch.device("cpu"))
 
 
 def unwrap(chunk):

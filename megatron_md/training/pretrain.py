@@ -312,7 +312,9 @@ def pretrain(args) -> dict:
                 f"{args.num_microbatches} x {args.micro_batch_size} x DP {args.data_parallel_size}; "
                 f"{tokens_per_iter} tokens/iteration; "
                 + ("FSDP2: parameters, gradients and optimizer state sharded by rows over DP"
-                   if args.use_torch_fsdp2 else f"{buckets} gradient bucket(s) on rank 0")
+                   if args.use_torch_fsdp2 else
+                   "Megatron-FSDP: parameters, gradients and optimizer state sharded in row-aligned buckets over DP"
+                   if args.use_megatron_fsdp else f"{buckets} gradient bucket(s) on rank 0")
                 + (", reduced during backward" if args.overlap_grad_reduce else "")
                 + (", parameters gathered during forward" if args.overlap_param_gather else "")
                 + f") — setup {time.perf_counter() - t_start:.1f}s")

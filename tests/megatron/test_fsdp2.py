@@ -5,11 +5,14 @@ One spawned group of 2 ranks runs the tiny GQA SwiGLU GPT of test_megatron_optim
 Q/K/V and, with ``split_fc1``, gate/up) for 5 steps, each rank half the batch, under
   * plain DP=2 (megatron-core's DDP, replicated weights): the reference,
   * FSDP2 DP=2 (each rank a row block of every weight, Megatron's FP32Optimizer over proxies),
+  * Megatron-FSDP DP=2 (``--use-megatron-fsdp``: megatron-core's adapter, ZeRO-3; each rank whole
+    rows of every weight, cut unevenly where its flat buckets split),
 and checks the losses (≤1e-5 relative) and the final gathered parameters; then MD's recipe
 (unit-norm embedding rows, the row-sphere head), a non-finite gradient on one rank (skipped on
 every rank, nothing changed), the collective count per step independent of the matrix count,
-megatron-core's refusal combinations, and bf16. A group of 4 ranks does the same at TP=2 × FSDP2
-DP=2 against TP=2 × plain DP=2 (and with sequence parallelism).
+megatron-core's refusal combinations, bf16 (both FSDPs), and the driver with ``--use-megatron-fsdp``
+against plain DP. A group of 4 ranks does the same at TP=2 × FSDP2 DP=2 and TP=2 × Megatron-FSDP DP=2
+against TP=2 × plain DP=2 (and FSDP2 with sequence parallelism).
 """
 from __future__ import annotations
 
@@ -75,7 +78,10 @@ def _build(name, fsdp, md_kw=None, bf16=False, tied=False, tp=1, sp=False):
         from megatron.core.transformer.module import Float16Module
         gpt = Float16Module(cfg, gpt)
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=not fsdp)
-    if fsdp:
+    if fsdp == "megatron":
+        from megatron_md.training.model import _megatron_fsdp
+        model = _megatron_fsdp(cfg, gpt)
+    elif fsdp:
         model = fsdp2_class()(cfg, ddp_cfg, gpt)
     else:
         model = DistributedDataParallel(config=cfg, ddp_config=ddp_cfg, module=gpt)
@@ -116,8 +122,20 @@ def _full_params(model):
     """name -> this TP rank's fp32 parameter (FSDP2 DTensors gathered over DP; DDP's as they are)."""
     from megatron_md.megatron.fsdp import is_dtensor
     out = {}
+    from megatron_md.megatron.fsdp import is_megatron_fsdp
+    if is_megatron_fsdp(model):
+        from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import gather_uneven_dtensor_to_full_tensor
     for name, p in model.module.named_parameters():
-        t = p.full_tensor() if is_dtensor(p) else p
+        if is_dtensor(p) and is_megatron_fsdp(model):  # uneven row pieces, the mesh DP × TP: this TP rank's part
+            t = gather_uneven_dtensor_to_full_tensor(p)
+            t = t.full_tensor() if is_dtensor(t) else t
+            names = p.device_mesh.mesh_dim_names or ()
+            for i, pl in enumerate(p.placements):
+                if names[i] == "tp" and pl.is_shard():
+                    from megatron.core import parallel_state as ps
+                    t = t.chunk(p.device_mesh.size(i), dim=pl.dim)[ps.get_tensor_model_parallel_rank()]
+        else:
+            t = p.full_tensor() if is_dtensor(p) else p
         out[name.replace("module.", "")] = t.detach().float().clone()
     return out
 
@@ -141,6 +159,15 @@ def _checks(ctx):
             assert is_dtensor(qkv) and qkv._local_tensor.shape[0] == qkv.shape[0] // 2, qkv.shape
             ctx.record(f"{name}/fsdp2", _compare(refs[name], (_train(model, opt), _full_params(model)),
                                                  RTOL_PARAM_BY.get(name, RTOL_PARAM)))
+
+    for name in OPTIMIZERS:
+        with ctx.check(f"{name}/megatron-fsdp"):
+            # Megatron-FSDP (ZeRO-3 optim_grads_params): each rank whole rows of every weight, cut where
+            # its flat buckets split (uneven)
+            assert name in refs, "reference failed"
+            model, opt = _build(name, fsdp="megatron")
+            ctx.record(f"{name}/megatron-fsdp", _compare(refs[name], (_train(model, opt), _full_params(model)),
+                                                         RTOL_PARAM_BY.get(name, RTOL_PARAM)))
 
     for name in ("adam-md", "muon-md"):
         with ctx.check(f"{name}/fsdp2-recipe"):
@@ -207,10 +234,26 @@ def _checks(ctx):
             raise AssertionError("--dp-mode layer-wise with FSDP2 was accepted")
 
     for name in ("muon-md", "rmnp"):
-        with ctx.check(f"{name}/bf16"):
-            model, opt = _build(name, fsdp=True, bf16=True)
-            losses = _train(model, opt, steps=8)
-            assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.05, losses
+        for kind, fsdp in (("bf16", True), ("megatron-fsdp-bf16", "megatron")):
+            with ctx.check(f"{name}/{kind}"):
+                model, opt = _build(name, fsdp=fsdp, bf16=True)
+                losses = _train(model, opt, steps=8)
+                assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.05, losses
+
+
+    with ctx.check("driver-megatron-fsdp"):
+        # the training driver with --use-megatron-fsdp (last: the driver sets up its own parallel state):
+        # iteration for iteration the losses of plain DP=2, for a per-block method with MD's recipe
+        from megatron_md.training.arguments import parse_args
+        from megatron_md.training.pretrain import pretrain
+        td = load_module(Path(__file__).with_name("test_driver.py"))
+        base = td.synthetic_base(ctx, "--log-interval", "1", "--global-batch-size", "4", "--train-iters", "4",
+                                 "--untie-embeddings-and-output-weights", "--optimizer", "muon-md")
+        ref = pretrain(parse_args(base))["train_loss_history"]
+        got = pretrain(parse_args(base + ["--use-megatron-fsdp"]))["train_loss_history"]
+        assert ref.keys() == got.keys() and len(ref) == 4, (ref, got)
+        for it, x in ref.items():
+            assert math.isfinite(x) and abs(got[it] - x) <= 1e-5 * abs(x), (it, x, got[it])
 
 
 group = group_fixture(2, _checks, megatron=True, timeout=1200)
@@ -229,6 +272,14 @@ def _checks_tp2(ctx):
             model, opt = _build(name, fsdp=True, tp=2)
             ctx.record(f"{name}/tp2-fsdp2", _compare(ref, (_train(model, opt), _full_params(model)),
                                                      RTOL_PARAM_BY.get(name, RTOL_PARAM)))
+    for name in OPTIMIZERS:
+        with ctx.check(f"{name}/tp2-megatron-fsdp"):
+            # Megatron-FSDP's DTensors span DP × TP (the whole weight): each rank's rows of its TP-local part
+            model, opt = _build(name, fsdp=False, tp=2)
+            ref = (_train(model, opt), _full_params(model))
+            model, opt = _build(name, fsdp="megatron", tp=2)
+            ctx.record(f"{name}/tp2-megatron-fsdp", _compare(ref, (_train(model, opt), _full_params(model)),
+                                                             RTOL_PARAM_BY.get(name, RTOL_PARAM)))
     with ctx.check("ns-split-reaches-the-optimizer"):
         # --ns-split (MDConfig.ns_split) is what the matrix optimizer's orthogonalize gets; off: the environment
         from megatron_md.megatron.builder import hybrid_optimizers
@@ -245,9 +296,10 @@ def _checks_tp2(ctx):
 
 group4 = group_fixture(4, _checks_tp2, megatron=True, timeout=1200)
 
-CHECKS = [f"{n}/{s}" for n in OPTIMIZERS for s in ("ddp", "fsdp2")] + \
+CHECKS = [f"{n}/{s}" for n in OPTIMIZERS for s in ("ddp", "fsdp2", "megatron-fsdp")] + \
     ["adam-md/fsdp2-recipe", "muon-md/fsdp2-recipe", "nonfinite-skips-on-every-rank",
-     "collectives-independent-of-matrix-count", "refusals", "muon-md/bf16", "rmnp/bf16"]
+     "collectives-independent-of-matrix-count", "refusals", "muon-md/bf16", "rmnp/bf16",
+     "muon-md/megatron-fsdp-bf16", "rmnp/megatron-fsdp-bf16", "driver-megatron-fsdp"]
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -255,7 +307,8 @@ def test_fsdp2(group, check):
     group.assert_ok(check)
 
 
-@pytest.mark.parametrize("check", [f"{n}/tp2-fsdp2" for n in OPTIMIZERS] + ["muon-md/tp2-sp-fsdp2",
+@pytest.mark.parametrize("check", [f"{n}/tp2-{k}" for n in OPTIMIZERS for k in ("fsdp2", "megatron-fsdp")]
+                         + ["muon-md/tp2-sp-fsdp2",
                                                                            "ns-split-reaches-the-optimizer"])
 def test_tp2_fsdp2(group4, check):
     group4.assert_ok(check)
