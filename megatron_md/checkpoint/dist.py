@@ -55,7 +55,8 @@ def _unwrapped(chunk):
 def model_templates(model_chunks) -> list[dict]:
     """Each chunk's ``sharded_state_dict()`` (what Megatron saves for the model)."""
     from ..megatron import fsdp
-    return [fsdp.sharded_state_dict(_unwrapped(c)) if fsdp.is_fsdp2([c]) else _unwrapped(c).sharded_state_dict()
+    return [fsdp.megatron_fsdp_sharded_state_dict(c) if fsdp.is_megatron_fsdp(c) else
+            fsdp.sharded_state_dict(_unwrapped(c)) if fsdp.is_fsdp2([c]) else _unwrapped(c).sharded_state_dict()
             for c in model_chunks]
 
 
@@ -196,6 +197,10 @@ def load_dist(directory: str, model_chunks, optimizer, args, *, load_optim: bool
             inner = w.optimizer
             if hasattr(inner, "_share_state"):
                 inner._share_state()
+    from ..megatron.fsdp import install_weights
+    # Megatron-FSDP: its main weights (the loaded model weights, then — bf16 — the exact fp32 main copies
+    # of the optimizer state, on the same storage) into the weights it gathers
+    install_weights(model_chunks)
     if load_rng:
         set_rng_state(got["rng_state"])
     return common

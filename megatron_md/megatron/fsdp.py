@@ -304,6 +304,9 @@ def row_factory(key: str, data: torch.Tensor, *, rows: tuple[int, int], full_row
                                axis_fragmentations=None, replica_id=replica_id, prepend_axis_num=0)
             sh.validate_metadata_integrity()
             out.append(sh)
+        if not out:  # no rows here (Megatron-FSDP's uneven cut): nothing to save, nothing in common.pt
+            from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
+            return LocalNonpersistentObject([])
         return out
 
     def merge(pieces):
@@ -318,23 +321,75 @@ def row_factory(key: str, data: torch.Tensor, *, rows: tuple[int, int], full_row
 def sharded_state_dict(module) -> dict:
     """``module.sharded_state_dict()`` of an FSDP2-wrapped GPTModel with every DTensor parameter's
     entry replaced by a :func:`row_factory` of its local rows (others unchanged)."""
+    sd = module.sharded_state_dict()
+    by_local = {id(p._local_tensor): (n, p) for n, p in module.named_parameters() if is_dtensor(p)}
+    return _rows_sharded(sd, by_local)
+
+
+def megatron_fsdp_sharded_state_dict(chunk) -> dict:
+    """:func:`sharded_state_dict` of a Megatron-FSDP chunk. megatron-core's own ``sharded_state_dict()``
+    cannot take its uneven DTensors (a SwiGLU ``linear_fc1`` with no rows on a rank divides by zero in
+    ``apply_swiglu_sharded_factory``), and the module's state-dict pre-hooks put the sharded DTensors
+    back whenever a submodule asks for its ``state_dict()``. So megatron-core is asked with each sharded
+    parameter stood in for by a meta tensor of its whole tensor-parallel-local shape (keys, shapes and
+    offsets are all it reads), and every such entry is then replaced by a :func:`row_factory` of the
+    DTensor's local rows; the DTensors are put back in any case."""
+    module = chunk.module.module
+    while hasattr(module, "module"):
+        module = module.module
+    chunk.module.state_dict(keep_vars=True)  # Megatron-FSDP's pre-hook: its sharded DTensors in place
+    stand_ins, swapped = {}, []
+    try:
+        for prefix, mod in module.named_modules():
+            for pn, p in list(mod._parameters.items()):
+                if p is None or not is_dtensor(p):
+                    continue
+                q = torch.nn.Parameter(torch.empty(tp_local_shape(p) or tuple(p.shape), dtype=p.dtype, device="meta"),
+                                       requires_grad=p.requires_grad)
+                for k, v in vars(p).items():
+                    if not k.startswith("_"):
+                        setattr(q, k, v)
+                mod._parameters[pn] = q
+                swapped.append((mod, pn, p))
+                stand_ins[id(q)] = (f"{prefix}.{pn}" if prefix else pn, p)
+        sd = module.sharded_state_dict()
+    finally:
+        for mod, pn, p in swapped:
+            mod._parameters[pn] = p
+    # the stand-ins are plain tensors, so megatron-core numbered their replicas by DP rank; the row
+    # boxes are disjoint over DP (each the main copy of its rows), as FSDP2's DTensor entries are. With
+    # bf16/fp16 the sharded DTensors are Megatron-FSDP's fp32 main weights: the model's weights are saved
+    # in the model's dtype (as every other layout saves them; the fp32 copies are the optimizer's)
+    cfg = chunk.config
+    cast = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+    return _rows_sharded(sd, stand_ins, own_dp_replica=True, cast=cast)
+
+
+def _rows_sharded(sd: dict, by_data: dict, own_dp_replica: bool = False, cast=None) -> dict:
+    """``sd`` with every entry whose data is a key of ``by_data`` (→ ``(name, DTensor)``) replaced by a
+    :func:`row_factory` of the DTensor's local rows (``own_dp_replica``: the replica id's DP component,
+    megatron-core's last, set to 0; ``cast``: saved as a copy in that dtype, ``md_source`` the piece)."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    sd = module.sharded_state_dict()
-    by_local = {id(p._local_tensor): (n, p) for n, p in module.named_parameters() if is_dtensor(p)}
     tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
     def fix(T):
-        if not isinstance(T, (ShardedTensor, ShardedTensorFactory)) or id(T.data) not in by_local:
+        if not isinstance(T, (ShardedTensor, ShardedTensorFactory)) or id(T.data) not in by_data:
             return T
-        name, p = by_local[id(T.data)]
+        name, p = by_data[id(T.data)]
         tp_axis = p.partition_dim if getattr(p, "tensor_model_parallel", False) and tp > 1 else None
         swiglu = isinstance(T, ShardedTensorFactory)
         if swiglu and not name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
             raise ValueError(f"FSDP2 checkpoint: {name} has a sharded-tensor factory megatron_md does not know")
-        return row_factory(T.key, p._local_tensor, rows=row_range(p), full_rows=p.shape[0], tp_rank=tp_rank,
-                           tp=tp, tp_axis=tp_axis, swiglu=swiglu, prepend=_prepend_of(T), replica_id=T.replica_id)
+        local = p._local_tensor
+        data = local if cast is None or local.dtype == cast else local.detach().to(cast)
+        fac = row_factory(T.key, data, rows=row_range(p), full_rows=(tp_local_shape(p) or p.shape)[0],
+                           tp_rank=tp_rank,
+                           tp=tp, tp_axis=tp_axis, swiglu=swiglu, prepend=_prepend_of(T),
+                          replica_id=(tuple(T.replica_id[:-1]) + (0,) if own_dp_replica and isinstance(T.replica_id, tuple)
+                                      else T.replica_id))
+        fac.md_source = local
+        return fac
     dict_list_map_inplace(fix, sd)
     return sd

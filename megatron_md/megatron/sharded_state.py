@@ -81,7 +81,8 @@ def template_map(templates) -> dict:
     for sd in templates:
         for t in nested_values(sd):
             if isinstance(t, (ShardedTensor, ShardedTensorFactory)):
-                out.setdefault(id(t.data), t)
+                # a Megatron-FSDP bf16 weight is saved as a bf16 copy of its fp32 main DTensor piece
+                out.setdefault(id(getattr(t, "md_source", t.data)), t)
     return out
 
 
@@ -118,6 +119,8 @@ def built_tensors(T) -> list:
     out = T.build()
     if isinstance(out, ShardedTensor):
         return [out]
+    if not isinstance(out, (dict, list, tuple)):  # e.g. a LocalNonpersistentObject: nothing saved here
+        return []
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     return [t for t in nested_values(out) if isinstance(t, ShardedTensor)]
 

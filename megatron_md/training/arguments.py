@@ -146,8 +146,8 @@ def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) ->
     g.add_argument("--use-megatron-fsdp", action="store_true",
                    help="Megatron-FSDP over data parallel (megatron-core's FullyShardedDataParallel, ZeRO-3 "
                    "optim_grads_params: parameters, gradients and optimizer state in flat buckets cut at whole "
-                   "rows); every optimizer's update stays the exact one. Same restrictions as --use-torch-fsdp2; "
-                   "no --save/--load yet")
+                   "rows); every optimizer's update stays the exact one; torch_dist checkpoints that reshard. Same "
+                   "restrictions as --use-torch-fsdp2, and no --load-hf")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="overlap DDP's gradient all-reduce (reduce-scatter with --use-distributed-optimizer) with "
                    "the backward pass: each bucket's collective starts as soon as its gradients are ready")
@@ -682,9 +682,7 @@ def _validate_fsdp2(args: argparse.Namespace) -> None:
                             "a tied output layer (pass --untie-embeddings-and-output-weights: megatron-core's wrapper "
                             "shards the word embedding as its own unit, so the tied head would read a sharded weight)"),
                            (args.ckpt_format != "torch_dist", f"--ckpt-format {args.ckpt_format}"),
-                           (args.use_megatron_fsdp and bool(args.save or args.load or args.load_hf),
-                            "--save/--load/--load-hf (Megatron-FSDP checkpoints are not bound yet; --use-torch-fsdp2 "
-                            "saves and reshards torch_dist)")) if on]
+                           (args.use_megatron_fsdp and bool(args.load_hf), "--load-hf")) if on]
     if bad:
         raise ArgumentError(f"{flag} with {', '.join(bad)}: not supported (FSDP shards parameters, "
                             "gradients and optimizer state itself and overlaps its own all-gathers; megatron-core's "

@@ -29,7 +29,9 @@ fine-grained experts and a shared expert, ``--moe-shared-expert-intermediate-siz
 EP=2 + ZeRO-1 → EP=1 and EP=1 → EP=2 + ZeRO-1, for MuonMD, NorMuon, AdamMD and SF-NorMuon; legacy
 grouped-GEMM experts (``--moe-grouped-gemm``, bf16: every expert of a layer in one transposed tensor)
 for every optimizer across EP, TP and layer-wise DP and to and from SequentialMLP experts (with SwiGLU:
-the row vectors' gate and up halves). Bad input: a
+the row vectors' gate and up halves); Megatron-FSDP (``--use-megatron-fsdp``: ZeRO-3 buckets cut at whole
+rows, ranks without rows of a weight) for every optimizer to ZeRO-1, and ZeRO-1 → Megatron-FSDP,
+Megatron-FSDP → FSDP2, a Llama model to TP=2 and bf16 (its fp32 main weights) to TP=2. Bad input: a
 corrupted ``.distcp`` file, a checkpoint of another optimizer and one of another model shape are refused before anything
 is loaded, naming the file or the flag. ``tools/convert_checkpoint.py reshard`` (a driver run
 with nothing left to train) writes a torch_dist checkpoint as per-rank files at one rank: the
@@ -100,12 +102,20 @@ SCENARIOS.update({
 UNTIE = "--untie-embeddings-and-output-weights"
 FSDP = f"--use-torch-fsdp2 {UNTIE}"
 SCENARIOS.update({f"{o}/fsdp2-to-zero1": (o, FSDP, f"{ZERO} {UNTIE}") for o in OPTIMIZERS})
+#: Megatron-FSDP (ZeRO-3 buckets cut at whole rows, unevenly: ranks with no rows of a weight): every
+#: optimizer to ZeRO-1, and back, to FSDP2 and (Llama) to TP=2
+MFSDP = f"--use-megatron-fsdp {UNTIE}"
+SCENARIOS.update({f"{o}/megatron-fsdp-to-zero1": (o, MFSDP, f"{ZERO} {UNTIE}") for o in OPTIMIZERS})
 SCENARIOS.update({
     "muon-md/zero1-to-fsdp2": ("muon-md", f"{ZERO} {UNTIE}", FSDP),
     "muon-md/llama-fsdp2-to-tp2": ("muon-md", f"{LLAMA} --use-torch-fsdp2", f"{LLAMA} {TP2}"),
     "normuon/llama-fc1-tp2-to-fsdp2": ("normuon", f"{LLAMA} {FC1} {TP2}", f"{LLAMA} {FC1} --use-torch-fsdp2"),
     "sf-normuon/llama-fsdp2-to-layerwise": ("sf-normuon", f"{LLAMA} --use-torch-fsdp2", f"{LLAMA} --dp-mode layer-wise"),
     "muon/bf16-fsdp2-to-tp2": ("muon", f"--bf16 {FSDP}", f"--bf16 {TP2} {UNTIE}"),
+    "muon/bf16-megatron-fsdp-to-tp2": ("muon", f"--bf16 {MFSDP}", f"--bf16 {TP2} {UNTIE}"),
+    "normuon/zero1-to-megatron-fsdp": ("normuon", f"{ZERO} {UNTIE}", MFSDP),
+    "sf-normuon/megatron-fsdp-to-fsdp2": ("sf-normuon", MFSDP, FSDP),
+    "adam-md/llama-megatron-fsdp-to-tp2": ("adam-md", f"{LLAMA} --use-megatron-fsdp", f"{LLAMA} {TP2}"),
 })
 #: legacy GroupedMLP experts (--moe-grouped-gemm without TE: all experts of a layer in one tensor,
 #: bf16 only): each expert's optimizer state is named as SequentialMLP's expert, so every optimizer

@@ -31,7 +31,6 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
 # ============================================================================ validation (in-process)
 @pytest.mark.parametrize("extra, needles", [
     (["--async-save"], ["--async-save", "synchronous"]),
-    (["--use-megatron-fsdp", "--untie-embeddings-and-output-weights", "--save", "ck"], ["--use-megatron-fsdp", "--save"]),
     (["--use-megatron-fsdp", "--use-torch-fsdp2"], ["--use-torch-fsdp2", "--use-megatron-fsdp", "pick one"]),
     (["--use-megatron-fsdp"], ["--use-megatron-fsdp", "--untie-embeddings-and-output-weights"]),
     (["--optimizer", "muon-md", "--fp16", "--loss-scale", "1024"], ["--optimizer muon-md", "--fp16"]),

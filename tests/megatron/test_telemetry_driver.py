@@ -166,16 +166,20 @@ def _checks(ctx):
             with ctx.check(f"{opt}_record_contents"):
                 pass
 
-    # FSDP2 (megatron-core's wrapper needs an untied head): each rank reads its rows of every matrix
+    # FSDP2 and Megatron-FSDP (megatron-core's wrappers need an untied head): each rank reads its rows of
+    # every matrix (Megatron-FSDP's uneven rows, as the optimizer bound them)
     for opt in ("muon-md", "rmnp"):
-        with ctx.check(f"{opt}_fsdp2_equals_unsharded"):
-            flags = ["--optimizer", opt, "--untie-embeddings-and-output-weights"]
-            _, ref_path = run(f"{opt}_dp2_untied", flags)
-            _, path = run(f"{opt}_fsdp2", flags + ["--use-torch-fsdp2"])
-            if ctx.rank == 0:
-                keys = STEP_KEYS + (("gain_row_mean", "gain_row_std", "gain_col_mean", "gain_col_std")
-                                    if opt == "muon-md" else ())
-                ctx.record(f"{opt}_fsdp2_worst", _compare(_records(ref_path), _records(path), keys, 1e-6, 1e-4))
+        flags = ["--optimizer", opt, "--untie-embeddings-and-output-weights"]
+        ref_path = None
+        for kind, flag in (("fsdp2", "--use-torch-fsdp2"), ("megatron-fsdp", "--use-megatron-fsdp")):
+            with ctx.check(f"{opt}_{kind}_equals_unsharded"):
+                if ref_path is None:
+                    _, ref_path = run(f"{opt}_dp2_untied", flags)
+                _, path = run(f"{opt}_{kind}", flags + [flag])
+                if ctx.rank == 0:
+                    keys = STEP_KEYS + (("gain_row_mean", "gain_row_std", "gain_col_mean", "gain_col_std")
+                                        if opt == "muon-md" else ())
+                    ctx.record(f"{opt}_{kind}_worst", _compare(_records(ref_path), _records(path), keys, 1e-6, 1e-4))
 
     with ctx.check("moe_ep2_equals_ep1"):
         flags = ["--optimizer", "muon", "--weight-decay", "0.0", *MOE]
@@ -208,7 +212,8 @@ telemetry_group = group_fixture(2, _checks, megatron=True, timeout=600)
 CHECKS = ([f"{o}_{lay}_equals_unsharded" for o in OPTIMIZERS for lay in LAYOUTS if not (o == "adam" and lay == "layerwise")]
           + [f"{o}_record_contents" for o in OPTIMIZERS]
           + ["sharded_sums_equal_whole", "moe_ep2_equals_ep1", "telemetry_changes_no_bit", "muon-md_fsdp2_equals_unsharded",
-             "rmnp_fsdp2_equals_unsharded"])
+             "rmnp_fsdp2_equals_unsharded", "muon-md_megatron-fsdp_equals_unsharded",
+             "rmnp_megatron-fsdp_equals_unsharded"])
 
 
 @pytest.mark.parametrize("name", CHECKS)
