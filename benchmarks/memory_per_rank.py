@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Memory per rank of weights, gradients and optimizer state under plain DP, ZeRO-1 and torch FSDP2.
+"""Memory per rank of weights, gradients and optimizer state under plain DP, ZeRO-1, torch FSDP2 and
+Megatron-FSDP.
 
 Two gloo ranks (DP=2) build the same GPTModel (local spec, GQA, SwiGLU, untied head) in megatron-core's
 DDP (plain, or with the distributed optimizer: ZeRO-1) or in its torch FSDP2 wrapper, build megatron_md's
@@ -29,7 +30,8 @@ sys.path.insert(0, str(HERE))
 from _common import header  # noqa: E402
 
 OPTIMIZERS = ["adam", "muon", "normuon", "rmnp", "muon-md", "sf-normuon"]
-MODES = ["dp", "zero1", "fsdp2"]
+MODES = ["dp", "zero1", "fsdp2", "mfsdp"]
+LABELS = {"dp": "plain DP", "zero1": "ZeRO-1", "fsdp2": "FSDP2", "mfsdp": "Megatron-FSDP"}
 BEGIN, END = "<!-- BEGIN memory_per_rank -->", "<!-- END memory_per_rank -->"
 
 
@@ -90,6 +92,9 @@ def _measure(ctx, hidden: int, layers: int, bf16: bool):
                 zero = mode == "zero1"
                 if mode == "fsdp2":
                     model = fsdp2_class()(cfg, DistributedDataParallelConfig(), gpt)
+                elif mode == "mfsdp":
+                    from megatron_md.training.model import _megatron_fsdp
+                    model = _megatron_fsdp(cfg, gpt)
                 else:
                     model = DistributedDataParallel(config=cfg, ddp_config=DistributedDataParallelConfig(
                         grad_reduce_in_fp32=not bf16, use_distributed_optimizer=zero), module=gpt)
@@ -102,9 +107,17 @@ def _measure(ctx, hidden: int, layers: int, bf16: bool):
                 model.zero_grad_buffer()
                 model(tok[:, :-1], pos, None, labels=tok[:, 1:]).float().mean().backward()
                 finalize_model_grads([model])
-                weights = _storages(p for p in model.module.parameters())
+                if mode == "mfsdp":  # its sharded buffers: model weights (gathered per unit), fp32 main weights, grads
+                    groups = model.param_and_grad_buffer.parameter_groups
+                    weights = _storages(getattr(b, "data", None) for g in groups
+                                        for b in (g.model_weight_buffer, g.main_weight_buffer) if b is not None)
+                    grads = _storages(g.main_grad_buffer.data for g in groups if g.main_grad_buffer is not None)
+                else:
+                    weights = _storages(p for p in model.module.parameters())
                 if mode == "fsdp2":
                     grads = _storages(p.grad for p in model.module.parameters())
+                elif mode == "mfsdp":
+                    pass
                 else:
                     grads = _storages(b.grad_data for b in model.buffers)
                 opt.step()
@@ -137,25 +150,34 @@ def main(argv=None) -> int:
     res = run_group(2, f"{Path(__file__).stem}:_measure", a.hidden, a.layers, a.bf16, megatron=True, timeout=1200,
                     env=env)
     res.raise_for_failures()
-    rows = res.values[0]["rows"]
+    # the mean of the two ranks (Megatron-FSDP cuts its buckets at whole rows: its ranks hold unequal parts)
+    rows = {k: tuple((a + b) / 2 for a, b in zip(v, res.values[1]["rows"][k])) for k, v in res.values[0]["rows"].items()}
+    spread = {k: abs(sum(v) - sum(res.values[1]["rows"][k])) / max(sum(v) + sum(res.values[1]["rows"][k]), 1) * 2
+              for k, v in res.values[0]["rows"].items()}
     mb = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     dtype = "bf16 weights, fp32 main copies" if a.bf16 else "fp32"
-    body = [f"Per rank (rank 0 of DP=2), GPTModel hidden {a.hidden}, {a.layers} layers, GQA 8/4 heads, SwiGLU "
-            f"ffn {4 * a.hidden}, vocab 1024, untied head; {dtype}; MiB. *ratio*: the rank's total against plain "
-            "DP's with the same optimizer.", "",
-            "| optimizer | mode | weights | grads | optimizer state | total | ratio |", "|---|---|---:|---:|---:|---:|---:|"]
+    body = [f"Per rank (the mean of the DP=2 ranks), GPTModel hidden {a.hidden}, {a.layers} layers, GQA 8/4 heads, "
+            f"SwiGLU ffn {4 * a.hidden}, vocab 1024, untied head; {dtype}; MiB. *ratio*: the rank's total against "
+            "plain DP's with the same optimizer; *ranks differ*: |rank 0 − rank 1| / mean of the totals.", "",
+            "| optimizer | mode | weights | grads | optimizer state | total | ratio | ranks differ |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name in OPTIMIZERS:
         base = sum(rows[(name, "dp")])
         for mode in MODES:
             w, g, s = rows[(name, mode)]
-            label = {"dp": "plain DP", "zero1": "ZeRO-1", "fsdp2": "FSDP2"}[mode]
-            body.append(f"| {name} | {label} | {mb(w)} | {mb(g)} | {mb(s)} | {mb(w + g + s)} | {(w + g + s) / base:.3f} |")
+            body.append(f"| {name} | {LABELS[mode]} | {mb(w)} | {mb(g)} | {mb(s)} | {mb(w + g + s)} | "
+                        f"{(w + g + s) / base:.3f} | {spread[(name, mode)]:.2f} |")
     body += ["", "FSDP2 divides weights, gradients and optimizer state by the data-parallel size (0.50 at DP=2); "
              "ZeRO-1 divides the optimizer state only (megatron-core's distributed optimizer keeps the whole "
              "gradient buffer and the whole weights on every rank). What FSDP2 adds above 0.500 is the per-matrix "
-             "vectors (MD's gains, NorMuon's row moments) of the rows a rank holds."]
+             "vectors (MD's gains, NorMuon's row moments) of the rows a rank holds. Megatron-FSDP's weights are "
+             "its sharded model-weight and main-weight buffers — two sharded copies, in fp32 too (megatron-core "
+             "0.16.1's adapter as the driver builds it), hence its 0.63–0.66 — and its gradients its sharded "
+             "main-gradient buffer; the unit-at-a-time gathered buckets of forward and backward are transient and "
+             "not counted. Its buckets are cut at whole rows of each weight but hold equal numbers of elements, "
+             "so its ranks' totals agree (*ranks differ*)."]
     cmd = "PYTHONPATH=. .venv/bin/python benchmarks/memory_per_rank.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = "\n".join([BEGIN, "## Memory per rank: plain DP, ZeRO-1, FSDP2", ""]
+    text = "\n".join([BEGIN, "## Memory per rank: plain DP, ZeRO-1, FSDP2, Megatron-FSDP", ""]
                      + header("", cmd, ROOT, "Counts, not timings.")[2:] + body + [END])
     print(text)
     if a.out != "-":

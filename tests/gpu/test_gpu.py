@@ -140,9 +140,11 @@ def test_nccl_two_ranks_sharded_equals_reference():
     assert "NCCL CHECKS PASSED" in out.stdout
 
 
-def _fsdp2_vs_ddp(optimizer: str, steps: int = 5):
-    """megatron-core's torch FSDP2 wrapper (megatron_md.megatron.fsdp) and plain DDP on one GPU (world 1:
-    FSDP2's mesh on CUDA, DTensor parameters and proxies on the device): the same losses."""
+def _fsdp2_vs_ddp(optimizer: str, steps: int = 5, kind: str = "fsdp2"):
+    """megatron-core's torch FSDP2 wrapper (megatron_md.megatron.fsdp) — or, ``kind="megatron"``, its
+    Megatron-FSDP adapter as the driver wraps it (NCCL: pre-multiplied-sum gradient reduce, its CUDA
+    device, streams and buffers) — and plain DDP on one GPU (world 1: meshes on CUDA, DTensor parameters
+    and proxies on the device): the same losses."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -172,7 +174,11 @@ def _fsdp2_vs_ddp(optimizer: str, steps: int = 5):
         gpt = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=1024, max_sequence_length=128,
                        share_embeddings_and_output_weights=False).cuda()
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=not fsdp)
-        model = fsdp2_class()(cfg, ddp_cfg, gpt) if fsdp else DistributedDataParallel(cfg, ddp_cfg, gpt)
+        if fsdp and kind == "megatron":
+            from megatron_md.training.model import _megatron_fsdp
+            model = _megatron_fsdp(cfg, gpt)
+        else:
+            model = fsdp2_class()(cfg, ddp_cfg, gpt) if fsdp else DistributedDataParallel(cfg, ddp_cfg, gpt)
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.01, weight_decay=0.0, clip_grad=1.0),
                                      [model], MDConfig(optimizer=optimizer))
         out[fsdp] = _train_cuda(model, opt, steps)
@@ -180,9 +186,12 @@ def _fsdp2_vs_ddp(optimizer: str, steps: int = 5):
 
 
 @needs_cuda
-def test_fsdp2_on_cuda_equals_ddp():
+@pytest.mark.parametrize("kind", ["fsdp2", "megatron"])
+def test_fsdp2_on_cuda_equals_ddp(kind):
+    if kind == "megatron":
+        pytest.importorskip("einops", reason="megatron-core's Megatron-FSDP adapter needs einops")
     for name in ("muon-md", "rmnp"):
-        got = _fsdp2_vs_ddp(name)
+        got = _fsdp2_vs_ddp(name, kind=kind)
         assert all(math.isfinite(x) for x in got[True]), got
         for a, b in zip(got[True], got[False]):
             assert abs(a - b) <= 1e-4 * abs(b), (name, got)

@@ -192,21 +192,25 @@ def _checks(ctx):
     with ctx.check("collectives-independent-of-matrix-count"):
         # the optimizer step's all-reduces (row/column statistics, norms: metered) do not grow with
         # the number of layers; Newton–Schulz pieces travel point-to-point, per matrix
+        # (FSDP2 and Megatron-FSDP)
         global LAYERS
         counts = {}
-        for name in ("rmnp", "normuon", "muon-md"):
-            for layers in (2, 4):
-                saved, LAYERS = LAYERS, layers
-                try:
-                    model, opt = _build(name, fsdp=True)
-                finally:
-                    LAYERS = saved
-                _train(model, opt, steps=1)
-                comm.METER.reset()
-                _train(model, opt, steps=1)
-                counts[(name, layers)] = sum(v for (_, kind), v in comm.METER.calls.items() if kind == "all_reduce")
-            assert counts[(name, 2)] == counts[(name, 4)] > 0, counts
-        ctx.record("all-reduce-counts", {f"{k[0]}/L{k[1]}": v for k, v in counts.items()})
+        for fsdp in (True, "megatron"):
+            for name in ("rmnp", "normuon", "muon-md"):
+                for layers in (2, 4):
+                    saved, LAYERS = LAYERS, layers
+                    try:
+                        model, opt = _build(name, fsdp=fsdp)
+                    finally:
+                        LAYERS = saved
+                    _train(model, opt, steps=1)
+                    comm.METER.reset()
+                    _train(model, opt, steps=1)
+                    counts[(fsdp, name, layers)] = sum(v for (_, kind), v in comm.METER.calls.items()
+                                                       if kind == "all_reduce")
+                assert counts[(fsdp, name, 2)] == counts[(fsdp, name, 4)] > 0, counts
+        ctx.record("all-reduce-counts", {f"{'megatron-fsdp' if k[0] == 'megatron' else 'fsdp2'}/{k[1]}/L{k[2]}": v
+                                         for k, v in counts.items()})
 
     with ctx.check("refusals"):
         from megatron.core.optimizer import OptimizerConfig
