@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-side in ONE call of the lent device machine (nothing can be fetched there).
 #
-# Here, once per session (the wheels are git-ignored and not committed):
+# Here, once per session (the wheels are git-ignored and not committed; einops for the Megatron-FSDP check):
 #     bash benchmarks/gpu_session.sh --fetch          # megatron-core + schedulefree wheels into .whl/
 # Then one device call, e.g. run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=540):
 # it installs the carried wheels into /tmp/site (the device image has CUDA torch, numpy, pytest,
@@ -10,7 +10,7 @@
 # skip on a one-GPU machine) and copies docs/gpu_<card>.md to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=("megatron-core==0.16.1" "schedulefree==1.4.1")
+WHEELS=("megatron-core==0.16.1" "schedulefree==1.4.1" "einops==0.8.2")  # einops: the Megatron-FSDP test
 if [ "${1:-}" = "--fetch" ]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
