@@ -247,7 +247,7 @@ def pull_grads(proxies) -> None:
 def _prepend_of(T):
     """(shape, offset, fragmentation) of the prepended axes of megatron-core's sharded tensor (or
     the first tensor its factory builds): e.g. the local expert index of SequentialMLP experts."""
-    from .sharded_state import built_tensors
+    from .templates import built_tensors
     T = built_tensors(T)[0]
     k = T.prepend_axis_num
     return tuple(T.global_shape[:k]), tuple(T.global_offset[:k]), tuple(T.axis_fragmentations[:k] or ())

@@ -42,6 +42,7 @@ from ..errors import CheckpointError
 from ..optim.base import BlockState
 from ..shard import Blocks, FlatRange
 from .routing import is_grouped_gemm
+from .templates import built_tensors
 
 __all__ = ["wrapper_entries", "built_tensors", "wrapper_sharded_state", "is_wrapper_sharded_state", "wrapper_load", "wrapper_common",
            "commons_for",
@@ -108,21 +109,6 @@ def _prepend(T):
         T = built_tensors(T)[0]
     k = T.prepend_axis_num
     return tuple(T.global_shape[:k]), tuple(T.global_offset[:k]), tuple(T.axis_fragmentations[:k])
-
-
-def built_tensors(T) -> list:
-    """The ShardedTensors of a template: itself, or what its factory builds (one tensor, or a
-    nested list/dict of them)."""
-    ShardedTensor, _, _ = sharded_types()
-    if isinstance(T, ShardedTensor):
-        return [T]
-    out = T.build()
-    if isinstance(out, ShardedTensor):
-        return [out]
-    if not isinstance(out, (dict, list, tuple)):  # e.g. a LocalNonpersistentObject: nothing saved here
-        return []
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    return [t for t in nested_values(out) if isinstance(t, ShardedTensor)]
 
 
 def _vector_tensor(key: str, data: torch.Tensor, T, length: int, offset: int, replica: tuple):
