@@ -1,4 +1,5 @@
-"""Torch FSDP2 (megatron-core's ``TorchFullyShardedDataParallel``) under megatron_md's optimizers.
+"""Torch FSDP2 (megatron-core's ``TorchFullyShardedDataParallel``) and Megatron-FSDP (its
+``mcore_fsdp_adapter.FullyShardedDataParallel``) under megatron_md's optimizers.
 
 FSDP2 stores every parameter as a DTensor ``Shard(0)`` over the data-parallel group: rank ``r``
 holds rows ``[r0, r1)`` of the (tensor-parallel local) weight, ``r0 = min(r·⌈m/w⌉, m)``,
@@ -18,9 +19,18 @@ update, which FSDP2 all-gathers at the next forward), whose ``.grad`` is set to 
 the DTensor's reduce-scattered gradient before each step (:func:`pull_grads`). Megatron's grad-norm
 reduction then runs over the whole data × model-parallel group, as for ZeRO-1.
 
+Megatron-FSDP (ZeRO-3 ``optim_grads_params``) is bound the same way. Its buffers group parameters by
+row size and cut each bucket into equal flat chunks in rank order, so a rank again holds whole rows
+``[r0, r1)`` of each weight — unevenly, possibly none — which :func:`row_ranges` reads from the ranks.
+Its DTensors span a DP × TP mesh (the whole weight's shape: :func:`tp_local_shape` gives the
+TP-local one); its updated main weights are copied into the weights it gathers after each step
+(:func:`install_weights`); with bf16 the proxies are its fp32 main weights.
+
 Here: the wrapper class (:func:`fsdp2_class`: megatron-core's class with the two methods that
-megatron-core 0.16.1's loop calls on it fixed), the row geometry (:func:`row_range`), and the
-proxies. The CPU/gloo device mesh is :mod:`.cpu_compat`'s ``fsdp2_cpu_mesh`` (a device shim).
+megatron-core 0.16.1's loop calls on it fixed), the row geometry (:func:`row_range`,
+:func:`row_ranges`), the proxies, and the torch_dist row boxes (:func:`row_factory`,
+:func:`sharded_state_dict`, :func:`megatron_fsdp_sharded_state_dict`). The CPU/gloo device meshes
+are :mod:`.cpu_compat`'s ``fsdp2_cpu_mesh`` and ``megatron_fsdp_cpu_mesh`` (device shims).
 """
 from __future__ import annotations
 
