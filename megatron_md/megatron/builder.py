@@ -35,8 +35,8 @@ from ..shard import comm as _comm
 from . import fsdp as _fsdp
 from .hybrid import HybridOptimizer, MatrixItem
 from .sharded_state import is_wrapper_sharded_state, wrapper_load, wrapper_sharded_state
-from .routing import (ModelLayoutContext, RoutingOptions, is_router, matrix_layout, named_params, residual_output,
-                      residual_radius_scale, role_of)
+from .routing import (ModelLayoutContext, RoutingOptions, is_expert, is_router, matrix_layout, named_params,
+                      residual_output, residual_radius_scale, role_of)
 
 logger = logging.getLogger(__name__)
 
@@ -402,6 +402,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
                           split_fc1=md.split_fc1 and name in _PER_BLOCK)
     names = named_params(model_chunks)
     mfsdp = [c for c in model_chunks if _fsdp.is_megatron_fsdp(c)]
+    _fsdp.mark_experts(names if mfsdp else ())
     fsdp = _fsdp.is_fsdp2(model_chunks)  # torch FSDP2 or Megatron-FSDP: DTensors of whole rows
     if fsdp and (config.use_distributed_optimizer or md.dp_mode == "layer-wise"):
         raise ValueError(f"{'--use-megatron-fsdp' if mfsdp else '--use-torch-fsdp2'} shards parameters, gradients and "
@@ -443,15 +444,20 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
     # FSDP2: the wrappers hold a plain proxy of every DTensor's local rows; matrices are bound as
     # row-aligned flat ranges over FSDP2's group (fsdp.py)
     proxies = _fsdp.make_proxies(names) if fsdp else {}
-    fsdp_group = _fsdp.dp_group_of(model_chunks) if fsdp else None
-    fsdp_rows = _fsdp.row_ranges(names, fsdp_group, uneven=bool(mfsdp)) if fsdp else {}
+    # the group each parameter is sharded over (Megatron-FSDP: experts over the expert-data-parallel group)
+    fsdp_groups = {e: _fsdp.dp_group_of(model_chunks, expert=e) for e in (False, True)} if fsdp else {}
+    fsdp_group_of = {n: fsdp_groups[is_expert(p)] for n, p in names} if fsdp else {}
+    fsdp_rows = {}
+    for e in fsdp_groups:
+        fsdp_rows.update(_fsdp.row_ranges([(n, p) for n, p in names if is_expert(p) == e], fsdp_groups[e],
+                                          uneven=bool(mfsdp)))
     for n, p in names if fsdp else ():
         p.md_rows = fsdp_rows[n]  # what fsdp.row_range answers from now on (telemetry)
     if md_run:
         kwargs["init"] = head_kwargs["init"] = md.md_init
         if fsdp:  # project each rank's rows: the same sphere, its norms reduced over the group
             local = [(n, _flat_view(proxies[id(p)])) for n, p in names]
-            local_lay = {n: fsdp_layout(layouts[n], fsdp_rows[n], fsdp_group) for n in layouts}
+            local_lay = {n: fsdp_layout(layouts[n], fsdp_rows[n], fsdp_group_of[n]) for n in layouts}
             _project_model_matrices(matrix_cls, kwargs, head_kwargs, local, roles, local_lay, radius, overrides)
             _fsdp.install_weights(mfsdp)  # Megatron-FSDP: the projected main weights into the gathered ones
         else:
@@ -482,7 +488,7 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
                    for i, c in enumerate(model_chunks)}
         from megatron.core.utils import get_pg_rank
         if fsdp:
-            dp_group = fsdp_group
+            dp_group = fsdp_groups[expert]
         w = _wrap(inner, config, model_chunks, buffers, dp_group, dp_gloo, get_pg_rank(mp_group), mp_group, 0,
                   stats_group=pgs.get("intra_dist_opt_group"))
         mains = _main_params(w)

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 __all__ = ["available", "fsdp2_class", "is_fsdp2", "is_dtensor", "is_megatron_fsdp", "row_range", "row_ranges",
-           "install_weights", "tp_local_shape", "Proxy", "make_proxies", "pull_grads", "dp_group_of"]
+           "install_weights", "tp_local_shape", "mark_experts", "Proxy", "make_proxies", "pull_grads", "dp_group_of"]
 
 _CLASS = None
 
@@ -117,12 +117,22 @@ def is_megatron_fsdp(chunk) -> bool:
     return bool(getattr(getattr(chunk, "ddp_config", None), "use_megatron_fsdp", False))
 
 
-def dp_group_of(model_chunks):
+def mark_experts(named) -> None:
+    """Megatron-FSDP's DTensors do not carry Megatron's ``allreduce=False`` of expert parameters: set it
+    where its adapter's own rule (``".experts." in name``) makes a parameter an expert's, so the
+    expert-parallel groups, layouts and the expert optimizer take them as on every other layout."""
+    for n, p in named:
+        if ".experts." in n and is_dtensor(p) and not hasattr(p, "allreduce"):
+            p.allreduce = False
+
+
+def dp_group_of(model_chunks, expert: bool = False):
     """The process group FSDP shards over (DP × CP): FSDP2's ``process_group``, Megatron-FSDP's
-    dist index's FSDP group."""
+    dist index's FSDP group (``expert``: its expert-data-parallel one)."""
     groups = {}
     for c in model_chunks:
-        g = c.megatron_fsdp_dist_index.get_fsdp_group() if is_megatron_fsdp(c) else getattr(c, "process_group", None)
+        g = (c.megatron_fsdp_dist_index.get_fsdp_group(is_expert_parallel=expert) if is_megatron_fsdp(c)
+             else getattr(c, "process_group", None))
         if g is not None:
             groups[id(g)] = g
     if len(groups) != 1:
@@ -136,7 +146,7 @@ def row_ranges(named: list[tuple[str, torch.Tensor]], group, *, uneven: bool) ->
     Megatron-FSDP cuts each bucket into equal flat chunks in rank order, with every parameter's rows
     kept whole (its buffer groups parameters by row size), so a rank's rows follow those of the ranks
     before it; checked to sum to each parameter's rows."""
-    if not uneven:
+    if not uneven or not named:  # (every rank has the same parameter kinds: none skips the collective)
         return {n: row_range(p, group) for n, p in named}
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -148,14 +158,14 @@ def row_ranges(named: list[tuple[str, torch.Tensor]], group, *, uneven: bool) ->
     every = [torch.zeros_like(local) for _ in range(w)]
     dist.all_gather(every, local, group=group)
     counts, widths = torch.stack(every)[..., 0], torch.stack(every)[..., 1]  # [ranks, params]
-    tp = ps.get_tensor_model_parallel_world_size()
+    tps = {1, ps.get_tensor_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()}
     out = {}
     for j, (n, p) in enumerate(named):
         rows = int(counts[:, j].sum())
         width = {int(x) for x in widths[:, j] if int(x)}
         # the DTensor is the whole (TP-unsharded) weight; the DP ranks' rows tile its TP-local part
         row = width.pop() if len(width) == 1 else (1 if not width else None)
-        if row is None or not any(rows * row * t == p.numel() for t in {1, tp}):
+        if row is None or not any(rows * row * t == p.numel() for t in tps):
             raise RuntimeError(f"Megatron-FSDP shard of {n} {tuple(p.shape)}: local pieces of "
                                f"{counts[:, j].tolist()} rows (local shape {tuple(p._local_tensor.shape)}) are not "
                                "whole rows that tile its tensor-parallel part in rank order")

@@ -108,7 +108,8 @@ def _local_matrix(p, layout, model_chunks):
     if not fsdp.is_dtensor(p):
         return p, layout
     from ..megatron.builder import fsdp_layout
-    group = fsdp.dp_group_of(model_chunks)
+    from ..megatron.routing import is_expert
+    group = fsdp.dp_group_of(model_chunks, expert=is_expert(p))
     return p._local_tensor.detach().view(-1), fsdp_layout(layout, fsdp.row_range(p, group), group)
 
 

@@ -247,17 +247,22 @@ def _checks(ctx):
 
     with ctx.check("driver-megatron-fsdp"):
         # the training driver with --use-megatron-fsdp (last: the driver sets up its own parallel state):
-        # iteration for iteration the losses of plain DP=2, for a per-block method with MD's recipe
+        # iteration for iteration the losses of plain DP=2, for a per-block method with MD's recipe,
+        # dense and MoE (EP=1)
         from megatron_md.training.arguments import parse_args
         from megatron_md.training.pretrain import pretrain
         td = load_module(Path(__file__).with_name("test_driver.py"))
         base = td.synthetic_base(ctx, "--log-interval", "1", "--global-batch-size", "4", "--train-iters", "4",
                                  "--untie-embeddings-and-output-weights", "--optimizer", "muon-md")
-        ref = pretrain(parse_args(base))["train_loss_history"]
-        got = pretrain(parse_args(base + ["--use-megatron-fsdp"]))["train_loss_history"]
-        assert ref.keys() == got.keys() and len(ref) == 4, (ref, got)
-        for it, x in ref.items():
-            assert math.isfinite(x) and abs(got[it] - x) <= 1e-5 * abs(x), (it, x, got[it])
+        # dense, and a MoE (its experts marked as experts on Megatron-FSDP's DTensors: fsdp.mark_experts)
+        moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
+               "--disable-bias-linear"]
+        for model in ([], moe):
+            ref = pretrain(parse_args(base + model))["train_loss_history"]
+            got = pretrain(parse_args(base + model + ["--use-megatron-fsdp"]))["train_loss_history"]
+            assert ref.keys() == got.keys() and len(ref) == 4, (ref, got)
+            for it, x in ref.items():
+                assert math.isfinite(x) and abs(got[it] - x) <= 1e-5 * abs(x), (model, it, x, got[it])
 
 
 group = group_fixture(2, _checks, megatron=True, timeout=1200)
