@@ -55,7 +55,7 @@ def _unwrapped(chunk):
 def model_templates(model_chunks) -> list[dict]:
     """Each chunk's ``sharded_state_dict()`` (what Megatron saves for the model)."""
     from ..megatron import fsdp
-    return [fsdp.megatron_fsdp_sharded_state_dict(c) if fsdp.is_megatron_fsdp(c) else
+    return [fsdp.megatron_fsdp_sharded_state_dict(c, _unwrapped(c)) if fsdp.is_megatron_fsdp(c) else
             fsdp.sharded_state_dict(_unwrapped(c)) if fsdp.is_fsdp2([c]) else _unwrapped(c).sharded_state_dict()
             for c in model_chunks]
 

@@ -496,7 +496,6 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
         if fsdp:  # the model's DTensors are reached through their proxies
             w.grad_stats_parallel_group = _fsdp_stats_group(pgs)
             w.md_fsdp_proxies = [q for g in model_groups for q in g]
-            w.md_megatron_fsdp_chunks = mfsdp
             mains = {id(q.md_dtensor): m for q in w.md_fsdp_proxies for m in [mains.get(id(q))]}
             model_groups = [[q.md_dtensor for q in g] for g in model_groups]
         items = []
@@ -525,6 +524,9 @@ def get_megatron_optimizer(config, model_chunks, md=None, *, use_gloo_process_gr
                         for gi, params in enumerate(model_groups) for mp in params]
         w.md_layerwise = md.dp_mode == "layer-wise" and _comm.group_size(dp_group) > 1
         wrappers.append(w)
+    # Megatron-FSDP: its updated main weights go into the weights it gathers once per step, after the
+    # last chained wrapper (dense, then expert) has stepped: the copy covers every parameter of a chunk
+    wrappers[-1].md_megatron_fsdp_chunks = mfsdp
     return wrappers[0] if len(wrappers) == 1 else _chained(wrappers)
 
 

@@ -346,17 +346,14 @@ def sharded_state_dict(module) -> dict:
     return _rows_sharded(sd, by_local)
 
 
-def megatron_fsdp_sharded_state_dict(chunk) -> dict:
+def megatron_fsdp_sharded_state_dict(chunk, module) -> dict:
     """:func:`sharded_state_dict` of a Megatron-FSDP chunk. megatron-core's own ``sharded_state_dict()``
     cannot take its uneven DTensors (a SwiGLU ``linear_fc1`` with no rows on a rank divides by zero in
     ``apply_swiglu_sharded_factory``), and the module's state-dict pre-hooks put the sharded DTensors
     back whenever a submodule asks for its ``state_dict()``. So megatron-core is asked with each sharded
     parameter stood in for by a meta tensor of its whole tensor-parallel-local shape (keys, shapes and
     offsets are all it reads), and every such entry is then replaced by a :func:`row_factory` of the
-    DTensor's local rows; the DTensors are put back in any case."""
-    module = chunk.module.module
-    while hasattr(module, "module"):
-        module = module.module
+    DTensor's local rows; the DTensors are put back in any case. ``module``: the GPTModel inside."""
     chunk.module.state_dict(keep_vars=True)  # Megatron-FSDP's pre-hook: its sharded DTensors in place
     stand_ins, swapped = {}, []
     try:
@@ -404,11 +401,12 @@ def _rows_sharded(sd: dict, by_data: dict, own_dp_replica: bool = False, cast=No
             raise ValueError(f"FSDP2 checkpoint: {name} has a sharded-tensor factory megatron_md does not know")
         local = p._local_tensor
         data = local if cast is None or local.dtype == cast else local.detach().to(cast)
+        replica = T.replica_id
+        if own_dp_replica and isinstance(replica, tuple):
+            replica = tuple(replica[:-1]) + (0,)
         fac = row_factory(T.key, data, rows=row_range(p), full_rows=(tp_local_shape(p) or p.shape)[0],
-                           tp_rank=tp_rank,
-                           tp=tp, tp_axis=tp_axis, swiglu=swiglu, prepend=_prepend_of(T),
-                          replica_id=(tuple(T.replica_id[:-1]) + (0,) if own_dp_replica and isinstance(T.replica_id, tuple)
-                                      else T.replica_id))
+                          tp_rank=tp_rank, tp=tp, tp_axis=tp_axis, swiglu=swiglu, prepend=_prepend_of(T),
+                          replica_id=replica)
         fac.md_source = local
         return fac
     dict_list_map_inplace(fix, sd)

@@ -178,7 +178,7 @@ def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[Entry]
             continue
         lay = sub.layout(q)
         views = lay.views if isinstance(lay, Blocks) else [None]
-        experts = _GroupedExperts(T, rec.name, len(views)) if _is_grouped(lay) else None
+        experts = _GroupedExperts(T, rec.name, len(views)) if is_grouped_gemm(rec.name) else None
         if isinstance(lay, Blocks) and experts is None and not rec.name.endswith(("linear_qkv.weight",
                                                                                    "linear_fc1.weight")):
             raise CheckpointError(f"--ckpt-format torch_dist: {rec.name} is a parameter of several matrices "
@@ -203,11 +203,6 @@ def wrapper_entries(w, tmap: dict, mixed: bool, *, loading: bool) -> list[Entry]
 
 
 # ------------------------------------------------------------- legacy GroupedMLP (grouped GEMM)
-def _is_grouped(lay) -> bool:
-    """A legacy ``GroupedMLP`` weight: every block a transposed chunk ``e`` of ``[E, in, out]``."""
-    return isinstance(lay, Blocks) and all(v.transpose and isinstance(v.index, int) for v in lay.views)
-
-
 class _Axes:
     """Stands in for a template in :func:`_prepend`: the prepended axes of one expert's vectors."""
 
@@ -226,7 +221,6 @@ class _GroupedExperts:
     between grouped GEMM and SequentialMLP experts, across EP and TP."""
 
     def __init__(self, T, name: str, n_local: Optional[int] = None):
-        ShardedTensor, _, _ = sharded_types()
         built = built_tensors(T)
         if not built or len(built) > 2 or any(t.key != T.key for t in built):
             raise CheckpointError(f"--ckpt-format torch_dist: {name}: megatron-core's grouped-GEMM sharded state "

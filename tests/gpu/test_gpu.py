@@ -57,19 +57,24 @@ def test_optimizers_on_cuda_equal_cpu_reference():
         torch.testing.assert_close(p.detach().cpu(), oracle.params[0], rtol=1e-4, atol=1e-5)
 
 
-def _tiny_te_gpt(fp8: bool):
+def _one_gpu_parallel() -> None:
+    """A one-rank NCCL process group and megatron's parallel state (TP = PP = 1), once per process."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-    from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29561")
         torch.distributed.init_process_group("nccl", rank=0, world_size=1)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(1, 1)
+
+
+def _tiny_te_gpt(fp8: bool):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    _one_gpu_parallel()
     model_parallel_cuda_manual_seed(1)
     cfg = TransformerConfig(num_layers=2, hidden_size=256, ffn_hidden_size=1024, num_attention_heads=8,
                             num_query_groups=4, bf16=True, params_dtype=torch.bfloat16,
@@ -145,7 +150,6 @@ def _fsdp2_vs_ddp(optimizer: str, steps: int = 5, kind: str = "fsdp2"):
     Megatron-FSDP adapter as the driver wraps it (NCCL: pre-multiplied-sum gradient reduce, its CUDA
     device, streams and buffers) — and plain DDP on one GPU (world 1: meshes on CUDA, DTensor parameters
     and proxies on the device): the same losses."""
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -157,12 +161,7 @@ def _fsdp2_vs_ddp(optimizer: str, steps: int = 5, kind: str = "fsdp2"):
     from megatron_md.megatron.config import MDConfig
     from megatron_md.megatron.fsdp import fsdp2_class
 
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29561")
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1, 1)
+    _one_gpu_parallel()
     out = {}
     for fsdp in (False, True):
         model_parallel_cuda_manual_seed(1)
