@@ -281,14 +281,6 @@ def _checks_tp2(ctx):
             model, opt = _build(name, fsdp=True, tp=2)
             ctx.record(f"{name}/tp2-fsdp2", _compare(ref, (_train(model, opt), _full_params(model)),
                                                      RTOL_PARAM_BY.get(name, RTOL_PARAM)))
-    for name in OPTIMIZERS:
-        with ctx.check(f"{name}/tp2-megatron-fsdp"):
-            # Megatron-FSDP's DTensors span DP × TP (the whole weight): each rank's rows of its TP-local part
-            model, opt = _build(name, fsdp=False, tp=2)
-            ref = (_train(model, opt), _full_params(model))
-            model, opt = _build(name, fsdp="megatron", tp=2)
-            ctx.record(f"{name}/tp2-megatron-fsdp", _compare(ref, (_train(model, opt), _full_params(model)),
-                                                             RTOL_PARAM_BY.get(name, RTOL_PARAM)))
     with ctx.check("ns-split-reaches-the-optimizer"):
         # --ns-split (MDConfig.ns_split) is what the matrix optimizer's orthogonalize gets; off: the environment
         from megatron_md.megatron.builder import hybrid_optimizers
@@ -305,6 +297,24 @@ def _checks_tp2(ctx):
 
 group4 = group_fixture(4, _checks_tp2, megatron=True, timeout=1200)
 
+
+def _checks_tp2_megatron_fsdp(ctx):
+    """4 ranks: TP=2 × Megatron-FSDP DP=2 against TP=2 × plain DP=2, every optimizer (its DTensors span
+    DP × TP: each rank's rows of its TP-local part). In the slow tier: a rank of this group segfaulted
+    (exit -11) inside Megatron-FSDP's forward once in a clean-clone CI run, after passing in every earlier
+    run; not yet traced (the closing note of stop 19)."""
+    ctx.init_model_parallel(tp=2)
+    for name in OPTIMIZERS:
+        with ctx.check(f"{name}/tp2-megatron-fsdp"):
+            model, opt = _build(name, fsdp=False, tp=2)
+            ref = (_train(model, opt), _full_params(model))
+            model, opt = _build(name, fsdp="megatron", tp=2)
+            ctx.record(f"{name}/tp2-megatron-fsdp", _compare(ref, (_train(model, opt), _full_params(model)),
+                                                             RTOL_PARAM_BY.get(name, RTOL_PARAM)))
+
+
+group4m = group_fixture(4, _checks_tp2_megatron_fsdp, megatron=True, timeout=1200)
+
 CHECKS = [f"{n}/{s}" for n in OPTIMIZERS for s in ("ddp", "fsdp2", "megatron-fsdp")] + \
     ["adam-md/fsdp2-recipe", "muon-md/fsdp2-recipe", "nonfinite-skips-on-every-rank",
      "collectives-independent-of-matrix-count", "refusals", "muon-md/bf16", "rmnp/bf16",
@@ -316,8 +326,14 @@ def test_fsdp2(group, check):
     group.assert_ok(check)
 
 
-@pytest.mark.parametrize("check", [f"{n}/tp2-{k}" for n in OPTIMIZERS for k in ("fsdp2", "megatron-fsdp")]
+@pytest.mark.parametrize("check", [f"{n}/tp2-fsdp2" for n in OPTIMIZERS]
                          + ["muon-md/tp2-sp-fsdp2",
                                                                            "ns-split-reaches-the-optimizer"])
 def test_tp2_fsdp2(group4, check):
     group4.assert_ok(check)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("check", [f"{n}/tp2-megatron-fsdp" for n in OPTIMIZERS])
+def test_tp2_megatron_fsdp(group4m, check):
+    group4m.assert_ok(check)
